@@ -1,0 +1,168 @@
+"""Autograd and backend dispatch for the ReFT op family.
+
+Every backend module (``torch_backend``, ``triton_backend``, ``native_backend``) implements the
+same two row launchers over a flat (M = B*T, d) view and deduplicated flat ``rows`` (-1 = skip):
+
+    forward_rows(x2d, rows, proj, weight, bias, proj_bias, spec, act, p, seed) -> saved (N, d)
+        edits x2d in place at rows, returns the pre-edit rows (in x2d's dtype)
+    backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias, spec, act, p, seed)
+        -> (grad_proj, grad_weight | None, grad_bias, grad_proj_bias | None), fp32
+        edits grad2d (a private copy of the upstream gradient) in place at rows
+
+The math each one implements is in :mod:`reft_kernels.ops.family`. The launchers are wrapped in
+two ``torch.library`` custom ops with fake (meta) implementations, and :class:`ReftEditFunction`
+calls them, so ``torch.compile`` traces the op without graph breaks.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+
+from .family import VARIANTS, canonical_rows, compute_dtype
+
+__all__ = ["ReftEditFunction", "resolve_backend", "get_backend", "BACKENDS"]
+
+BACKENDS = ("torch", "triton", "native")
+_MODULES = {"torch": "torch_backend", "triton": "triton_backend", "native": "native_backend"}
+
+
+def get_backend(name: str):
+    """The backend module for ``name`` (imported on first use)."""
+    if name not in _MODULES:
+        raise ValueError(f"backend={name!r} is unknown; use one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    return importlib.import_module(f".{_MODULES[name]}", __package__)
+
+
+def _available(name: str, device: torch.device) -> bool:
+    try:
+        mod = get_backend(name)
+    except Exception:  # noqa: BLE001 - an import failure means "not available"
+        return False
+    check = getattr(mod, "is_available", None)
+    return bool(check(device)) if check is not None else True
+
+
+_warned = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``"auto"`` (or ``REFT_KERNELS_BACKEND``) into a concrete backend for ``device``.
+
+    auto: Triton on CUDA when importable; on CPU the native backend when it builds (it is faster
+    than the eager path there, see benchmarks/), otherwise torch. An explicit choice is honoured
+    or fails with the reason.
+    """
+    if backend == "auto":
+        backend = os.environ.get("REFT_KERNELS_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        order = ("triton", "native", "torch") if device.type == "cuda" else ("native", "torch")
+        for name in order:
+            if _available(name, device):
+                return name
+            mod = get_backend_safely(name)
+            if mod is not None and name != "torch" and (name, device.type) not in _warned:
+                _warned.add((name, device.type))
+                reason = getattr(mod, "unavailable_reason", lambda d: "unavailable")(device)
+                warnings.warn(f"reft_kernels: {name} backend unavailable on {device.type} ({reason});"
+                              " falling back", RuntimeWarning, stacklevel=3)
+        return "torch"
+    mod = get_backend(backend)
+    check = getattr(mod, "is_available", None)
+    if check is not None and not check(device):
+        reason = getattr(mod, "unavailable_reason", lambda d: "unavailable")(device)
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    return backend
+
+
+def get_backend_safely(name):
+    try:
+        return get_backend(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile, with fake implementations for tracing)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("reft_kernels::edit_rows_", mutates_args=("x2d",))
+def _edit_rows(x2d: torch.Tensor, rows: torch.Tensor, proj: torch.Tensor,
+               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               proj_bias: Optional[torch.Tensor], variant: str, act: str, p: float, seed: int,
+               backend: str) -> torch.Tensor:
+    return get_backend(backend).forward_rows(x2d, rows, proj, weight, bias, proj_bias,
+                                             VARIANTS[variant], act, p, seed)
+
+
+@_edit_rows.register_fake
+def _(x2d, rows, proj, weight, bias, proj_bias, variant, act, p, seed, backend):
+    return x2d.new_empty((rows.shape[0], x2d.shape[1]))
+
+
+@torch.library.custom_op("reft_kernels::edit_rows_backward_", mutates_args=("grad2d",))
+def _edit_rows_backward(grad2d: torch.Tensor, rows: torch.Tensor, saved: torch.Tensor,
+                        proj: torch.Tensor, weight: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
+                        variant: str, act: str, p: float, seed: int,
+                        backend: str) -> List[torch.Tensor]:
+    grads = get_backend(backend).backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias,
+                                               VARIANTS[variant], act, p, seed)
+    cd = compute_dtype(grad2d)
+    return [g if g is not None else grad2d.new_empty((0,), dtype=cd) for g in grads]
+
+
+@_edit_rows_backward.register_fake
+def _(grad2d, rows, saved, proj, weight, bias, proj_bias, variant, act, p, seed, backend):
+    cd = compute_dtype(grad2d)
+    r, d = proj.shape
+    spec = VARIANTS[variant]
+    new = lambda *s: grad2d.new_empty(s, dtype=cd)  # noqa: E731
+    return [new(r, d), new(r, d) if spec.has_weight else new(0), new(r),
+            new(r) if proj_bias is not None else new(0)]
+
+
+def _cast_grad(g, like, needed):
+    if not needed or like is None:
+        return None
+    return g.to(like.dtype)
+
+
+class ReftEditFunction(torch.autograd.Function):
+    """hidden (B, T, d) -> hidden with the listed rows edited; hand-derived backward.
+
+    Saves only the canonical rows (N,) and the N pre-edit input rows, never the full hidden state.
+    With ``inplace=True`` the input is modified in place and marked dirty.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, positions, proj, weight, bias, proj_bias, variant, act, p, seed,
+                inplace, backend):
+        B, T, d = hidden.shape
+        rows = canonical_rows(positions, T)
+        if inplace:
+            out = hidden
+            ctx.mark_dirty(hidden)
+        else:
+            out = hidden.clone(memory_format=torch.contiguous_format)
+        saved = torch.ops.reft_kernels.edit_rows_(out.view(B * T, d), rows, proj, weight, bias,
+                                                  proj_bias, variant, act, p, seed, backend)
+        ctx.save_for_backward(rows, saved, proj, weight, bias, proj_bias)
+        ctx.meta = (variant, act, p, seed, backend, (B, T, d))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, saved, proj, weight, bias, proj_bias = ctx.saved_tensors
+        variant, act, p, seed, backend, (B, T, d) = ctx.meta
+        grad_hidden = grad_out.clone(memory_format=torch.contiguous_format)
+        gp, gw, gb, gc = torch.ops.reft_kernels.edit_rows_backward_(
+            grad_hidden.view(B * T, d), rows, saved, proj, weight, bias, proj_bias,
+            variant, act, p, seed, backend)
+        need = ctx.needs_input_grad
+        return (grad_hidden if need[0] else None, None,
+                _cast_grad(gp, proj, need[2]), _cast_grad(gw, weight, need[3]),
+                _cast_grad(gb, bias, need[4]), _cast_grad(gc, proj_bias, need[5]),
+                None, None, None, None, None, None)

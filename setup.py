@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="reft_kernels",
+    version="0.1.0",
+    description="Kernel-optimized engine for ReFT (representation finetuning), a drop-in for pyreft",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["reft_kernels", "reft_kernels.*"]),
+    package_data={"reft_kernels": ["data/*.jsonl", "csrc/*"]},
+    include_package_data=True,
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=4.45.1",
+        "datasets",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "ninja"],
+    },
+    entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"]},
+)
