@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -49,6 +49,7 @@ def _available(name: str, device: torch.device) -> bool:
 _warned = set()
 
 
+@torch._dynamo.assume_constant_result  # a pure host-side choice: torch.compile need not trace it
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``"auto"`` (or ``REFT_KERNELS_BACKEND``) into a concrete backend for ``device``.
 
@@ -107,11 +108,11 @@ def _edit_rows_backward(grad2d: torch.Tensor, rows: torch.Tensor, saved: torch.T
                         proj: torch.Tensor, weight: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
                         variant: str, act: str, p: float, seed: int,
-                        backend: str) -> List[torch.Tensor]:
+                        backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = get_backend(backend).backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias,
                                                VARIANTS[variant], act, p, seed)
     cd = compute_dtype(grad2d)
-    return [g if g is not None else grad2d.new_empty((0,), dtype=cd) for g in grads]
+    return tuple(g if g is not None else grad2d.new_empty((0,), dtype=cd) for g in grads)
 
 
 @_edit_rows_backward.register_fake
@@ -120,8 +121,8 @@ def _(grad2d, rows, saved, proj, weight, bias, proj_bias, variant, act, p, seed,
     r, d = proj.shape
     spec = VARIANTS[variant]
     new = lambda *s: grad2d.new_empty(s, dtype=cd)  # noqa: E731
-    return [new(r, d), new(r, d) if spec.has_weight else new(0), new(r),
-            new(r) if proj_bias is not None else new(0)]
+    return (new(r, d), new(r, d) if spec.has_weight else new(0), new(r),
+            new(r) if proj_bias is not None else new(0))
 
 
 def _cast_grad(g, like, needed):

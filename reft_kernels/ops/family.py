@@ -173,8 +173,9 @@ def _check_matrix(name, t, r, d, hidden):
 def check_inputs(spec: EditSpec, hidden, positions, proj, weight, bias, proj_bias, dropout, inplace):
     """Validate the functional API's arguments; raises ValueError/TypeError naming the argument.
 
-    Positions are range-checked on the host for CPU tensors. For CUDA tensors the check is an
-    asynchronous device assert (``torch._assert_async``), so it adds no host sync per call.
+    Positions are range-checked on the host for CPU tensors. For CUDA tensors (and under
+    ``torch.compile``) the check is an asynchronous device assert (``torch._assert_async``), so it
+    adds no host sync per call.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor of shape (B, T, d), got {type(hidden).__name__}")
@@ -228,7 +229,7 @@ def check_inputs(spec: EditSpec, hidden, positions, proj, weight, bias, proj_bia
             raise ValueError(f"proj_bias must have shape (r,) = ({r},), got {tuple(proj_bias.shape)}")
 
     if positions.numel():
-        if positions.device.type == "cpu":
+        if positions.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(positions.min()), int(positions.max())
             if lo < -1 or hi >= T:
                 bad = lo if lo < -1 else hi
