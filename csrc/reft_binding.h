@@ -1,0 +1,69 @@
+// Torch-side helpers shared by the CPU and CUDA bindings: argument checks, weight conversion to
+// the compute dtype and the RowParams of reft_rows.h. The launcher contract is the one of
+// reft_kernels/ops/autograd.py (forward_rows / backward_rows).
+#pragma once
+
+#include <optional>
+
+#include <torch/extension.h>
+
+#include "reft_rows.h"
+
+namespace reft {
+
+// The weights converted once per call to the compute dtype (they are r x d: cheap), kept alive
+// for as long as the RowParams pointing into them.
+struct Weights {
+  at::Tensor P, W, b, c;
+};
+
+inline at::ScalarType compute_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_rows_args(const at::Tensor& x2d, const at::Tensor& rows, const at::Tensor& proj,
+                            const std::optional<at::Tensor>& weight, const at::Tensor& bias,
+                            bool has_weight) {
+  TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous(), "reft native: x2d must be a contiguous (M, d) tensor");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "reft native: rows must be a contiguous int64 (N,) tensor");
+  TORCH_CHECK(rows.device() == x2d.device(), "reft native: rows must be on x2d's device");
+  TORCH_CHECK(proj.dim() == 2 && proj.size(1) == x2d.size(1), "reft native: proj must be (r, d)");
+  TORCH_CHECK(!has_weight || (weight.has_value() && weight->sizes() == proj.sizes()),
+              "reft native: weight must be (r, d) for variants with a learned source");
+  TORCH_CHECK(bias.numel() == proj.size(0), "reft native: bias must be (r,)");
+}
+
+inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType cd, const at::Device& dev) {
+  return t.to(dev, cd).contiguous();
+}
+
+template <typename A>
+RowParams<A> make_params(Weights& w, const at::Tensor& x2d, const at::Tensor& proj,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& proj_bias, bool has_weight,
+                         bool subtract_proj, int64_t act, double p, int64_t seed) {
+  const auto cd = compute_dtype(x2d);
+  const auto dev = x2d.device();
+  w.P = to_compute(proj, cd, dev);
+  w.b = to_compute(bias, cd, dev);
+  if (has_weight) w.W = to_compute(*weight, cd, dev);
+  if (subtract_proj && proj_bias.has_value() && proj_bias->defined()) w.c = to_compute(*proj_bias, cd, dev);
+  RowParams<A> rp;
+  rp.P = w.P.data_ptr<A>();
+  rp.W = w.W.defined() ? w.W.data_ptr<A>() : nullptr;
+  rp.b = w.b.data_ptr<A>();
+  rp.c = w.c.defined() ? w.c.data_ptr<A>() : nullptr;
+  rp.r = static_cast<int>(proj.size(0));
+  rp.d = x2d.size(1);
+  rp.act = static_cast<int>(act);
+  rp.has_weight = has_weight;
+  rp.subtract_proj = subtract_proj;
+  rp.dropout = p > 0.0;
+  rp.seed = static_cast<uint64_t>(seed);
+  rp.threshold = static_cast<uint32_t>(p * 16777216.0);  // int(p * 2**24), as family.dropout_threshold
+  rp.scale = static_cast<A>(1.0 / (1.0 - p));
+  return rp;
+}
+
+}  // namespace reft

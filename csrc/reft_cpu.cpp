@@ -1,0 +1,205 @@
+// CPU backend of the ReFT op family (math: reft_rows.h).
+//
+// forward / grad_h: OpenMP over the selected rows, one row per iteration, unit-stride inner loops
+// over d (`#pragma omp simd`). A row is converted once to the compute dtype into a per-thread
+// buffer, then read from L1 by the r dot products and the elementwise pass.
+//
+// Weight gradients: the rows are split into C = min(threads, N) contiguous chunks; chunk c sums
+// its rows, in order, into its own partial buffer (C x (2 r d + 2 r), not N x r x d), and the
+// partials are added in chunk order. The result is deterministic for a given thread count.
+#include <omp.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "reft_binding.h"
+
+namespace reft {
+namespace {
+
+template <typename A> inline A dot(const A* a, const A* b, int64_t d) {
+  A acc = A(0);
+  REFT_SIMD_SUM(acc)
+  for (int64_t j = 0; j < d; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+// A row of storage dtype T seen in the compute dtype A: the row itself when T == A, else a copy in buf.
+template <typename T, typename A> inline const A* as_compute(const T* x, A* buf, int64_t d) {
+  if constexpr (std::is_same_v<T, A>) {
+    return x;
+  } else {
+    REFT_SIMD
+    for (int64_t j = 0; j < d; ++j) buf[j] = static_cast<A>(x[j]);
+    return buf;
+  }
+}
+
+inline int num_chunks(int64_t N) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N)));
+}
+
+// Edit x (M, d) in place at rows[n] >= 0; saved[n] = the pre-edit row (zeros for skipped entries).
+template <typename T, typename A>
+void forward_cpu(T* x, const int64_t* rows, T* saved, int64_t N, const RowParams<A>& p) {
+  const int64_t d = p.d;
+  const int r = p.r;
+#pragma omp parallel num_threads(num_chunks(N))
+  {
+    std::vector<A> hbuf(d), sbuf(r);
+    A* s = sbuf.data();
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t row = rows[n];
+      T* sv = saved + n * d;
+      if (row < 0) {
+        std::fill(sv, sv + d, T(0));
+        continue;
+      }
+      T* xr = x + row * d;
+      std::copy(xr, xr + d, sv);
+      const A* h = as_compute(sv, hbuf.data(), d);  // never aliases xr, which is rewritten below
+      for (int k = 0; k < r; ++k) {
+        const A wh = p.has_weight ? dot(p.W + k * d, h, d) : A(0);
+        const A ph = p.subtract_proj ? dot(p.P + k * d, h, d) : A(0);
+        s[k] = source_coeff(p, k, wh, ph);
+      }
+      if (p.dropout) {
+        REFT_SIMD
+        for (int64_t j = 0; j < d; ++j)
+          xr[j] = static_cast<T>(edit_elem(p, s, h[j], j) * keep_scale(p, row, j));
+      } else {
+        REFT_SIMD
+        for (int64_t j = 0; j < d; ++j) xr[j] = static_cast<T>(edit_elem(p, s, h[j], j));
+      }
+    }
+  }
+}
+
+// Overwrite g (M, d) with grad_h at rows[n] >= 0 and write the weight gradients to
+// out = [grad_P (r d) | grad_W (r d) | grad_b (r) | grad_c (r)].
+template <typename T, typename A>
+void backward_cpu(T* g2d, const int64_t* rows, const T* saved, int64_t N, const RowParams<A>& p,
+                  A* out) {
+  const int64_t d = p.d, rd = p.r * d, E = 2 * rd + 2 * p.r;
+  const int r = p.r, C = num_chunks(N);
+  std::vector<A> part(static_cast<size_t>(C) * E, A(0));
+#pragma omp parallel num_threads(C)
+  {
+    std::vector<A> gbuf(d), hbuf(d), coef(3 * r);
+    A *g = gbuf.data(), *s = coef.data(), *u = s + r, *v = u + r;
+    for (int c = omp_get_thread_num(); c < C; c += omp_get_num_threads()) {
+      A* gP = part.data() + c * E;
+      A *gW = gP + rd, *gb = gW + rd, *gc = gb + r;
+      for (int64_t n = N * c / C; n < N * (c + 1) / C; ++n) {
+        const int64_t row = rows[n];
+        if (row < 0) continue;
+        T* gr = g2d + row * d;
+        if (p.dropout) {  // g' = g * keep / (1 - p)
+          REFT_SIMD
+          for (int64_t j = 0; j < d; ++j) g[j] = static_cast<A>(gr[j]) * keep_scale(p, row, j);
+        } else {
+          REFT_SIMD
+          for (int64_t j = 0; j < d; ++j) g[j] = static_cast<A>(gr[j]);
+        }
+        const A* h = as_compute(saved + n * d, hbuf.data(), d);
+        for (int k = 0; k < r; ++k) {  // u = P g', s = A(h) - C(h), v = u * act'(W h + b)
+          u[k] = dot(p.P + k * d, g, d);
+          const A wh = p.has_weight ? dot(p.W + k * d, h, d) : A(0);
+          const A ph = p.subtract_proj ? dot(p.P + k * d, h, d) : A(0);
+          s[k] = source_coeff(p, k, wh, ph);
+          v[k] = grad_coeff(p, k, wh, u[k]);
+        }
+        REFT_SIMD
+        for (int64_t j = 0; j < d; ++j) gr[j] = static_cast<T>(grad_h_elem(p, u, v, g[j], j));
+        for (int k = 0; k < r; ++k) {
+          A* gPk = gP + k * d;
+          const A sk = s[k], uk = u[k], vk = v[k];
+          REFT_SIMD
+          for (int64_t j = 0; j < d; ++j) gPk[j] += grad_proj_elem(p, sk, uk, g[j], h[j]);
+          if (p.has_weight) {
+            A* gWk = gW + k * d;
+            REFT_SIMD
+            for (int64_t j = 0; j < d; ++j) gWk[j] += vk * h[j];
+          }
+          gb[k] += p.has_weight ? vk : uk;
+          gc[k] -= uk;
+        }
+      }
+    }
+  }
+  // Second pass: add the chunk partials in chunk order.
+  at::parallel_for(0, E, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) out[e] = part[e];
+    for (int c = 1; c < C; ++c) {
+      const A* pc = part.data() + c * E;
+      REFT_SIMD
+      for (int64_t e = e0; e < e1; ++e) out[e] += pc[e];
+    }
+  });
+}
+
+at::Tensor forward_rows(at::Tensor x2d, at::Tensor rows, at::Tensor proj,
+                        std::optional<at::Tensor> weight, at::Tensor bias,
+                        std::optional<at::Tensor> proj_bias, bool has_weight, bool subtract_proj,
+                        int64_t act, double p, int64_t seed) {
+  check_rows_args(x2d, rows, proj, weight, bias, has_weight);
+  TORCH_CHECK(x2d.device().is_cpu(), "reft native cpu: x2d must be on the CPU");
+  const int64_t N = rows.numel(), d = x2d.size(1);
+  auto saved = at::empty({N, d}, x2d.options());
+  if (N == 0) return saved;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "reft_forward_rows", [&] {
+    using A = at::opmath_type<scalar_t>;
+    Weights w;
+    const auto rp = make_params<A>(w, x2d, proj, weight, bias, proj_bias, has_weight, subtract_proj,
+                                   act, p, seed);
+    forward_cpu<scalar_t, A>(x2d.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(),
+                             saved.data_ptr<scalar_t>(), N, rp);
+  });
+  return saved;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_rows(
+    at::Tensor grad2d, at::Tensor rows, at::Tensor saved, at::Tensor proj,
+    std::optional<at::Tensor> weight, at::Tensor bias, std::optional<at::Tensor> proj_bias,
+    bool has_weight, bool subtract_proj, int64_t act, double p, int64_t seed) {
+  check_rows_args(grad2d, rows, proj, weight, bias, has_weight);
+  TORCH_CHECK(grad2d.device().is_cpu(), "reft native cpu: grad2d must be on the CPU");
+  const int64_t N = rows.numel(), d = grad2d.size(1), r = proj.size(0);
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef({N, d}) && saved.scalar_type() == grad2d.scalar_type(),
+              "reft native cpu: saved must be (N, d) in grad2d's dtype");
+  auto sv = saved.contiguous();
+  auto out = at::zeros({2 * r * d + 2 * r}, grad2d.options().dtype(compute_dtype(grad2d)));
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad2d.scalar_type(), "reft_backward_rows", [&] {
+      using A = at::opmath_type<scalar_t>;
+      Weights w;
+      const auto rp = make_params<A>(w, grad2d, proj, weight, bias, proj_bias, has_weight,
+                                     subtract_proj, act, p, seed);
+      backward_cpu<scalar_t, A>(grad2d.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(),
+                                sv.data_ptr<scalar_t>(), N, rp, out.data_ptr<A>());
+    });
+  }
+  const bool has_c = subtract_proj && proj_bias.has_value() && proj_bias->defined();
+  auto gP = out.narrow(0, 0, r * d).view({r, d}).clone();
+  auto gW = has_weight ? out.narrow(0, r * d, r * d).view({r, d}).clone() : at::Tensor();
+  auto gb = out.narrow(0, 2 * r * d, r).clone();
+  auto gc = has_c ? out.narrow(0, 2 * r * d + r, r).clone() : at::Tensor();
+  return {gP, gW, gb, gc};
+}
+
+}  // namespace
+}  // namespace reft
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "reft_kernels native CPU backend (csrc/reft_cpu.cpp)";
+  m.def("forward_rows", &reft::forward_rows, "edit x2d in place at rows; returns the pre-edit rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward_rows", &reft::backward_rows,
+        "overwrite grad2d with grad_h at rows; returns (grad_proj, grad_weight, grad_bias, grad_proj_bias)",
+        py::call_guard<py::gil_scoped_release>());
+}
