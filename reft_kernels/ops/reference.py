@@ -65,11 +65,11 @@ def reft_edit_reference(hidden, positions, proj, weight=None, bias=None, proj_bi
 
 
 def pyvene_style(hidden, positions, proj, weight, bias, *, act=None):
-    """LoReFT the way pyvene applies it: full clone, gather, small ops, scatter (positions >= 0).
+    """LoReFT the way pyvene applies it (positions >= 0); edits ``hidden`` in place and returns it.
 
-    Mirrors ``_gather_intervention_output`` / ``LoreftIntervention.forward`` /
-    ``_scatter_intervention_output``: the rotation is used as a (d, r) matrix, the edit is computed
-    in the weights' dtype and written back with an advanced-index assignment.
+    Mirrors ``_gather_intervention_output`` (a full ``clone()`` of the module output, then
+    ``torch.gather``), ``LoreftIntervention.forward`` (rotation as a (d, r) matrix, separate small
+    ops) and ``_scatter_intervention_output`` (advanced-index assignment into the module output).
     """
     original = hidden.clone()
     idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
@@ -80,5 +80,5 @@ def pyvene_style(hidden, positions, proj, weight, bias, *, act=None):
     src = activation("linear" if act is None else act, src)
     out = selected + torch.matmul(src.to(rot.dtype) - rotated, rot.t()).to(selected.dtype)
     batch = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
-    original[batch, positions] = out.to(hidden.dtype)
-    return original
+    hidden[batch, positions] = out.to(hidden.dtype)
+    return hidden
