@@ -1,0 +1,294 @@
+"""Install ReFT edits into a Hugging Face model, once. All model-specific code lives here.
+
+Mechanism. :class:`ModelPatch` registers, at ``get_reft_model`` time and never again:
+
+* one forward hook (``.output`` sites) or forward pre-hook (``.input`` sites) per hooked module,
+  shared by every intervention on that module, which apply them in config order (so two
+  interventions on one module compose, ``I_2(I_1(h))``, as in pyvene); modules without an
+  intervention get no hook and run at base speed;
+* one forward pre-hook on the wrapped model, which turns the call's absolute positions into
+  positions inside the window of tokens this forward covers (see :class:`EditState`).
+
+``ModelPatch.remove`` removes exactly these handles; hooks added by anyone else are never touched
+(pyvene deletes every hook of the model on each call). Edits run through the fused op
+(:meth:`reft_kernels.interventions.ReftIntervention.edit`), in place on tensors the module has just
+created (a decoder layer's output), so the hidden states are never copied; inputs (pre-hooks)
+and outputs that alias an input are edited out of place.
+
+Supported layouts (abstract components): Llama-style decoders, whose layers are
+``model.layers`` or ``model.model.layers`` (Llama, Mistral, Qwen2, ... bare or with an LM /
+classification head), and RoBERTa encoders (``roberta.encoder.layer`` or ``encoder.layer``).
+Any model accepts pyvene string components, ``"<module path>.output"`` / ``"<module path>.input"``.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .ops.family import new_seed
+
+__all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState", "COMPONENTS"]
+
+# component -> (submodule of the layer, hooked tensor), per supported layout
+COMPONENTS = {
+    "llama": {
+        "block_output": ("", "output"), "block_input": ("", "input"),
+        "mlp_output": (".mlp", "output"), "mlp_input": (".mlp", "input"),
+        "attention_output": (".self_attn", "output"), "attention_input": (".self_attn", "input"),
+    },
+    "roberta": {
+        "block_output": ("", "output"), "block_input": ("", "input"),
+        "mlp_output": (".output.dense", "output"), "mlp_input": (".intermediate", "input"),
+        "attention_output": (".attention.output.dense", "output"), "attention_input": (".attention", "input"),
+    },
+}
+_LAYER_PATHS = {"llama": ("model.layers", "layers"), "roberta": ("roberta.encoder.layer", "encoder.layer")}
+SUPPORTED_MODELS = ("Llama-layout decoders with `model.layers` / `model.model.layers` (LlamaModel, "
+                    "LlamaForCausalLM, LlamaForSequenceClassification, Mistral, Qwen2, ...) and RoBERTa "
+                    "(RobertaModel, RobertaForSequenceClassification, RobertaForMaskedLM)")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an intervention applies: ``module``'s output (forward hook) or input (pre-hook)."""
+
+    module: nn.Module
+    kind: str   # "output" | "input"
+    path: str   # e.g. "model.layers[3].mlp", for messages
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.layers[3].mlp``-style path (pyvene's string syntax) -> the submodule."""
+    module, done = model, ""
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        try:
+            module = module[int(token[1:-1])] if token.startswith("[") else getattr(module, token)
+        except (AttributeError, IndexError, TypeError, KeyError):
+            raise ValueError(f"component path {path!r}: {type(module).__name__} at {done or 'the model'!r} "
+                             f"has no {token!r}; check the path against print(model)") from None
+        done += token if token.startswith("[") or not done else "." + token
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"component path {path!r} names a {type(module).__name__}, not a module")
+    return module
+
+
+def _layout(model: nn.Module):
+    """('llama' | 'roberta', path of the layer list) or (None, None)."""
+    for family, paths in _LAYER_PATHS.items():
+        for path in paths:
+            try:
+                layers = get_submodule(model, path)
+            except ValueError:
+                continue
+            if isinstance(layers, nn.ModuleList) and len(layers):
+                probe = ("self_attn", "mlp") if family == "llama" else ("attention", "intermediate", "output")
+                if all(hasattr(layers[0], name) for name in probe):
+                    return family, path
+    return None, None
+
+
+def resolve_site(model: nn.Module, layer: Optional[int], component: str) -> Site:
+    """The module and hook kind for (``layer``, ``component``); errors list what is supported."""
+    if "." in component:
+        path, _, kind = component.rpartition(".")
+        if kind not in ("output", "input"):
+            raise ValueError(f"component={component!r}: a string component must end in '.output' or "
+                             f"'.input', e.g. 'model.layers[3].output'")
+        return Site(get_submodule(model, path), kind, path)
+    family, layers_path = _layout(model)
+    if family is None:
+        raise ValueError(
+            f"model type {type(model).__name__} is not supported for component={component!r}; supported: "
+            f"{SUPPORTED_MODELS}. For other models pass a string component such as "
+            "'<path to layer>.output' (see print(model))")
+    if component not in COMPONENTS[family]:
+        raise ValueError(f"component={component!r} is not supported for {type(model).__name__}; use one of "
+                         f"{sorted(COMPONENTS[family])} or a string path like '{layers_path}[3].output'")
+    n_layers = len(get_submodule(model, layers_path))
+    if not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(f"layer={layer!r} is out of range for {type(model).__name__} with {n_layers} layers; "
+                         f"use 0..{n_layers - 1}")
+    suffix, kind = COMPONENTS[family][component]
+    path = f"{layers_path}[{layer}]{suffix}"
+    return Site(get_submodule(model, path), kind, path)
+
+
+def hidden_size(model: nn.Module) -> Optional[int]:
+    """The model's hidden size from its config (None when it has none)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "hidden_size", None)
+
+
+# --------------------------------------------------------------------------------------------
+# per-call state
+# --------------------------------------------------------------------------------------------
+class EditState:
+    """What the hooks apply in the current forward, set per call and kept until the next call.
+
+    ``positions[i]`` (B, P_i) holds intervention i's absolute token indices (-1 = none) in the
+    (padded) input; ``None`` means "every position" (pyvene's ``unit_locations=None``). A forward
+    covering tokens [offset, offset + T) (offset = the KV cache length) edits the listed positions
+    inside that window: ``local[i] = where(offset <= p < offset + T, p - offset, -1)``, repeated
+    along the batch when generate expands it (beam search). So a prefill edits the prompt, cached
+    decode steps edit nothing (skipped on the host when ``max_position`` is known) and a
+    ``use_cache=False`` recompute re-applies the edit.
+
+    ``local`` and ``seeds`` stay set after the call returns, so gradient-checkpointing
+    recomputation during backward re-applies exactly the same edits and dropout masks. A call to
+    the wrapped model outside ``ReftModel`` (``armed`` False) edits nothing.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.armed = False
+        self.positions: list = [None] * n
+        self.max_position: Optional[int] = None
+        self.seeds = [0] * n
+        self.local: Optional[list] = None
+
+    def window(self, batch: int, seq_len: int, offset, device) -> Optional[list]:
+        """Window-local positions for a forward over ``seq_len`` tokens after ``offset`` cached ones."""
+        if isinstance(offset, int) and self.max_position is not None and offset > self.max_position:
+            return None
+        local = []
+        for p in self.positions:
+            if p is None:
+                p = torch.arange(seq_len, device=device).expand(batch, seq_len)
+            elif p.shape[0] != batch:
+                if batch % p.shape[0]:
+                    raise ValueError(f"the model was called with batch {batch} but positions were given for "
+                                     f"{p.shape[0]} rows; pass one position row per input row")
+                p = p.repeat_interleave(batch // p.shape[0], dim=0)
+            if not (isinstance(offset, int) and offset == 0
+                    and self.max_position is not None and self.max_position < seq_len):
+                p = torch.where((p >= offset) & (p < offset + seq_len), p - offset, torch.full_like(p, -1))
+            local.append(p)
+        return local
+
+
+def _call_window(args, kwargs):
+    """(batch, seq_len, offset, device) of a model call, from its inputs and KV cache; None if unknown."""
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    cache = kwargs.get("past_key_values")
+    offset = 0
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        offset = cache.get_seq_length()
+    elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:   # legacy tuple cache
+        offset = cache[0][0].shape[-2]
+    elif kwargs.get("cache_position") is not None:
+        offset = kwargs["cache_position"][0]
+    if x is None:
+        return None
+    return x.shape[0], x.shape[1], offset, x.device
+
+
+def _first_tensor(value):
+    return value if isinstance(value, torch.Tensor) else value[0]
+
+
+def _may_edit_inplace(hidden: torch.Tensor, inputs) -> bool:
+    """True for a fresh contiguous tensor that is not (a view of) one of the module's inputs."""
+    if not hidden.is_contiguous() or hidden._base is not None or (hidden.is_leaf and hidden.requires_grad):
+        return False
+    ptr = hidden.untyped_storage().data_ptr()
+    return not any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr for a in inputs)
+
+
+class ModelPatch:
+    """The hooks of one ReftModel on its HF model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site], interventions: Sequence[nn.Module],
+                 backend: str = "auto"):
+        self.model = model
+        self.interventions = list(interventions)
+        self.backend = backend
+        self.state = EditState(len(self.interventions))
+        groups: dict = {}
+        for i, site in enumerate(sites):
+            groups.setdefault((id(site.module), site.kind), (site, []))[1].append(i)
+        self.handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
+        for site, indices in groups.values():
+            if site.kind == "output":
+                hook = site.module.register_forward_hook(self._output_hook(indices, site.path))
+            else:
+                hook = site.module.register_forward_pre_hook(self._input_hook(indices, site.path), with_kwargs=True)
+            self.handles.append(hook)
+
+    # -- per-call state ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def activate(self, positions: Sequence[Optional[torch.Tensor]], max_position: Optional[int]):
+        """Arm the hooks for calls made inside the block, with fresh dropout seeds."""
+        state = self.state
+        state.positions, state.max_position = list(positions), max_position
+        state.seeds = [new_seed() if iv.training and iv.dropout_p else 0 for iv in self.interventions]
+        state.armed = True
+        try:
+            yield
+        finally:
+            state.armed = False
+
+    def _on_model_call(self, module, args, kwargs):
+        state = self.state
+        if not state.armed:
+            state.local = None
+            return None
+        window = _call_window(args, kwargs)
+        if window is None:
+            raise ValueError("ReftModel needs input_ids or inputs_embeds to place the interventions")
+        state.local = state.window(*window)
+        return None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _apply(self, indices, hidden: torch.Tensor, inplace: bool, path: str) -> torch.Tensor:
+        local = self.state.local
+        if hidden.dim() != 3:
+            raise ValueError(f"the hidden states at {path!r} have shape {tuple(hidden.shape)}; ReFT edits "
+                             "(batch, seq, hidden) tensors, so pick another component")
+        for i in indices:
+            if local[i] is None:
+                continue
+            new = self.interventions[i].edit(hidden, local[i], inplace=inplace, backend=self.backend,
+                                             seed=self.state.seeds[i])
+            inplace = inplace or new is not hidden   # our own copy is fresh: edit it in place next
+            hidden = new
+        return hidden
+
+    def _output_hook(self, indices, path):
+        def hook(module, args, output):
+            if self.state.local is None:
+                return None
+            hidden = _first_tensor(output)
+            new = self._apply(indices, hidden, _may_edit_inplace(hidden, args), path)
+            if new is hidden:
+                return None
+            return new if isinstance(output, torch.Tensor) else type(output)((new, *output[1:]))
+        return hook
+
+    def _input_hook(self, indices, path):
+        def hook(module, args, kwargs):
+            if self.state.local is None:
+                return None
+            if args:
+                return (self._apply(indices, args[0], False, path), *args[1:]), kwargs
+            name = "hidden_states" if "hidden_states" in kwargs else next(
+                (k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+            if name is None:
+                raise ValueError(f"no tensor input found at {path!r} to intervene on")
+            return args, {**kwargs, name: self._apply(indices, kwargs[name], False, path)}
+        return hook
+
+    def remove(self) -> None:
+        """Remove exactly the hooks this patch registered."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.state.local = None

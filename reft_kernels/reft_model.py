@@ -1,0 +1,295 @@
+"""``ReftModel`` and ``get_reft_model``: pyreft's wrapper, on the fused op and a once-installed patch.
+
+Two calling conventions:
+
+* pyreft/pyvene: ``reft_model({"input_ids": ..., "attention_mask": ...},
+  unit_locations={"sources->base": (None, LOCS)}, labels=...)`` returns ``(None, outputs)``;
+  ``LOCS[i][b]`` lists intervention i's token positions in batch row b (nested lists, an int, a
+  1-D list for every row, or an (n_interventions, B, P) tensor). Lists are validated on the host.
+* tensors: ``reft_model(input_ids=..., attention_mask=..., intervention_locations=L, labels=...)``
+  with ``L`` a (B, n_interventions, P) integer tensor (the collator's layout) returns the HF outputs.
+  Nothing leaves the device: CUDA positions are range-checked with an asynchronous device assert.
+
+Positions are token indices in the padded input; -1 means "no edit" (pyreft's sink token also
+works). ``unit_locations=None`` edits every position, as in pyvene.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ReftConfig
+from .interventions import ReftIntervention, intervention_class
+from .patcher import ModelPatch, hidden_size, resolve_site
+
+__all__ = ["ReftModel", "get_reft_model"]
+
+
+def _input_shape(inputs: Mapping):
+    x = inputs.get("input_ids")
+    if x is None:
+        x = inputs.get("inputs_embeds")
+    if x is None:
+        raise ValueError("the model inputs need input_ids or inputs_embeds; got keys "
+                         f"{sorted(inputs)}")
+    return x.shape[0], x.shape[1], x.device
+
+
+def _check_range(t: torch.Tensor, seq_len: int, name: str) -> None:
+    """-1 <= t < seq_len; on the host for CPU tensors, as an async device assert otherwise."""
+    if t.numel() == 0:
+        return
+    if t.device.type == "cpu":
+        lo, hi = int(t.min()), int(t.max())
+        if lo < -1 or hi >= seq_len:
+            raise ValueError(f"{name} contains {lo if lo < -1 else hi}, outside [-1, {seq_len}) for inputs of "
+                             f"length {seq_len}; use token indices 0..{seq_len - 1} and -1 for 'no edit'")
+    else:
+        torch._assert_async(((t >= -1) & (t < seq_len)).all(), f"reft_kernels: {name} outside [-1, seq_len)")
+
+
+def _rows_tensor(rows, i: int, batch: int, seq_len: int) -> torch.Tensor:
+    """Intervention i's [batch][positions] list -> (B, P) int64 (ragged rows padded with -1)."""
+    if len(rows) != batch:
+        raise ValueError(f"unit_locations for intervention {i} has {len(rows)} rows but the batch has {batch}; "
+                         "give one position list per batch row")
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((batch, width), -1, dtype=torch.int64)
+    for b, row in enumerate(rows):
+        if any(not isinstance(p, int) or p < -1 or p >= seq_len for p in row):
+            raise ValueError(f"unit_locations for intervention {i}, row {b} is {list(row)}: positions must be ints "
+                             f"in [0, {seq_len}) (or -1 for 'no edit') for inputs of length {seq_len}")
+        out[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
+    return out
+
+
+def _depth(x) -> int:
+    return 1 + _depth(x[0]) if isinstance(x, (list, tuple)) and len(x) else int(isinstance(x, (list, tuple)))
+
+
+class ReftModel(nn.Module):
+    """A HF model with ReFT interventions installed (pyreft's ``ReftModel(config, model)``).
+
+    ``interventions`` is an ``nn.ModuleDict`` keyed like pyvene >= 0.1.7, so ``state_dict()`` and
+    ``named_parameters()`` contain ``interventions.<key>.<param>``. ``train()``/``eval()`` reach the
+    interventions (dropout is off in eval). See the module docstring for the calling conventions.
+    """
+
+    def __init__(self, config: ReftConfig, model: nn.Module, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, ReftConfig):
+            raise TypeError(f"config must be a ReftConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = model
+        self.backend = backend
+        sites = [resolve_site(model, rep.layer, rep.component) for rep in config.representations]
+        width = hidden_size(model)
+        self.interventions = nn.ModuleDict({
+            key: self._build(rep, width) for key, rep in zip(config.keys, config.representations)})
+        self._base_state = ({n: p.requires_grad for n, p in model.named_parameters()},
+                            {n: m.training for n, m in model.named_modules()})
+        self._patch: Optional[ModelPatch] = ModelPatch(model, sites, list(self.interventions.values()), backend)
+        self._sites = sites
+
+    @staticmethod
+    def _build(rep, width: Optional[int]) -> ReftIntervention:
+        abstract = "." not in rep.component
+        if rep.intervention is not None:
+            iv = rep.intervention
+        else:
+            kwargs = {"embed_dim": width, **rep.kwargs()}
+            if kwargs["embed_dim"] is None:
+                raise ValueError(f"embed_dim is unknown for component {rep.component!r}; put it in the "
+                                 "representation's intervention_kwargs or pass a built intervention")
+            iv = intervention_class(rep.intervention_type)(**kwargs)
+        if abstract and width is not None and iv.embed_dim != width:
+            raise ValueError(f"intervention for {rep.component!r} (layer {rep.layer}) has embed_dim={iv.embed_dim} "
+                             f"but the model's hidden size is {width}; build it with embed_dim={width}")
+        return iv
+
+    # -- pyvene / pyreft helpers ----------------------------------------------------------------
+    def set_device(self, device=None) -> None:
+        """Move each intervention next to its hooked module (or to ``device``); dtypes are kept."""
+        for iv, site in zip(self.interventions.values(), self._sites):
+            target = device
+            if target is None:
+                tensor = next(site.module.parameters(), None)
+                target = tensor.device if tensor is not None else self._model_device()
+            iv.to(target)
+
+    def _model_device(self) -> torch.device:
+        tensor = next(self.model.parameters(), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def disable_model_gradients(self) -> None:
+        """Freeze the base model and put it in eval mode (as pyvene does); interventions stay trainable."""
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def count_parameters(self, include_model: bool = False) -> int:
+        seen = {id(p): p for p in self.interventions.parameters()}
+        if include_model:
+            seen.update({id(p): p for p in self.model.parameters()})
+        return sum(p.numel() for p in seen.values())
+
+    def print_trainable_parameters(self) -> None:
+        """pyreft's summary line."""
+        iv = self.count_parameters()
+        trainable_model = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total_model = sum(p.numel() for p in self.model.parameters())
+        print(f"trainable intervention params: {iv:,d} || trainable model params: {trainable_model:,d}\n"
+              f"model params: {total_model:,d} || trainable%: {100 * (iv + trainable_model) / total_model}")
+
+    # -- positions ------------------------------------------------------------------------------
+    def _locations_from_units(self, unit_locations, batch: int, seq_len: int, device):
+        """pyvene ``unit_locations`` -> ([(B, P_i) tensor | None] per intervention, max position)."""
+        n = len(self.interventions)
+        if unit_locations is None:
+            return [None] * n, None
+        if not isinstance(unit_locations, Mapping) or not ({"sources->base", "base"} & set(unit_locations)):
+            raise TypeError(f"unit_locations={unit_locations!r}: pass {{'sources->base': (None, LOCS)}} with "
+                            "LOCS[intervention][batch_row] = [positions]")
+        locs = unit_locations.get("sources->base", unit_locations.get("base"))
+        if isinstance(locs, tuple) and len(locs) == 2:
+            locs = locs[1]
+        if isinstance(locs, torch.Tensor):
+            if locs.dim() != 3:
+                raise ValueError(f"a unit_locations tensor must have shape (n_interventions={n}, B, P), "
+                                 f"got {tuple(locs.shape)}")
+            return self._locations_from_tensor(locs.transpose(0, 1), batch, seq_len, device, "unit_locations"), None
+        if isinstance(locs, int):
+            locs = [locs]
+        if _depth(locs) == 1:
+            locs = [[list(locs)] * batch] * n
+        if _depth(locs) != 3:
+            raise ValueError("unit_locations must be nested as LOCS[intervention][batch_row] = [positions], "
+                             f"an int, or a flat list of positions; got depth {_depth(locs)}")
+        if len(locs) != n:
+            raise ValueError(f"unit_locations has {len(locs)} intervention entries but the config has {n} "
+                             f"({list(self.interventions)}); give one [batch][positions] list per intervention")
+        rows = [_rows_tensor(r, i, batch, seq_len) for i, r in enumerate(locs)]
+        max_position = max((int(r.max()) for r in rows if r.numel()), default=-1)
+        return [r.to(device, non_blocking=True) for r in rows], max_position
+
+    def _locations_from_tensor(self, locs, batch: int, seq_len: int, device, name="intervention_locations"):
+        """(B, n_interventions, P) integer tensor -> per-intervention (B, P) views, checked without sync."""
+        n = len(self.interventions)
+        if not isinstance(locs, torch.Tensor) or locs.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32/int64 tensor of shape (B, n_interventions={n}, P), "
+                            f"got {type(locs).__name__} {getattr(locs, 'dtype', '')}")
+        if locs.dim() != 3 or locs.shape[0] != batch or locs.shape[1] != n:
+            raise ValueError(f"{name} has shape {tuple(locs.shape)} but must be (B, n_interventions, P) = "
+                             f"({batch}, {n}, P) for this batch and config ({list(self.interventions)})")
+        locs = locs.to(device, non_blocking=True)
+        _check_range(locs, seq_len, name)
+        return [locs[:, i] for i in range(n)]
+
+    def _positions(self, inputs, unit_locations, intervention_locations):
+        batch, seq_len, device = _input_shape(inputs)
+        if intervention_locations is not None:
+            if unit_locations is not None:
+                raise ValueError("pass either unit_locations or intervention_locations, not both")
+            return self._locations_from_tensor(intervention_locations, batch, seq_len, device), None
+        return self._locations_from_units(unit_locations, batch, seq_len, device)
+
+    def _check_live(self, sources, source_representations):
+        if self._patch is None:
+            raise RuntimeError("this ReftModel was unloaded; wrap the model again with get_reft_model")
+        if sources is not None or source_representations is not None:
+            raise ValueError("ReFT interventions are sourceless; pass sources=None and source_representations=None")
+
+    # -- calls ----------------------------------------------------------------------------------
+    def forward(self, base: Optional[Mapping] = None, sources=None, unit_locations=None,
+                source_representations=None, subspaces=None, labels=None,
+                output_original_output: bool = False, use_cache=None, *,
+                intervention_locations: Optional[torch.Tensor] = None, **model_kwargs):
+        """Run the model with the interventions; see the module docstring for both conventions.
+
+        ``subspaces`` is accepted and ignored, as by every pyreft intervention. With
+        ``output_original_output`` the pyvene form returns ``(base_outputs, outputs)``.
+        """
+        self._check_live(sources, source_representations)
+        pyvene_style = base is not None
+        if pyvene_style and not isinstance(base, Mapping):
+            raise TypeError(f"base must be a dict of model inputs, got {type(base).__name__}; or call "
+                            "reft_model(input_ids=..., attention_mask=..., intervention_locations=...)")
+        if pyvene_style and model_kwargs:
+            raise TypeError(f"unexpected arguments {sorted(model_kwargs)}; put model inputs in the base dict")
+        inputs = dict(base) if pyvene_style else model_kwargs
+        for name, value in (("labels", labels), ("use_cache", use_cache)):
+            if value is not None:
+                inputs[name] = value
+        positions, max_position = self._positions(inputs, unit_locations, intervention_locations)
+        original = self.model(**inputs) if output_original_output else None
+        with self._patch.activate(positions, max_position):
+            outputs = self.model(**inputs)
+        return (original, outputs) if pyvene_style else outputs
+
+    def generate(self, base: Optional[Mapping] = None, sources=None, unit_locations=None,
+                 source_representations=None, intervene_on_prompt: bool = True, subspaces=None,
+                 output_original_output: bool = False, *,
+                 intervention_locations: Optional[torch.Tensor] = None, **generate_kwargs):
+        """``self.model.generate`` with the prompt positions edited.
+
+        Positions index the (left-padded) prompt. The prefill edits them; cached decode steps edit
+        nothing; without a cache every full recompute re-applies the edit. Beam search and
+        ``num_return_sequences`` expand the positions with the batch. pyvene form: returns
+        ``(None or base_output, output)``; tensor form (``input_ids=..., intervention_locations=...``):
+        the output.
+        """
+        self._check_live(sources, source_representations)
+        if not intervene_on_prompt:
+            raise ValueError("intervene_on_prompt=False (editing each generated token) is not supported; "
+                             "pass intervene_on_prompt=True to edit the prompt positions")
+        pyvene_style = base is not None
+        inputs = dict(base) if pyvene_style else {
+            k: generate_kwargs.pop(k) for k in ("input_ids", "inputs_embeds", "attention_mask") if k in generate_kwargs}
+        positions, max_position = self._positions(inputs, unit_locations, intervention_locations)
+        if intervention_locations is not None:
+            max_position = int(intervention_locations.max())   # one sync per generate: lets decode steps skip
+        original = self.model.generate(**inputs, **generate_kwargs) if output_original_output else None
+        with self._patch.activate(positions, max_position):
+            output = self.model.generate(**inputs, **generate_kwargs)
+        return (original, output) if pyvene_style else output
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """Remove this wrapper's hooks, restore grad flags and train/eval modes; return the model."""
+        if self._patch is not None:
+            self._patch.remove()
+            self._patch = None
+            grads, modes = self._base_state
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(grads.get(name, p.requires_grad))
+            for name, m in self.model.named_modules():
+                m.training = modes.get(name, m.training)
+        return self.model
+
+    def save(self, save_directory, **kwargs):
+        """Write a checkpoint (see :mod:`reft_kernels.checkpoint`)."""
+        from .checkpoint import save_reft_model
+        return save_reft_model(self, save_directory, **kwargs)
+
+    @staticmethod
+    def load(load_directory, model, **kwargs) -> "ReftModel":
+        """Rebuild a ReftModel on ``model`` from a checkpoint (see :mod:`reft_kernels.checkpoint`)."""
+        from .checkpoint import load_reft_model
+        return load_reft_model(load_directory, model, **kwargs)
+
+
+def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool = True,
+                   disable_model_grads: bool = True, backend: str = "auto") -> ReftModel:
+    """pyreft's entry point: wrap ``model``; move interventions to its device; freeze it.
+
+    As in pyreft, freezing also puts the base model in eval mode (``ReftModel.train()`` turns both
+    back on); the interventions start in training mode. ``backend`` picks the op backend.
+    """
+    reft_model = ReftModel(reft_config, model, backend=backend)
+    if set_device:
+        reft_model.set_device()
+    if disable_model_grads:
+        reft_model.disable_model_gradients()
+    return reft_model
