@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# pyreft parity suite: checkpoints written by pyreft load into reft_kernels and vice versa.
+# Runs in its own venv, because pyreft 0.1.0 pins transformers==4.45.1 (its trainer breaks on
+# newer releases) while the main environment has a current transformers.
+#   REFT_PARITY_VENV   where the venv lives (default /tmp/reft-parity-venv; kept between runs
+#                      and reused when its stamp matches this script's pins)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+VENV="${REFT_PARITY_VENV:-/tmp/reft-parity-venv}"
+pipi() {  # pip install, without the noise of this machine's local-index warnings
+  "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
+  return "${PIPESTATUS[0]}"
+}
+PINS="torch==2.13.0 transformers==4.45.1 pyvene==0.1.8 pyreft==0.1.0 v1"
+if [ "$(cat "$VENV/.reft-parity-stamp" 2>/dev/null)" != "$PINS" ]; then
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  # torch first and alone, exactly pinned: the CPU build on local disk (never a CUDA one).
+  pipi torch==2.13.0
+  # transformers 4.45.1 needs tokenizers<0.21 and huggingface-hub<1.0; pyvene imports
+  # matplotlib and networkx at module load, pyreft imports datasets (<4 keeps hub<1.0).
+  pipi transformers==4.45.1 "huggingface-hub<1.0" "datasets<4" \
+    matplotlib networkx safetensors pytest
+  # pyreft/pyvene declare heavy, unneeded deps (wandb, jupyter, seaborn, ...): --no-deps.
+  pipi --no-deps pyvene==0.1.8 pyreft==0.1.0
+  echo "$PINS" > "$VENV/.reft-parity-stamp"
+fi
+pipi --no-deps -e .
+# The parity checks are about formats and math, not kernels: use the plain torch backend.
+export REFT_KERNELS_BACKEND=torch
+"$VENV/bin/python" -m pytest tests/parity -q -p no:cacheprovider
