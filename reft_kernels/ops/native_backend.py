@@ -84,13 +84,13 @@ def _build(kind: str):
     from torch.utils.cpp_extension import load
 
     name = f"reft_kernels_native_{kind}"
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    cflags = ["-O3", "-fopenmp"]  # torch picks the C++ standard; no -march (portable builds)
     kwargs = dict(
         name=name, sources=[str(CSRC / s) for s in _SOURCES[kind]], extra_include_paths=[str(CSRC)],
         extra_cflags=cflags, extra_ldflags=["-fopenmp"], build_directory=_build_dir(name),
         verbose=_verbose())
     if kind == "cuda":
-        kwargs["extra_cuda_cflags"] = ["-O3", "-std=c++17", "-lineinfo"]
+        kwargs["extra_cuda_cflags"] = ["-O3", "-lineinfo"]
     with warnings.catch_warnings():
         if not _verbose():
             warnings.simplefilter("ignore")
