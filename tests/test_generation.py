@@ -1,0 +1,125 @@
+"""Generation: prompt positions are edited on the prefill (or every full recompute), never on
+cached decode steps; batching with left padding and beam search give one-by-one results."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import reft_kernels as pyreft
+from test_patcher import add_reference_hook
+
+H, RANK, NEW = 64, 4, 6
+LENGTHS = (5, 9, 7)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=H, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                         pad_token_id=0)).eval()
+    ivs = []
+    for _ in range(2):
+        iv = pyreft.LoreftIntervention(embed_dim=H, low_rank_dimension=RANK, dtype=torch.float32)
+        with torch.no_grad():
+            iv.learned_source.bias.fill_(4.0)               # a strong edit, so tokens change
+        ivs.append(iv)
+    config = pyreft.ReftConfig(representations=[
+        {"layer": 0, "component": "block_output", "low_rank_dimension": RANK, "intervention": ivs[0]},
+        {"layer": 1, "component": "block_output", "low_rank_dimension": RANK, "intervention": ivs[1]}])
+    reft = pyreft.get_reft_model(model, config, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 100, (n,), generator=g) for n in LENGTHS]
+    positions = [[[n - 1, 0], [1, n - 2]] for n in LENGTHS]           # per prompt: [intervention][pos]
+    return model, ivs, reft, prompts, positions
+
+
+def gen_kwargs(**kw):
+    return dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
+
+
+def one(reft, prompt, pos, **kw):
+    locs = [[p] for p in pos]                                           # [intervention][batch=1][pos]
+    _, out = reft.generate({"input_ids": prompt[None]}, unit_locations={"sources->base": (None, locs)},
+                           intervene_on_prompt=True, **gen_kwargs(**kw))
+    return out
+
+
+def left_padded(prompts, positions):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    locs = [[], []]
+    for b, (p, pos) in enumerate(zip(prompts, positions)):
+        pad = width - len(p)
+        ids[b, pad:], mask[b, pad:] = p, 1
+        for i in range(2):
+            locs[i].append([x + pad for x in pos[i]])
+    return ids, mask, locs
+
+
+def reference_greedy(model, ivs, prompt, pos):
+    """Greedy decoding by full recomputation, prompt positions edited by plain hooks each step."""
+    seq = prompt[None]
+    handles = [add_reference_hook(model.model.layers[i], "output", ivs[i], torch.tensor([pos[i]]))
+               for i in range(2)]
+    try:
+        with torch.no_grad():
+            for _ in range(NEW):
+                nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], dim=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return seq
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_single_prompt_matches_full_recompute_reference(setup, use_cache):
+    model, ivs, reft, prompts, positions = setup
+    for prompt, pos in zip(prompts, positions):
+        out = one(reft, prompt, pos, use_cache=use_cache)
+        assert torch.equal(out, reference_greedy(model, ivs, prompt, pos))
+    base = model.generate(input_ids=prompts[0][None], **gen_kwargs())
+    assert not torch.equal(base, one(reft, prompts[0], positions[0]))    # the edit matters
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_left_padded_equals_one_by_one(setup, use_cache):
+    _, _, reft, prompts, positions = setup
+    ids, mask, locs = left_padded(prompts, positions)
+    _, out = reft.generate({"input_ids": ids, "attention_mask": mask},
+                           unit_locations={"sources->base": (None, locs)}, **gen_kwargs(use_cache=use_cache))
+    for b, (prompt, pos) in enumerate(zip(prompts, positions)):
+        assert torch.equal(out[b, -NEW:], one(reft, prompt, pos, use_cache=use_cache)[0, -NEW:])
+
+
+def test_beam_search_batched_equals_one_by_one_and_tensor_path(setup):
+    _, _, reft, prompts, positions = setup
+    ids, mask, locs = left_padded(prompts, positions)
+    _, out = reft.generate({"input_ids": ids, "attention_mask": mask},
+                           unit_locations={"sources->base": (None, locs)}, **gen_kwargs(num_beams=3))
+    for b, (prompt, pos) in enumerate(zip(prompts, positions)):
+        assert torch.equal(out[b, -NEW:], one(reft, prompt, pos, num_beams=3)[0, -NEW:])
+    tensor_locs = torch.tensor([[locs[0][b], locs[1][b]] for b in range(len(prompts))])   # (B, n_int, P)
+    out2 = reft.generate(input_ids=ids, attention_mask=mask, intervention_locations=tensor_locs,
+                         **gen_kwargs(num_beams=3))
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.parametrize("use_cache,expected_calls", [(True, 1), (False, NEW)])
+def test_cached_decode_steps_do_not_edit(setup, use_cache, expected_calls, monkeypatch):
+    _, ivs, reft, prompts, positions = setup
+    calls = []
+    for iv in ivs:
+        edit = iv.edit
+        monkeypatch.setattr(iv, "edit", lambda *a, _edit=edit, **k: calls.append(1) or _edit(*a, **k))
+    one(reft, prompts[0], positions[0], use_cache=use_cache)
+    assert len(calls) == 2 * expected_calls
+
+
+def test_generate_rejects_bad_arguments(setup):
+    _, _, reft, prompts, positions = setup
+    with pytest.raises(ValueError, match="intervene_on_prompt"):
+        reft.generate({"input_ids": prompts[0][None]}, unit_locations={"base": 0}, intervene_on_prompt=False)
+    with pytest.raises(ValueError, match=r"outside|\[0, 5\)"):
+        one(reft, prompts[0], [[5], [0]])
