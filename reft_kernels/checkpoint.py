@@ -386,7 +386,8 @@ def _read_pyreft(path, config):
         with open(cfg_file, encoding="utf-8") as f:
             cfg = json.load(f)
         reps = cfg.get("representations") or []
-        reps = reps if isinstance(reps, list) and reps and isinstance(reps[0], (list, dict)) else [reps]
+        if reps and not isinstance(reps[0], (list, dict)):  # a single representation
+            reps = [reps]
         types = cfg.get("intervention_types")
         types = types if isinstance(types, list) else [types] * len(reps)
         fields = [_rep_fields(r) for r in reps]
@@ -432,7 +433,9 @@ def _read_ours(path, config):
     if config is not None:
         specs, objs = _specs_from_config(config)
     else:
-        specs = [InterventionSpec(**e) for e in meta["interventions"]]
+        known = InterventionSpec.__dataclass_fields__
+        specs = [InterventionSpec(**{k: v for k, v in e.items() if k in known})
+                 for e in meta["interventions"]]
         objs = [None] * len(specs)
     tensors = []
     for spec in specs:
@@ -446,6 +449,17 @@ def _read_ours(path, config):
     base_file = os.path.join(path, BASE_WEIGHTS_NAME)
     base = load_file(base_file, device="cpu") if os.path.isfile(base_file) else {}
     return specs, objs, tensors, base, meta
+
+
+def _resolve_dir(path, local_directory=None, from_huggingface_hub=False) -> str:
+    """A local directory, or (like pyvene) a Hugging Face Hub repo id downloaded first."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not from_huggingface_hub:
+        return path
+    if not from_huggingface_hub and (os.path.exists(path) or path.count("/") != 1):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id=path, local_dir=local_directory)
 
 
 def read_checkpoint(path, config=None):
@@ -723,6 +737,7 @@ def _prepare(path, model, config, dtype):
 
 
 def load_reft_model(load_directory, model, config=None, *, dtype=None, include_model: bool = True,
+                    local_directory=None, from_huggingface_hub: bool = False,
                     **get_reft_model_kwargs):
     """Load a ReFT checkpoint (our format or pyreft's) onto ``model``; returns a ReftModel.
 
@@ -732,11 +747,14 @@ def load_reft_model(load_directory, model, config=None, *, dtype=None, include_m
     interventions built from the checkpoint; default: the saved dtype for our format, the
     model's dtype for pyreft's. ``include_model``: also load saved base-model parameters
     (``base_model.safetensors`` / ``pytorch_model.bin``), which are then left trainable.
+    ``local_directory``/``from_huggingface_hub``: as pyvene's, for a Hub repo id (downloaded with
+    ``huggingface_hub.snapshot_download``). Other keywords go to :func:`get_reft_model`.
 
     Everything is read and checked before ``model`` is touched: on any error (CheckpointError
     names the intervention key, the expected and the found value) the model is unchanged.
     """
-    specs, modules, tensors, base, meta = _prepare(load_directory, model, config, dtype)
+    path = _resolve_dir(load_directory, local_directory, from_huggingface_hub)
+    specs, modules, tensors, base, meta = _prepare(path, model, config, dtype)
     for spec, iv, t in zip(specs, modules, tensors):
         _load_into_module(iv, t, spec.cls)
     device = _model_device(model)

@@ -423,3 +423,22 @@ def test_missing_and_corrupt_files(tmp_path):
     check_fails(tmp_path / "py", tiny_llama(), r"cannot read .*intkey_layer_1")
     torch.save({"weight": torch.zeros(R, D), "bias": torch.zeros(R)}, victim)
     check_fails(tmp_path / "py", tiny_llama(), r"needs tensors \['rotate_layer.weight'\]")
+
+
+def test_hub_repo_id_and_missing_directory(tmp_path, monkeypatch):
+    rm = build(["LoreftIntervention"])
+    rm.save(tmp_path / "ck")
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, local_dir=None):
+        calls.append((repo_id, local_dir))
+        return str(tmp_path / "ck")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    loaded = rk.ReftModel.load("someone/reft-demo", tiny_llama()).eval()
+    assert calls == [("someone/reft-demo", None)]
+    assert torch.equal(run(loaded), run(rm))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ck.load_reft_model(tmp_path / "nope", tiny_llama())
