@@ -62,21 +62,23 @@ def _as_dtype(dtype) -> torch.dtype:
 class OrthonormalRotation(nn.Module):
     """R (r, d) with orthonormal rows, parametrised by an unconstrained fp32 ``basis`` (r, d):
 
-        Q, U = qr(basis^T)                  (reduced QR: Q is d x r, U is r x r upper-triangular)
-        R    = (Q diag(sign(diag U)))^T
+        L = cholesky(basis basis^T)         (r x r, lower-triangular, positive diagonal)
+        R = L^{-1} basis                    (a triangular solve)
 
-    One QR of a d x r matrix per ``.weight`` access and nothing of size d x d. R is orthonormal to
-    fp32 rounding for any basis of full rank, whatever the optimiser (weight decay included) does
-    to ``basis``; QR is scale-invariant, so decay only rescales ``basis``. The sign fix makes the
-    map the identity on matrices that already have orthonormal rows, so :meth:`set_weight` sets R
-    (to fp32 rounding) by copying it into ``basis``.
+    This is the Q factor of the QR decomposition ``basis^T = Q U`` with ``U = L^T`` (so with the
+    sign convention diag(U) > 0), computed in fp64 and returned in fp32: one orthogonalisation of
+    a d x r matrix per ``.weight`` access, nothing of size d x d, and no host sync on GPUs
+    (``cholesky_ex`` does not check errors). R is orthonormal to fp32 rounding for any full-rank
+    basis, whatever the optimiser does to ``basis``; the map is scale-invariant, so weight decay
+    only rescales ``basis``. It is the identity on matrices with orthonormal rows, so
+    :meth:`set_weight` sets R (to fp32 rounding) by copying it into ``basis``.
 
     pyreft instead wraps a (d, r) weight in ``torch.nn.utils.parametrizations.orthogonal``:
     ``R^T = base @ householder_product(original)`` with a d x d fp32 ``base`` buffer (64 MiB at
     d = 4096), recomputed three times per forward, and a diagonal cast with ``.int()`` that weight
-    decay turns into R = 0. Both reach every orthonormal R; the initial R is the same for the
-    same seed (``orthogonal_`` on a (d, r) matrix, then the (d, d - r) draw pyreft's
-    parametrisation makes, so the RNG stream after construction matches pyreft's too).
+    decay turns into R = 0. Both reach every orthonormal R, and the initial R is the same for the
+    same seed: ``orthogonal_`` on a (d, r) matrix, then the (d, d - r) draw pyreft's
+    parametrisation makes, so the RNG stream after construction matches pyreft's too.
     """
 
     def __init__(self, embed_dim: int, low_rank_dimension: int):
@@ -89,9 +91,9 @@ class OrthonormalRotation(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """R (r, d), fp32, orthonormal rows; differentiable with respect to ``basis``."""
-        q, u = torch.linalg.qr(self.basis.t())
-        sign = torch.where(u.diagonal() < 0, -1.0, 1.0).to(q.dtype)
-        return (q * sign).t().contiguous()
+        basis = self.basis.double()
+        chol, _ = torch.linalg.cholesky_ex(basis @ basis.t())
+        return torch.linalg.solve_triangular(chol, basis, upper=False).float()
 
     @torch.no_grad()
     def set_weight(self, matrix: torch.Tensor, atol: float = 1e-4) -> None:

@@ -9,6 +9,23 @@ from reft_kernels.config import ReftConfig
 from reft_kernels.interventions import INTERVENTION_CLASSES, OrthonormalRotation, intervention_class
 
 D, R = 32, 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread avoids oversubscription stalls on small shared CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    """These tests are about the modules, not the kernels: use the plain torch backend."""
+    monkeypatch.setenv("REFT_KERNELS_BACKEND", "torch")
+
+
 CLASSES = [pyreft.LoreftIntervention, pyreft.NoreftIntervention, pyreft.DireftIntervention,
            pyreft.NodireftIntervention, pyreft.ConsreftIntervention, pyreft.LobireftIntervention]
 

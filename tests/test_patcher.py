@@ -1,6 +1,4 @@
 """The patched model against hand-written hooks + the float64 oracle, on tiny random models."""
-import importlib.util
-
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
@@ -9,10 +7,20 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           RobertaForSequenceClassification, RobertaModel)
 
 import reft_kernels as pyreft
+from reft_kernels.ops import resolve_backend
 from reft_kernels.ops.reference import reft_edit_reference
 
 H, RANK = 64, 4
 SMALL = dict(hidden_size=H, intermediate_size=128, num_attention_heads=4, vocab_size=100)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one thread avoids oversubscription stalls on small shared CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def llama(cls=LlamaForCausalLM, layers=2, seed=0, **kw):
@@ -169,11 +177,12 @@ def test_untied_first_last_on_one_layer_compose_in_config_order():
     torch.testing.assert_close(out.logits, exp.logits, rtol=1e-5, atol=1e-5)
 
 
-BACKENDS = ["torch"] + [b for b in ("triton", "native") if importlib.util.find_spec(f"reft_kernels.ops.{b}_backend")]
-
-
-@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("backend", ["triton", "native"])
 def test_backends_agree_forward_and_backward(backend):
+    try:
+        resolve_backend(backend, torch.device("cpu"))
+    except (RuntimeError, ImportError) as err:
+        pytest.skip(f"{backend} backend unavailable: {err}")
     results = []
     for name in ("torch", backend):
         model = llama()
@@ -243,6 +252,7 @@ def test_gradient_checkpointing_reapplies_same_edit_and_dropout(reentrant):
         model = llama(layers=2)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()     # reentrant checkpoints of a frozen model need it (as PEFT)
         torch.manual_seed(5)
         reps = [rep(0, "mlp_output", loreft(dropout=0.3)), rep(1, "block_output", loreft(dropout=0.3))]
         reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), backend="torch")
