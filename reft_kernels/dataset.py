@@ -1,0 +1,319 @@
+"""Intervention positions, data modules and the collator (pyreft's ``dataset.py`` API).
+
+Every data module returns ``dict(train_dataset=datasets.Dataset, eval_dataset=None,
+data_collator=ReftDataCollator)``. Each example stores ``intervention_locations`` as a list of
+``num_interventions`` lists of positions **relative to its own unpadded tokens**; the collator pads
+the batch and returns ``intervention_locations`` as a LongTensor ``[B, num_interventions, P]``,
+shifted by each row's pad count when the tokenizer pads on the left. Unused slots hold ``-1``
+("no edit"); unlike pyreft there is no extra "sink" pad token, so real tokens keep their
+position ids and ``pad_token_id`` may appear inside the text.
+
+Differences from pyreft, all deliberate:
+  * ``make_multiple_position_supervised_data_module`` pads with ``-1`` instead of pointing the
+    padding slots at the first response token (pyreft's ``pad_mode="last"`` bug);
+  * left padding is supported (pyreft's positions are silently wrong with it);
+  * an odd ``num_interventions`` with untied ``f+l`` positions is an error instead of silently
+    producing ``num_interventions - 1`` location lists.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX", "parse_positions", "get_intervention_locations", "ReftDataCollator",
+    "make_data_collator", "make_last_position_supervised_data_module",
+    "make_last_position_supervised_chat_data_module", "make_multiple_position_supervised_data_module",
+    "make_classification_data_module", "shift_locations_for_left_padding",
+    "no_header_prompt_template", "prompt_input", "prompt_no_input",
+]
+
+no_header_prompt_template = """\
+### Instruction:
+%s
+
+### Response:
+"""
+
+prompt_input = """Below is an instruction that \
+describes a task, paired with an input that provides \
+further context. Write a response that appropriately \
+completes the request.
+
+### Instruction:
+%s
+
+### Input:
+%s
+
+### Response:
+"""
+
+prompt_no_input = """Below is an instruction that \
+describes a task. Write a response that appropriately \
+completes the request.
+
+### Instruction:
+%s
+
+### Response:
+"""
+
+_POSITIONS_RE = re.compile(r"^\s*(?:f(\d+))?\s*(?:\+)?\s*(?:l(\d+))?\s*$")
+
+
+# ------------------------------------------------------------------------------------------------
+# positions
+# ------------------------------------------------------------------------------------------------
+def parse_positions(positions: str):
+    """``"f7+l7" -> (7, 7)``, ``"f3" -> (3, 0)``, ``"l1" -> (0, 1)`` (pyreft's format)."""
+    if not isinstance(positions, str):
+        raise TypeError(f"positions={positions!r} must be a string such as 'f7+l7', 'f1' or 'l1'")
+    m = _POSITIONS_RE.match(positions)
+    if m is None or (m.group(1) is None and m.group(2) is None) or \
+            ("+" in positions and (m.group(1) is None or m.group(2) is None)):
+        raise ValueError(f"positions={positions!r} is not valid; use 'fN', 'lM' or 'fN+lM' "
+                         "(first N and/or last M prompt tokens), e.g. 'f7+l7'")
+    return int(m.group(1) or 0), int(m.group(2) or 0)
+
+
+def get_intervention_locations(**kwargs) -> List[List[int]]:
+    """Positions per intervention for one prompt of length ``last_position`` (pyreft semantics).
+
+    Keyword arguments (as pyreft): ``last_position`` (the prompt length L), either ``positions``
+    ("f7+l7") or ``first_n``/``last_n``, ``num_interventions``, ``share_weights=False``,
+    ``pad_mode="first"`` (pad with -1) or ``"last"`` (pad with L, pyreft's GLUE convention).
+
+    ``first_n``/``last_n`` are clamped to ``L // 2`` so the two groups never overlap; the clamped
+    amount is padded. Tied (``share_weights`` or only one of f/l): every intervention gets
+    ``[0..f-1] + [L-l..L-1] + pads``. Untied: the first ``n // 2`` interventions get the first
+    positions and the last ``n // 2`` the last positions, both padded to one length.
+    """
+    share_weights = kwargs.get("share_weights", False)
+    last_position = kwargs["last_position"]
+    if "positions" in kwargs and kwargs["positions"] is not None:
+        _first_n, _last_n = parse_positions(kwargs["positions"])
+    else:
+        _first_n, _last_n = kwargs["first_n"], kwargs["last_n"]
+    num_interventions = kwargs["num_interventions"]
+    pad_mode = kwargs.get("pad_mode", "first")
+    if pad_mode not in ("first", "last"):
+        raise ValueError(f"pad_mode={pad_mode!r}; use 'first' (pad with -1) or 'last' (pad with L)")
+    if not isinstance(last_position, int) or last_position < 0:
+        raise ValueError(f"last_position={last_position!r} must be a non-negative int (the prompt length)")
+    if not isinstance(num_interventions, int) or num_interventions < 1:
+        raise ValueError(f"num_interventions={num_interventions!r} must be a positive int")
+
+    first_n = min(last_position // 2, _first_n)
+    last_n = min(last_position // 2, _last_n)
+    pad_amount = (_first_n - first_n) + (_last_n - last_n)
+    pad_position = -1 if pad_mode == "first" else last_position
+    if share_weights or first_n == 0 or last_n == 0:
+        position_list = list(range(first_n)) + list(range(last_position - last_n, last_position)) \
+            + [pad_position] * pad_amount
+        return [list(position_list) for _ in range(num_interventions)]
+    if num_interventions % 2:
+        raise ValueError(
+            f"num_interventions={num_interventions} is odd, but untied 'f+l' positions need one "
+            "intervention for the first and one for the last positions per layer; use an even "
+            "number (layers listed twice) or share_weights=True")
+    left = list(range(first_n)) + [pad_position] * (_first_n - first_n)
+    right = list(range(last_position - last_n, last_position)) + [pad_position] * (_last_n - last_n)
+    width = max(len(left), len(right))
+    left += [pad_position] * (width - len(left))
+    right += [pad_position] * (width - len(right))
+    half = num_interventions // 2
+    return [list(left) for _ in range(half)] + [list(right) for _ in range(half)]
+
+
+def shift_locations_for_left_padding(locations: torch.Tensor, pad_counts: torch.Tensor) -> torch.Tensor:
+    """Add each row's left-pad count to its non-negative positions; ``-1`` stays ``-1``.
+
+    ``locations``: [B, n, P]; ``pad_counts``: [B].
+    """
+    shift = pad_counts.to(locations.dtype).view(-1, *([1] * (locations.dim() - 1)))
+    return torch.where(locations >= 0, locations + shift, locations)
+
+
+def _pad_locations(rows: Sequence[Any]) -> torch.Tensor:
+    """Per-example ``[n, P_i]`` lists/tensors -> LongTensor ``[B, n, max P]`` padded with -1."""
+    mats = [torch.as_tensor(r, dtype=torch.long) for r in rows]
+    mats = [m.view(1, -1) if m.dim() == 1 else m for m in mats]
+    n = {m.shape[0] for m in mats}
+    if len(n) != 1:
+        raise ValueError(f"examples in one batch have different numbers of interventions {sorted(n)}; "
+                         "every example needs one location list per intervention")
+    width = max(m.shape[1] for m in mats)
+    out = torch.full((len(mats), n.pop(), width), -1, dtype=torch.long)
+    for i, m in enumerate(mats):
+        out[i, :, : m.shape[1]] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# collator
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ReftDataCollator:
+    """Wrap a padding collator (e.g. ``DataCollatorForSeq2Seq``) and add ``intervention_locations``.
+
+    The wrapped collator pads ``input_ids``/``labels``; this class pads the location lists with
+    ``-1`` into a LongTensor ``[B, n, P]`` and, when the tokenizer pads on the left, shifts each
+    row's positions by its pad count, so the same dataset works with either padding side.
+    """
+
+    data_collator: Any
+
+    def _padding_side(self) -> str:
+        tok = getattr(self.data_collator, "tokenizer", None)
+        return getattr(tok, "padding_side", "right") if tok is not None else "right"
+
+    def __call__(self, instances: Sequence[Dict]) -> Dict[str, torch.Tensor]:
+        instances = [dict(x) for x in instances]
+        locs = [x.pop("intervention_locations") for x in instances] \
+            if all("intervention_locations" in x for x in instances) else None
+        lengths = torch.tensor([len(x["input_ids"]) for x in instances])
+        batch = self.data_collator(instances)
+        seq_len = batch["input_ids"].shape[-1]
+        if "attention_mask" not in batch:
+            ar = torch.arange(seq_len)
+            if self._padding_side() == "left":
+                batch["attention_mask"] = (ar[None] >= (seq_len - lengths)[:, None]).long()
+            else:
+                batch["attention_mask"] = (ar[None] < lengths[:, None]).long()
+        if locs is not None:
+            loc = _pad_locations(locs)
+            if self._padding_side() == "left":
+                loc = shift_locations_for_left_padding(loc, seq_len - lengths)
+            if int(loc.max()) >= seq_len if loc.numel() else False:
+                raise ValueError(f"an intervention position ({int(loc.max())}) is past the padded batch "
+                                 f"length {seq_len}; positions must index the example's own tokens")
+            batch["intervention_locations"] = loc
+        return batch
+
+
+def make_data_collator(tokenizer, model=None, max_length: Optional[int] = None) -> ReftDataCollator:
+    """``ReftDataCollator`` around ``DataCollatorForSeq2Seq`` (labels padded with -100)."""
+    from transformers import DataCollatorForSeq2Seq
+    return ReftDataCollator(data_collator=DataCollatorForSeq2Seq(
+        tokenizer=tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, padding="longest",
+        max_length=max_length))
+
+
+# ------------------------------------------------------------------------------------------------
+# data modules
+# ------------------------------------------------------------------------------------------------
+def _check_pairs(inputs, outputs):
+    if isinstance(inputs, str) or isinstance(outputs, str):
+        raise TypeError("inputs and outputs must be lists of strings, not single strings")
+    if len(inputs) != len(outputs):
+        raise ValueError(f"inputs has {len(inputs)} items but outputs has {len(outputs)}; "
+                         "pass one output per input")
+    if len(inputs) == 0:
+        raise ValueError("inputs is empty; pass at least one (input, output) pair")
+
+
+def _max_length(tokenizer) -> Optional[int]:
+    m = getattr(tokenizer, "model_max_length", None)
+    return m if isinstance(m, int) and m < 10**9 else None
+
+
+def _tokenize_pair(tokenizer, prompt: str, output: str, nonstop: bool):
+    """(input_ids, labels, prompt_length) for prompt + output (+ eos), labels -100 on the prompt."""
+    full = prompt + output
+    if not nonstop:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token or pass nonstop=True")
+        full += tokenizer.eos_token
+    max_len = _max_length(tokenizer)
+    kw = dict(max_length=max_len, truncation=True) if max_len else {}
+    prompt_ids = tokenizer(prompt, **kw)["input_ids"]
+    input_ids = tokenizer(full, **kw)["input_ids"]
+    labels = list(input_ids)
+    n = min(len(prompt_ids), len(labels))
+    labels[:n] = [IGNORE_INDEX] * n
+    return list(input_ids), labels, len(prompt_ids)
+
+
+def _build(tokenizer, model, rows: Dict[str, list]):
+    import datasets
+    return dict(train_dataset=datasets.Dataset.from_dict(rows), eval_dataset=None,
+                data_collator=make_data_collator(tokenizer, model))
+
+
+def make_last_position_supervised_data_module(tokenizer, model, inputs, outputs,
+                                              num_interventions: int = 1, nonstop: bool = False) -> Dict:
+    """Intervene on the last prompt token (pyreft's README path; ``prompt_len - 1``)."""
+    _check_pairs(inputs, outputs)
+    rows = {"input_ids": [], "intervention_locations": [], "labels": []}
+    for prompt, output in zip(inputs, outputs):
+        ids, labels, plen = _tokenize_pair(tokenizer, prompt, output, nonstop)
+        rows["input_ids"].append(ids)
+        rows["labels"].append(labels)
+        rows["intervention_locations"].append([[plen - 1]] * num_interventions)
+    return _build(tokenizer, model, rows)
+
+
+make_last_position_supervised_chat_data_module = make_last_position_supervised_data_module
+
+
+def make_multiple_position_supervised_data_module(tokenizer, model, inputs, outputs,
+                                                  positions: str = "f1+l1", num_interventions: int = 1,
+                                                  nonstop: bool = False, share_weights: bool = False) -> Dict:
+    """Intervene on the first/last prompt tokens given by ``positions`` ("f7+l7").
+
+    With untied ``f+l`` (``share_weights=False``) ``num_interventions`` counts both groups: list
+    each layer twice in the ReftConfig (first-position interventions, then last-position ones).
+    """
+    _check_pairs(inputs, outputs)
+    first_n, last_n = parse_positions(positions)
+    rows = {"input_ids": [], "intervention_locations": [], "labels": []}
+    for prompt, output in zip(inputs, outputs):
+        ids, labels, plen = _tokenize_pair(tokenizer, prompt, output, nonstop)
+        rows["input_ids"].append(ids)
+        rows["labels"].append(labels)
+        rows["intervention_locations"].append(get_intervention_locations(
+            last_position=plen, first_n=first_n, last_n=last_n, pad_mode="first",
+            num_interventions=num_interventions, share_weights=share_weights))
+    return _build(tokenizer, model, rows)
+
+
+def make_classification_data_module(tokenizer, model, texts, labels, positions: str = "f1+l1",
+                                    num_interventions: int = 1, share_weights: bool = False,
+                                    text_pairs=None, eval_texts=None, eval_labels=None,
+                                    eval_text_pairs=None) -> Dict:
+    """GLUE-style sequence classification (e.g. RoBERTa): text (or text pair) -> label.
+
+    Positions are taken over the whole encoded sequence (special tokens included), as in
+    pyreft's GLUE scripts. Labels are ints (classification) or floats (regression).
+    """
+    import datasets
+    from transformers import DataCollatorWithPadding
+
+    def encode(xs, ys, pairs):
+        _check_pairs(xs, ys)
+        if pairs is not None and len(pairs) != len(xs):
+            raise ValueError(f"text_pairs has {len(pairs)} items but texts has {len(xs)}")
+        first_n, last_n = parse_positions(positions)
+        max_len = _max_length(tokenizer)
+        kw = dict(max_length=max_len, truncation=True) if max_len else {}
+        rows = {"input_ids": [], "intervention_locations": [], "labels": []}
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            enc = tokenizer(x, pairs[i], **kw) if pairs is not None else tokenizer(x, **kw)
+            rows["input_ids"].append(list(enc["input_ids"]))
+            rows["labels"].append(y)
+            rows["intervention_locations"].append(get_intervention_locations(
+                last_position=len(enc["input_ids"]), first_n=first_n, last_n=last_n,
+                num_interventions=num_interventions, share_weights=share_weights))
+        return datasets.Dataset.from_dict(rows)
+
+    train = encode(texts, labels, text_pairs)
+    evald = encode(eval_texts, eval_labels, eval_text_pairs) if eval_texts is not None else None
+    return dict(train_dataset=train, eval_dataset=evald,
+                data_collator=ReftDataCollator(DataCollatorWithPadding(tokenizer=tokenizer, padding="longest")))
+

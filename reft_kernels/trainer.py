@@ -1,0 +1,230 @@
+"""HF ``Trainer`` subclasses for ReFT (pyreft's ``reft_trainer.py`` API), transformers 4.45 - 5.x.
+
+``ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=TrainingArguments(...), **data_module)``
+trains a :class:`reft_kernels.ReftModel` on batches from :class:`reft_kernels.dataset.ReftDataCollator`.
+What differs from pyreft, deliberately:
+
+* the HF data loader is kept (``dataloader_num_workers``, ``pin_memory``, distributed sampling,
+  ``group_by_length``); pyreft replaces it with a plain shuffled ``DataLoader``;
+* ``compute_loss`` accepts ``num_items_in_batch`` and any future keywords, and returns the
+  per-batch mean (the Trainer divides by the gradient-accumulation steps);
+* checkpoints (``checkpoint-N/intervenable_model``) hold the ReFT weights *and* config
+  (:func:`reft_kernels.checkpoint.save_reft_model`), so ``resume_from_checkpoint`` restores
+  them in place and continues exactly, and ``load_best_model_at_end`` works;
+* evaluation runs the interventions in eval mode (no dropout);
+* the rotation parameters are never weight-decayed (R is scale-invariant in them; decay would
+  only shrink them towards a badly conditioned basis);
+* ``ReftTrainerForSequenceClassification`` uses the standard evaluation loop and computes MSE in
+  the logits' dtype (pyreft casts regression labels to bf16).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+__all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
+           "ReftTrainerForSequenceClassification", "REFT_CHECKPOINT_DIR", "no_decay_parameter_names",
+           "enable_gradient_checkpointing"]
+
+REFT_CHECKPOINT_DIR = "intervenable_model"   # same sub-directory name as pyreft's checkpoints
+_MODEL_INPUTS = ["input_ids", "attention_mask", "intervention_locations", "labels", "label", "label_ids",
+                 "token_type_ids", "position_ids", "inputs_embeds", "subspaces"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def no_decay_parameter_names(model: nn.Module) -> set:
+    """Names of parameters that must not be weight-decayed: the rotations' parametrisations.
+
+    Covers :class:`reft_kernels.OrthonormalRotation` (``rotate_layer.basis``) and torch's
+    ``parametrizations.orthogonal`` (``...original``, where decay zeroes pyreft's R).
+    """
+    names = set()
+    for mname, module in model.named_modules():
+        if type(module).__name__ == "OrthonormalRotation" or "parametrizations" in mname.split("."):
+            for pname, _ in module.named_parameters(recurse=True):
+                names.add(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
+def enable_gradient_checkpointing(reft_model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on HF gradient checkpointing in the base model of ``reft_model``.
+
+    The edits run inside the checkpointed layers and are re-applied identically when the
+    layers are recomputed in backward. With ``use_reentrant=True`` the frozen embeddings are
+    made to output tensors that require grad, or no gradient would reach the interventions.
+    """
+    base = getattr(reft_model, "model", reft_model)
+    kwargs = {"use_reentrant": bool(use_reentrant)}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant and hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()
+
+
+def _install_gc_shims(model: nn.Module) -> None:
+    """Give a ReftModel without them the (de)activation methods the Trainer calls on its model."""
+    base = getattr(model, "model", None)
+    if base is None:
+        return
+
+    def enable(activation_checkpointing_kwargs=None, gradient_checkpointing_kwargs=None, **kw):
+        kwargs = activation_checkpointing_kwargs or gradient_checkpointing_kwargs or {}
+        enable_gradient_checkpointing(model, use_reentrant=kwargs.get("use_reentrant", False))
+
+    for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        if not hasattr(model, name):
+            object.__setattr__(model, name, enable)
+    for name in ("gradient_checkpointing_disable", "activation_checkpointing_disable"):
+        if not hasattr(model, name) and hasattr(base, name):
+            object.__setattr__(model, name, getattr(base, name))
+
+
+class ReftTrainer(Trainer):
+    """``transformers.Trainer`` for a :class:`reft_kernels.ReftModel` (see the module docstring).
+
+    Accepts pyreft's ``tokenizer=`` keyword on every transformers version (newer ones call it
+    ``processing_class``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        tok = kwargs.pop("processing_class", None)
+        legacy = kwargs.pop("tokenizer", None)
+        tok = tok if tok is not None else legacy
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            _install_gc_shims(model)
+        # The tokenizer is attached after Trainer.__init__: given there, the Trainer would try to
+        # align its special tokens with model.config, which is a ReftConfig, not a HF config.
+        super().__init__(*args, **kwargs)
+        self._attach_tokenizer(tok)
+        if self.args.label_names is None:
+            self.label_names = ["labels"]
+        self.can_return_loss = True
+        self.model_accepts_loss_kwargs = False   # compute_loss returns a per-batch mean
+        if hasattr(self, "loss_is_scaled_for_ga"):
+            self.loss_is_scaled_for_ga = False
+
+    def _attach_tokenizer(self, tok) -> None:
+        """Keep the tokenizer as ``reft_tokenizer`` (saved with checkpoints) and align the base model.
+
+        It is not stored as ``processing_class``: the Trainer would align its special tokens
+        with ``model.config``, which here is a ReftConfig, not a HF config.
+        """
+        self.reft_tokenizer = tok
+        base = getattr(_unwrap(self.model), "model", None)
+        if tok is not None and base is not None and hasattr(base, "config"):
+            try:
+                from transformers.trainer_utils import align_special_tokens
+                align_special_tokens(base, tok)
+            except (ImportError, AttributeError, TypeError):
+                pass
+
+    # -- data ----------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(dict.fromkeys(_MODEL_INPUTS + list(self.label_names or [])))
+
+    # -- loss ----------------------------------------------------------------------------------
+    @staticmethod
+    def _model_inputs(inputs: Dict[str, Any]) -> Dict[str, Any]:
+        inputs = {k: v for k, v in inputs.items() if k not in ("subspaces", "id")}
+        locs = inputs.get("intervention_locations")
+        if locs is not None and locs.dim() != 3:
+            raise ValueError(f"intervention_locations has shape {tuple(locs.shape)}; the collator must give "
+                             "(B, n_interventions, P) (use reft_kernels.ReftDataCollator)")
+        return inputs
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
+        """Intervened forward; the loss is the model's (token-mean cross-entropy for causal LMs)."""
+        outputs = model(**self._model_inputs(inputs))
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if loss is None:
+            raise ValueError("the model returned no loss; the batch needs 'labels'")
+        return (loss, outputs) if return_outputs else loss
+
+    # -- optimiser -----------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model) -> list:
+        names = super().get_decay_parameter_names(model)
+        banned = no_decay_parameter_names(model)
+        return [n for n in names if n not in banned]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        """Write ``output_dir/intervenable_model`` (ReFT weights + config), tokenizer and args."""
+        from .checkpoint import save_reft_model
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_reft_model(_unwrap(self.model), os.path.join(output_dir, REFT_CHECKPOINT_DIR))
+        tok = self.reft_tokenizer
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_reft(self, checkpoint: str, model=None) -> bool:
+        from .checkpoint import load_weights
+        path = os.path.join(checkpoint, REFT_CHECKPOINT_DIR)
+        if not os.path.isdir(path):
+            return False
+        load_weights(_unwrap(model if model is not None else self.model), path)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._load_reft(resume_from_checkpoint, model):
+            raise ValueError(f"{resume_from_checkpoint} has no {REFT_CHECKPOINT_DIR}/ directory; pass a "
+                             "checkpoint-N directory written by a ReftTrainer")
+
+    def _load_best_model(self):
+        if not self._load_reft(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+
+class ReftTrainerForCausalLM(ReftTrainer):
+    """pyreft's causal-LM trainer (without its data-loader override)."""
+
+
+ReftTrainerForCausalLMDistributed = ReftTrainerForCausalLM   # the HF loader already shards per rank
+
+
+class ReftTrainerForSequenceClassification(ReftTrainer):
+    """Classification/regression loss from the logits, by ``problem_type`` (as pyreft)."""
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
+        inputs = self._model_inputs(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        base = getattr(_unwrap(model), "model", _unwrap(model))
+        num_labels = getattr(base, "num_labels", logits.shape[-1])
+        problem_type = getattr(getattr(base, "config", None), "problem_type", None)
+        if problem_type is None:
+            if num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            fn = nn.MSELoss()
+            loss = fn(logits.squeeze(-1), labels.to(logits.dtype)) if num_labels == 1 \
+                else fn(logits, labels.to(logits.dtype))
+        elif problem_type == "single_label_classification":
+            loss = nn.CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
+        else:
+            loss = nn.BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+        if return_outputs:
+            outputs["loss"] = loss
+            return loss, outputs
+        return loss
