@@ -30,7 +30,7 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -586,14 +586,10 @@ def _trainable_base(reft_model):
 
 
 def _config_extras(reft_model):
+    """Position settings a config may carry (``positions="f1+l1"``, ``share_weights``)."""
     cfg = getattr(reft_model, "config", None)
-    out = {}
-    for name in ("positions", "share_weights", "position_spec"):
-        v = getattr(cfg, name, None)
-        if v is not None:
-            json.dumps(v)
-            out[name] = v
-    return out
+    return {n: getattr(cfg, n) for n in ("positions", "share_weights")
+            if isinstance(getattr(cfg, n, None), (str, bool, int))}
 
 
 def _make_reft_model(model, specs, modules, extras, **kwargs):
@@ -602,18 +598,13 @@ def _make_reft_model(model, specs, modules, extras, **kwargs):
 
     reps = [{"layer": s.layer, "component": s.component, "unit": s.unit,
              "max_number_of_units": s.max_number_of_units,
-             "low_rank_dimension": _dims_of_module(m)[1], "intervention": m}
+             "low_rank_dimension": m.config_kwargs()["low_rank_dimension"], "intervention": m}
             for s, m in zip(specs, modules)]
     try:
         config = ReftConfig(representations=reps, **extras)
     except TypeError:  # a config without the extra fields
         config = ReftConfig(representations=reps)
     return get_reft_model(model, config, **kwargs)
-
-
-def _dims_of_module(iv):
-    kw = iv.config_kwargs()
-    return kw["embed_dim"], kw["low_rank_dimension"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,15 @@ CLASSES = ["LoreftIntervention", "NoreftIntervention", "DireftIntervention",
            "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add overhead (restored for the other test modules)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(dtype=torch.float32, hidden=D, layers=2):
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=100)
