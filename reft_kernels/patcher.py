@@ -144,7 +144,6 @@ class EditState:
     """
 
     def __init__(self, n: int):
-        self.n = n
         self.armed = False
         self.positions: list = [None] * n
         self.max_position: Optional[int] = None

@@ -57,13 +57,14 @@ def _rows_tensor(rows, i: int, batch: int, seq_len: int) -> torch.Tensor:
         raise ValueError(f"unit_locations for intervention {i} has {len(rows)} rows but the batch has {batch}; "
                          "give one position list per batch row")
     width = max((len(r) for r in rows), default=0)
-    out = torch.full((batch, width), -1, dtype=torch.int64)
-    for b, row in enumerate(rows):
-        if any(not isinstance(p, int) or p < -1 or p >= seq_len for p in row):
-            raise ValueError(f"unit_locations for intervention {i}, row {b} is {list(row)}: positions must be ints "
-                             f"in [0, {seq_len}) (or -1 for 'no edit') for inputs of length {seq_len}")
-        out[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
-    return out
+    out = torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows])
+    if out.numel() and out.dtype != torch.int64:
+        raise TypeError(f"unit_locations for intervention {i} holds {out.dtype} values; positions must be ints")
+    bad = out[(out < -1) | (out >= seq_len)]
+    if bad.numel():
+        raise ValueError(f"unit_locations for intervention {i} contains {int(bad[0])}, outside [0, {seq_len}) for "
+                         f"inputs of length {seq_len}; use token indices 0..{seq_len - 1} and -1 for 'no edit'")
+    return out.to(torch.int64)
 
 
 def _depth(x) -> int:
@@ -248,7 +249,7 @@ class ReftModel(nn.Module):
         inputs = dict(base) if pyvene_style else {
             k: generate_kwargs.pop(k) for k in ("input_ids", "inputs_embeds", "attention_mask") if k in generate_kwargs}
         positions, max_position = self._positions(inputs, unit_locations, intervention_locations)
-        if intervention_locations is not None:
+        if intervention_locations is not None and intervention_locations.numel():
             max_position = int(intervention_locations.max())   # one sync per generate: lets decode steps skip
         original = self.model.generate(**inputs, **generate_kwargs) if output_original_output else None
         with self._patch.activate(positions, max_position):
