@@ -30,7 +30,7 @@ __all__ = [
     "make_data_collator", "make_last_position_supervised_data_module",
     "make_last_position_supervised_chat_data_module", "make_multiple_position_supervised_data_module",
     "make_classification_data_module", "shift_locations_for_left_padding",
-    "no_header_prompt_template", "prompt_input", "prompt_no_input",
+    "no_header_prompt_template", "prompt_input", "prompt_no_input", "make_generation_inputs",
 ]
 
 no_header_prompt_template = """\
@@ -317,3 +317,29 @@ def make_classification_data_module(tokenizer, model, texts, labels, positions: 
     return dict(train_dataset=train, eval_dataset=evald,
                 data_collator=ReftDataCollator(DataCollatorWithPadding(tokenizer=tokenizer, padding="longest")))
 
+
+
+def make_generation_inputs(tokenizer, prompts, positions: str = "l1", num_interventions: int = 1,
+                           share_weights: bool = False, device=None) -> Dict[str, torch.Tensor]:
+    """Left-padded prompt batch for ``ReftModel.generate``: input_ids, attention_mask and
+    intervention_locations [B, n, P] (positions as in training, shifted by each row's padding).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    first_n, last_n = parse_positions(positions)
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("a prompt encodes to no tokens; pass non-empty prompts")
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither pad_token nor eos_token; set tokenizer.pad_token")
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    lengths = torch.tensor([len(x) for x in ids])
+    mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+    locs = _pad_locations([get_intervention_locations(
+        last_position=len(x), first_n=first_n, last_n=last_n, num_interventions=num_interventions,
+        share_weights=share_weights) for x in ids])
+    locs = shift_locations_for_left_padding(locs, width - lengths)
+    out = {"input_ids": input_ids, "attention_mask": mask, "intervention_locations": locs}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
