@@ -303,3 +303,28 @@ def test_bad_locations_name_the_argument_and_the_fix():
         reft(input_ids=IDS, intervention_locations=torch.full((3, 2, 1), 9))
     with pytest.raises(TypeError, match="int32/int64"):
         reft(input_ids=IDS, intervention_locations=torch.zeros(3, 2, 1))
+
+
+def test_bf16_model_with_pyreft_default_dtypes():
+    """pyreft's defaults on a bf16 model: bf16 learned_source, fp32 R; edited rows as the oracle's."""
+    model = llama().to(torch.bfloat16)
+    iv = pyreft.LoreftIntervention(embed_dim=H, low_rank_dimension=RANK)           # dtype=bf16 default
+    reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=rep(0, "block_output", iv)),
+                                 backend="torch")
+    with torch.no_grad():
+        _, out = reft({"input_ids": IDS, "output_hidden_states": True},
+                      unit_locations={"sources->base": (None, LOCS)})
+    reft.unload()
+    captured = []
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, o: captured.append(_first(o).clone()))
+    with torch.no_grad():
+        model(input_ids=IDS)
+    handle.remove()
+    expected = oracle(iv, captured[0], torch.tensor(LOCS[0]))
+    assert out.hidden_states[1].dtype == torch.bfloat16
+    torch.testing.assert_close(out.hidden_states[1], expected, rtol=1.6e-2, atol=1e-2)
+    assert not torch.equal(out.hidden_states[1], captured[0])
+
+
+def _first(output):
+    return output if isinstance(output, torch.Tensor) else output[0]
