@@ -127,7 +127,8 @@ class ReftIntervention(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        INTERVENTION_CLASSES[cls.__name__] = cls
+        if not cls.__name__.startswith("_"):
+            INTERVENTION_CLASSES[cls.__name__] = cls
 
     def __init__(self, embed_dim: int, low_rank_dimension: int, dtype=torch.bfloat16,
                  dropout: float = 0.0, act_fn: Optional[str] = None, **ignored):

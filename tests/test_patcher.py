@@ -328,3 +328,18 @@ def test_bf16_model_with_pyreft_default_dtypes():
 
 def _first(output):
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def test_hooks_installed_once_and_only_on_intervened_modules():
+    model = llama(layers=3)
+    count = lambda: {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}  # noqa: E731
+    before = count()
+    reps = [rep(1, "block_output"), rep(1, "model.layers[1].output"), rep(2, "mlp_input")]
+    reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), backend="torch")
+    for _ in range(2):
+        reft(input_ids=IDS, intervention_locations=torch.zeros(3, 3, 1, dtype=torch.long))
+    after = count()
+    changed = {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in before if after[n] != before[n]}
+    assert changed == {"": (0, 1), "model.layers.1": (1, 0), "model.layers.2.mlp": (0, 1)}
+    reft.unload()
+    assert count() == before
