@@ -1,0 +1,356 @@
+"""The ``reft-kernels`` command (also ``python -m reft_kernels``): demo, train, generate.
+
+    reft-kernels demo [--output DIR] [--quick]
+    reft-kernels train --model PATH --data FILE --output DIR [--layers 0,1] [--positions f7+l7]
+                       [--rank 4] [--intervention loreft] [--epochs 1] [--lr 4e-3] [--batch-size 4] [--bf16]
+    reft-kernels generate --adapter DIR --prompt "..." [--prompt "..."]
+
+Bad arguments or data end with a one-line message and exit code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional, Tuple
+
+__all__ = ["main", "build_parser", "CliError", "load_examples"]
+
+INTERVENTIONS = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention",
+                 "direft": "DireftIntervention", "nodireft": "NodireftIntervention",
+                 "consreft": "ConsreftIntervention", "lobireft": "LobireftIntervention"}
+COLUMN_SETS = (("instruction", "output"), ("prompt", "completion"), ("input", "output"),
+               ("prompt", "response"))
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+def _read_rows(path: str) -> List[dict]:
+    if path == "builtin":
+        from .demo import load_builtin_instructions
+        return load_builtin_instructions()
+    if not os.path.exists(path):
+        raise CliError(f"--data {path!r} does not exist; pass a .jsonl/.json/.csv file, a dataset "
+                       "directory saved with datasets' save_to_disk, or 'builtin'")
+    if os.path.isdir(path):
+        import datasets
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as exc:  # noqa: BLE001 - any failure here is a data problem
+            raise CliError(f"--data {path!r} is a directory but not a saved HF dataset ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise CliError(f"--data {path!r} has splits {list(ds)} but no 'train' split")
+            ds = ds["train"]
+        return [dict(r) for r in ds]
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.getsize(path) == 0:
+        raise CliError(f"--data {path!r} is empty; it needs one example per line/row")
+    try:
+        if ext == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            return data if isinstance(data, list) else data.get("train", data.get("data", []))
+        if ext == ".csv":
+            import csv
+            with open(path, encoding="utf-8", newline="") as f:
+                return list(csv.DictReader(f))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CliError(f"--data {path!r} could not be parsed as {ext[1:]}: {exc}") from None
+    raise CliError(f"--data {path!r} has extension {ext!r}; use .jsonl, .json, .csv or a dataset directory")
+
+
+def load_examples(path: str, template: str = "instruction", tokenizer=None) -> Tuple[List[str], List[str]]:
+    """(prompts, outputs) from a data file; columns: instruction[/input]/output, prompt/completion,
+    input/output or prompt/response. ``template``: "instruction", "chat" or "none"."""
+    rows = _read_rows(path)
+    if not rows:
+        raise CliError(f"--data {path!r} has no examples")
+    if not all(isinstance(r, dict) for r in rows):
+        raise CliError(f"--data {path!r}: every example must be an object with named fields")
+    cols = set(rows[0])
+    match = next((c for c in COLUMN_SETS if set(c) <= cols), None)
+    if match is None:
+        raise CliError(f"--data {path!r} has columns {sorted(cols)}; it needs one of "
+                       + ", ".join("/".join(c) for c in COLUMN_SETS))
+    prompts, outputs = [], []
+    for i, r in enumerate(rows):
+        missing = [c for c in match if r.get(c) in (None, "") and c != "input"]
+        if missing:
+            raise CliError(f"--data {path!r}: example {i} has no value for {missing}")
+        if match == ("instruction", "output"):
+            text, extra = str(r["instruction"]), str(r.get("input") or "")
+        else:
+            text, extra = str(r[match[0]]), ""
+        prompts.append(_apply_template(template, text, extra, tokenizer))
+        out = str(r[match[1]])
+        outputs.append(out)
+    return prompts, outputs
+
+
+def _apply_template(template: str, text: str, extra: str, tokenizer) -> str:
+    from .demo import format_prompt
+    if template == "instruction":
+        return format_prompt(text, extra)
+    joined = text + ("\n\n" + extra if extra else "")
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise CliError("--template chat needs a tokenizer with a chat template; use --template instruction")
+        return tokenizer.apply_chat_template([{"role": "user", "content": joined}], tokenize=False,
+                                             add_generation_prompt=True)
+    return joined
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _load_base(name: str, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"--model {name!r} could not be loaded ({first}); pass a local directory with "
+                       "config.json, weights and tokenizer files, or a hub name when online") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return model.eval(), tok
+
+
+def _parse_layers(spec: str, num_layers: int) -> List[int]:
+    if spec == "all":
+        return list(range(num_layers))
+    try:
+        layers = [int(x) for x in spec.replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"--layers {spec!r}: use comma-separated layer numbers (e.g. 0,2) or 'all'") from None
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if not layers or bad:
+        raise CliError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
+    return layers
+
+
+def _context_length(model, tokenizer) -> Optional[int]:
+    n = getattr(model.config, "max_position_embeddings", None)
+    m = getattr(tokenizer, "model_max_length", None)
+    vals = [v for v in (n, m) if isinstance(v, int) and v < 10**8]
+    return min(vals) if vals else None
+
+
+def _read_run(directory: str) -> Tuple[dict, str]:
+    from .demo import RUN_INFO
+    for run_dir in (directory, os.path.dirname(os.path.abspath(directory))):
+        path = os.path.join(run_dir, RUN_INFO)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f), run_dir
+    return {}, directory
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    _quiet_transformers()
+    result = run_demo(output_dir=args.output, epochs=args.epochs, quick=args.quick, seed=args.seed,
+                      backend=args.backend, ops=args.ops)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in result.items()}, f, indent=2, default=str)
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+    import transformers
+
+    from . import ReftConfig, get_reft_model
+    from .dataset import make_multiple_position_supervised_data_module, parse_positions
+    from .demo import write_run_info
+    from .trainer import ReftTrainerForCausalLM
+    _quiet_transformers()
+    try:
+        first_n, last_n = parse_positions(args.positions)
+    except ValueError as exc:
+        raise CliError(f"--positions: {exc}") from None
+    for name in ("rank", "epochs", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise CliError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise CliError(f"--lr must be positive, got {args.lr}")
+    if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise CliError(f"--output {args.output!r} exists and is not empty; choose a new directory or pass --overwrite")
+
+    model, tok = _load_base(args.model)
+    prompts, outputs = load_examples(args.data, args.template, tok)
+    ctx = _context_length(model, tok)
+    if ctx is not None:
+        for i, (p, o) in enumerate(zip(prompts, outputs)):
+            n = len(tok(p + o)["input_ids"]) + 1
+            if n > ctx:
+                raise CliError(f"--data example {i} is {n} tokens long but the model's context is {ctx}; "
+                               "shorten or drop it")
+    num_layers = model.config.num_hidden_layers
+    layers = _parse_layers(args.layers, num_layers)
+    untied = first_n > 0 and last_n > 0 and not args.share_weights
+    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": args.rank,
+             "intervention_type": INTERVENTIONS[args.intervention],
+             "intervention_kwargs": {"dtype": "float32", "dropout": args.dropout,
+                                     **({"add_bias": False} if args.intervention.startswith("no") else {})}}
+            for layer in (layers + layers if untied else layers)]
+    torch.manual_seed(args.seed)
+    reft_model = get_reft_model(model, ReftConfig(representations=reps), backend=args.backend)
+    reft_model.print_trainable_parameters()
+    data = make_multiple_position_supervised_data_module(
+        tok, model, prompts, outputs, positions=args.positions, num_interventions=len(reps),
+        share_weights=not untied)
+    tok.padding_side = "right"
+    targs = transformers.TrainingArguments(
+        output_dir=os.path.join(args.output, "checkpoints"), per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs, learning_rate=args.lr, bf16=args.bf16, logging_steps=args.logging_steps,
+        report_to=[], save_strategy="no", seed=args.seed, weight_decay=0.0, max_steps=args.max_steps,
+        gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available())
+    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=targs, **data)
+    trainer.train()
+    adapter = os.path.join(args.output, "adapter")
+    reft_model.save(adapter)
+    tok.save_pretrained(os.path.join(args.output, "tokenizer"))
+    write_run_info(args.output, model=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+                   positions=args.positions, num_interventions=len(reps), share_weights=not untied,
+                   template=args.template)
+    print(f"saved the adapter to {adapter} (generate with: reft-kernels generate --adapter {args.output} "
+          f"--prompt ...)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import ReftModel
+    from .demo import generate_text
+    _quiet_transformers()
+    if not os.path.isdir(args.adapter):
+        raise CliError(f"--adapter {args.adapter!r} is not a directory; pass the --output of "
+                       "'reft-kernels train' / 'demo' or an adapter directory")
+    info, run_dir = _read_run(args.adapter)
+    model_name = args.model or info.get("model")
+    if model_name is None:
+        raise CliError(f"{args.adapter!r} has no reft_run.json naming its base model; pass --model")
+    positions = args.positions or info.get("positions")
+    if positions is None:
+        raise CliError("the positions used in training are unknown; pass --positions (e.g. f7+l7)")
+    adapter = os.path.join(run_dir, "adapter") if os.path.isdir(os.path.join(run_dir, "adapter")) else args.adapter
+    model, tok = _load_base(model_name)
+    try:
+        reft_model = ReftModel.load(adapter, model, backend=args.backend)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"--adapter {adapter!r} could not be loaded onto {model_name!r}: {exc}") from None
+    template = args.template or info.get("template", "instruction")
+    prompts = [_apply_template(template, p, "", tok) for p in args.prompt]
+    ctx = _context_length(model, tok)
+    for p in prompts:
+        n = len(tok(p)["input_ids"])
+        if ctx is not None and n + args.max_new_tokens > ctx:
+            raise CliError(f"--prompt {p[:40]!r}... is {n} tokens; with --max-new-tokens {args.max_new_tokens} "
+                           f"it exceeds the model's context of {ctx}")
+    n_iv = len(reft_model.interventions)
+    share = info.get("share_weights", False)
+    torch.manual_seed(0)
+    texts, _ = generate_text(reft_model, tok, prompts, positions, n_iv, share,
+                             max_new_tokens=args.max_new_tokens)
+    for p, t in zip(args.prompt, texts):
+        print(f">>> {p}\n{t}")
+    return 0
+
+
+def _quiet_transformers():
+    import warnings
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+
+
+# ------------------------------------------------------------------------------------------------
+# parser
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reft-kernels", description="Representation finetuning (ReFT), fast.")
+    sub = p.add_subparsers(dest="command", metavar="{demo,train,generate}")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="train a LoReFT on a tiny Llama with the built-in instructions")
+    d.add_argument("--output", help="directory for the base model and adapter (default: a temp dir)")
+    d.add_argument("--epochs", type=int, default=60)
+    d.add_argument("--quick", action="store_true", help="2 epochs, short pretraining (for tests)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
+    d.add_argument("--ops", default="all", choices=["all", "torch", "none"],
+                   help="which backends to time at the end")
+    d.add_argument("--json", help="also write the measurements to this JSON file")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a ReFT adapter on a causal LM")
+    t.add_argument("--model", required=True, help="local model directory or hub name")
+    t.add_argument("--data", required=True, help=".jsonl/.json/.csv, a saved HF dataset dir, or 'builtin'")
+    t.add_argument("--output", required=True)
+    t.add_argument("--layers", default="all", help="comma-separated layers or 'all' (default)")
+    t.add_argument("--positions", default="f7+l7")
+    t.add_argument("--share-weights", action="store_true", help="one intervention per layer for f and l")
+    t.add_argument("--rank", type=int, default=4)
+    t.add_argument("--intervention", default="loreft", choices=sorted(INTERVENTIONS))
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, default=-1)
+    t.add_argument("--lr", type=float, default=4e-3)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
+    t.add_argument("--template", default="instruction", choices=["instruction", "chat", "none"])
+    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate with a trained adapter")
+    g.add_argument("--adapter", required=True, help="output directory of 'train'/'demo' (or an adapter dir)")
+    g.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    g.add_argument("--model", help="base model (default: the one recorded at training time)")
+    g.add_argument("--positions", help="default: the ones used in training")
+    g.add_argument("--template", choices=["instruction", "chat", "none"])
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"reft-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
