@@ -1,8 +1,10 @@
 // CPU backend of the ReFT op family (math: reft_rows.h).
 //
-// forward / grad_h: OpenMP over the selected rows, one row per iteration, unit-stride inner loops
-// over d (`#pragma omp simd`). A row is converted once to the compute dtype into a per-thread
-// buffer, then read from L1 by the r dot products and the elementwise pass.
+// forward / grad_h: OpenMP over the selected rows, one row per iteration. Within a row every loop
+// is unit-stride over d (`#pragma omp simd`): r dot products, then rank-outer axpys (the
+// elementwise formulas of reft_rows.h reordered so they vectorise). A row is converted once to
+// the compute dtype into a per-thread buffer and stays in L1 between the passes. The row
+// functions are compiled for the baseline ISA and for AVX2+FMA, chosen at run time.
 //
 // Weight gradients: the rows are split into C = min(threads, N) contiguous chunks; chunk c sums
 // its rows, in order, into its own partial buffer (C x (2 r d + 2 r), not N x r x d), and the
@@ -21,15 +23,39 @@
 namespace reft {
 namespace {
 
-template <typename A> inline A dot(const A* a, const A* b, int64_t d) {
+#define REFT_INLINE inline __attribute__((always_inline))
+
+template <typename A> REFT_INLINE A dot(const A* a, const A* b, int64_t d) {
   A acc = A(0);
   REFT_SIMD_SUM(acc)
   for (int64_t j = 0; j < d; ++j) acc += a[j] * b[j];
   return acc;
 }
 
-// A row of storage dtype T seen in the compute dtype A: the row itself when T == A, else a copy in buf.
-template <typename T, typename A> inline const A* as_compute(const T* x, A* buf, int64_t d) {
+// y += a * x over d elements.
+template <typename A> REFT_INLINE void axpy(A* y, A a, const A* x, int64_t d) {
+  REFT_SIMD
+  for (int64_t j = 0; j < d; ++j) y[j] += a * x[j];
+}
+
+// y[j] = x[j] (* the dropout factor of (row, j)), converting between storage and compute dtypes.
+template <typename Y, typename X, typename A>
+REFT_INLINE void copy_row(Y* y, const X* x, const RowParams<A>& p, int64_t row, bool dropout) {
+  const int64_t d = p.d;
+  if (dropout) {
+    const uint64_t base = static_cast<uint64_t>(row * d);
+    REFT_SIMD
+    for (int64_t j = 0; j < d; ++j)
+      y[j] = static_cast<Y>(static_cast<A>(x[j]) *
+                            dropout_factor(p.seed, base + j, p.threshold, p.scale));
+  } else {
+    REFT_SIMD
+    for (int64_t j = 0; j < d; ++j) y[j] = static_cast<Y>(static_cast<A>(x[j]));
+  }
+}
+
+// A row of storage dtype T in the compute dtype A: the row itself when T == A, else a copy in buf.
+template <typename T, typename A> REFT_INLINE const A* as_compute(const T* x, A* buf, int64_t d) {
   if constexpr (std::is_same_v<T, A>) {
     return x;
   } else {
@@ -39,6 +65,88 @@ template <typename T, typename A> inline const A* as_compute(const T* x, A* buf,
   }
 }
 
+// One forward row: xr <- dropout(h + P^T s), sv <- h. obuf: d scratch values.
+template <typename T, typename A>
+REFT_INLINE void forward_row(T* xr, T* sv, int64_t row, const RowParams<A>& p, A* hbuf, A* obuf,
+                             A* s) {
+  const int64_t d = p.d;
+  std::copy(xr, xr + d, sv);
+  const A* h = as_compute(sv, hbuf, d);  // never aliases xr, which is rewritten below
+  for (int k = 0; k < p.r; ++k) {
+    const A wh = p.has_weight ? dot(p.W + k * d, h, d) : A(0);
+    const A ph = p.subtract_proj ? dot(p.P + k * d, h, d) : A(0);
+    s[k] = source_coeff(p, k, wh, ph);
+  }
+  // o = h + sum_k s_k P_k (k-outer, unit stride), then dropout and the store in T
+  A* o = std::is_same_v<T, A> ? reinterpret_cast<A*>(xr) : obuf;  // xr already holds h if T == A
+  if (!std::is_same_v<T, A>) copy_row<A, A, A>(o, h, p, row, false);
+  for (int k = 0; k < p.r; ++k) axpy(o, s[k], p.P + k * d, d);
+  if (p.dropout || !std::is_same_v<T, A>) copy_row<T, A, A>(xr, o, p, row, p.dropout);
+}
+
+// One backward row: weight-gradient partials += this row's terms, then gr <- grad_h.
+template <typename T, typename A>
+REFT_INLINE void backward_row(T* gr, const T* svr, int64_t row, const RowParams<A>& p, A* gbuf,
+                              A* hbuf, A* s, A* gP, A* gW, A* gb, A* gc) {
+  const int64_t d = p.d;
+  const int r = p.r;
+  A *u = s + r, *v = u + r;
+  const A* g = gbuf;  // g' = g * keep / (1 - p)
+  if (std::is_same_v<T, A> && !p.dropout) g = reinterpret_cast<const A*>(gr);
+  else copy_row<A, T, A>(gbuf, gr, p, row, p.dropout);
+  const A* h = as_compute(svr, hbuf, d);
+  for (int k = 0; k < r; ++k) {  // u = P g', s = A(h) - C(h), v = u * act'(W h + b)
+    u[k] = dot(p.P + k * d, g, d);
+    const A wh = p.has_weight ? dot(p.W + k * d, h, d) : A(0);
+    const A ph = p.subtract_proj ? dot(p.P + k * d, h, d) : A(0);
+    s[k] = source_coeff(p, k, wh, ph);
+    v[k] = grad_coeff(p, k, wh, u[k]);
+  }
+  for (int k = 0; k < r; ++k) {  // grad_P += s g'^T - [C] u h^T, grad_W += v h^T
+    A* gPk = gP + k * d;
+    const A sk = s[k], uk = u[k], vk = v[k];
+    if (p.subtract_proj) {
+      REFT_SIMD
+      for (int64_t j = 0; j < d; ++j) gPk[j] += sk * g[j] - uk * h[j];
+    } else {
+      axpy(gPk, sk, g, d);
+    }
+    if (p.has_weight) axpy(gW + k * d, vk, h, d);
+    gb[k] += p.has_weight ? vk : uk;
+    gc[k] -= uk;
+  }
+  // grad_h = g' + sum_k v_k W_k - [C] u_k P_k, accumulated in place (gr when T == A)
+  A* o = std::is_same_v<T, A> ? reinterpret_cast<A*>(gr) : gbuf;
+  if (o != g) copy_row<A, A, A>(o, g, p, row, false);
+  for (int k = 0; k < r; ++k) {
+    if (p.has_weight) axpy(o, v[k], p.W + k * d, d);
+    if (p.subtract_proj) axpy(o, -u[k], p.P + k * d, d);
+  }
+  if (!std::is_same_v<T, A>) copy_row<T, A, A>(gr, o, p, row, false);
+}
+
+// The row functions compiled twice: for the baseline ISA and, on x86-64, for AVX2+FMA, picked at
+// run time (no -march=native: the build stays portable across CI and user machines).
+template <typename T, typename A> void forward_row_base(T* xr, T* sv, int64_t row, const RowParams<A>& p, A* hb, A* ob, A* s) {
+  forward_row<T, A>(xr, sv, row, p, hb, ob, s);
+}
+template <typename T, typename A> void backward_row_base(T* gr, const T* sv, int64_t row, const RowParams<A>& p, A* gb_, A* hb, A* s, A* gP, A* gW, A* gb, A* gc) {
+  backward_row<T, A>(gr, sv, row, p, gb_, hb, s, gP, gW, gb, gc);
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define REFT_HAS_AVX2_PATH 1
+template <typename T, typename A> __attribute__((target("avx2,fma"))) void forward_row_avx2(T* xr, T* sv, int64_t row, const RowParams<A>& p, A* hb, A* ob, A* s) {
+  forward_row<T, A>(xr, sv, row, p, hb, ob, s);
+}
+template <typename T, typename A> __attribute__((target("avx2,fma"))) void backward_row_avx2(T* gr, const T* sv, int64_t row, const RowParams<A>& p, A* gb_, A* hb, A* s, A* gP, A* gW, A* gb, A* gc) {
+  backward_row<T, A>(gr, sv, row, p, gb_, hb, s, gP, gW, gb, gc);
+}
+inline bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
 inline int num_chunks(int64_t N) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N)));
 }
@@ -47,35 +155,19 @@ inline int num_chunks(int64_t N) {
 template <typename T, typename A>
 void forward_cpu(T* x, const int64_t* rows, T* saved, int64_t N, const RowParams<A>& p) {
   const int64_t d = p.d;
-  const int r = p.r;
+  auto row_fn = &forward_row_base<T, A>;
+#ifdef REFT_HAS_AVX2_PATH
+  if (use_avx2()) row_fn = &forward_row_avx2<T, A>;
+#endif
 #pragma omp parallel num_threads(num_chunks(N))
   {
-    std::vector<A> hbuf(d), sbuf(r);
-    A* s = sbuf.data();
+    std::vector<A> hbuf(d), obuf(d), sbuf(p.r);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       const int64_t row = rows[n];
       T* sv = saved + n * d;
-      if (row < 0) {
-        std::fill(sv, sv + d, T(0));
-        continue;
-      }
-      T* xr = x + row * d;
-      std::copy(xr, xr + d, sv);
-      const A* h = as_compute(sv, hbuf.data(), d);  // never aliases xr, which is rewritten below
-      for (int k = 0; k < r; ++k) {
-        const A wh = p.has_weight ? dot(p.W + k * d, h, d) : A(0);
-        const A ph = p.subtract_proj ? dot(p.P + k * d, h, d) : A(0);
-        s[k] = source_coeff(p, k, wh, ph);
-      }
-      if (p.dropout) {
-        REFT_SIMD
-        for (int64_t j = 0; j < d; ++j)
-          xr[j] = static_cast<T>(edit_elem(p, s, h[j], j) * keep_scale(p, row, j));
-      } else {
-        REFT_SIMD
-        for (int64_t j = 0; j < d; ++j) xr[j] = static_cast<T>(edit_elem(p, s, h[j], j));
-      }
+      if (row < 0) std::fill(sv, sv + d, T(0));
+      else row_fn(x + row * d, sv, row, p, hbuf.data(), obuf.data(), sbuf.data());
     }
   }
 }
@@ -87,48 +179,20 @@ void backward_cpu(T* g2d, const int64_t* rows, const T* saved, int64_t N, const 
                   A* out) {
   const int64_t d = p.d, rd = p.r * d, E = 2 * rd + 2 * p.r;
   const int r = p.r, C = num_chunks(N);
+  auto row_fn = &backward_row_base<T, A>;
+#ifdef REFT_HAS_AVX2_PATH
+  if (use_avx2()) row_fn = &backward_row_avx2<T, A>;
+#endif
   std::vector<A> part(static_cast<size_t>(C) * E, A(0));
 #pragma omp parallel num_threads(C)
   {
     std::vector<A> gbuf(d), hbuf(d), coef(3 * r);
-    A *g = gbuf.data(), *s = coef.data(), *u = s + r, *v = u + r;
     for (int c = omp_get_thread_num(); c < C; c += omp_get_num_threads()) {
-      A* gP = part.data() + c * E;
-      A *gW = gP + rd, *gb = gW + rd, *gc = gb + r;
+      A* gP = part.data() + c * E;  // chunk c's partial: rows N*c/C .. N*(c+1)/C, in order
       for (int64_t n = N * c / C; n < N * (c + 1) / C; ++n) {
-        const int64_t row = rows[n];
-        if (row < 0) continue;
-        T* gr = g2d + row * d;
-        if (p.dropout) {  // g' = g * keep / (1 - p)
-          REFT_SIMD
-          for (int64_t j = 0; j < d; ++j) g[j] = static_cast<A>(gr[j]) * keep_scale(p, row, j);
-        } else {
-          REFT_SIMD
-          for (int64_t j = 0; j < d; ++j) g[j] = static_cast<A>(gr[j]);
-        }
-        const A* h = as_compute(saved + n * d, hbuf.data(), d);
-        for (int k = 0; k < r; ++k) {  // u = P g', s = A(h) - C(h), v = u * act'(W h + b)
-          u[k] = dot(p.P + k * d, g, d);
-          const A wh = p.has_weight ? dot(p.W + k * d, h, d) : A(0);
-          const A ph = p.subtract_proj ? dot(p.P + k * d, h, d) : A(0);
-          s[k] = source_coeff(p, k, wh, ph);
-          v[k] = grad_coeff(p, k, wh, u[k]);
-        }
-        REFT_SIMD
-        for (int64_t j = 0; j < d; ++j) gr[j] = static_cast<T>(grad_h_elem(p, u, v, g[j], j));
-        for (int k = 0; k < r; ++k) {
-          A* gPk = gP + k * d;
-          const A sk = s[k], uk = u[k], vk = v[k];
-          REFT_SIMD
-          for (int64_t j = 0; j < d; ++j) gPk[j] += grad_proj_elem(p, sk, uk, g[j], h[j]);
-          if (p.has_weight) {
-            A* gWk = gW + k * d;
-            REFT_SIMD
-            for (int64_t j = 0; j < d; ++j) gWk[j] += vk * h[j];
-          }
-          gb[k] += p.has_weight ? vk : uk;
-          gc[k] -= uk;
-        }
+        if (rows[n] >= 0)
+          row_fn(g2d + rows[n] * d, saved + n * d, rows[n], p, gbuf.data(), hbuf.data(),
+                 coef.data(), gP, gP + rd, gP + 2 * rd, gP + 2 * rd + r);
       }
     }
   }

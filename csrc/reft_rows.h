@@ -44,6 +44,13 @@
 #define REFT_SIMD
 #define REFT_SIMD_SUM(v)
 #endif
+#if defined(__CUDACC__)
+#define REFT_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__) && !defined(__clang__)
+#define REFT_UNROLL _Pragma("GCC unroll 10")
+#else
+#define REFT_UNROLL
+#endif
 
 namespace reft {
 
@@ -94,6 +101,7 @@ template <typename A> REFT_HD A act_grad(int act, A z) {
 REFT_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
   uint32_t c0 = (uint32_t)offset, c1 = (uint32_t)(offset >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  REFT_UNROLL
   for (int i = 0; i < 10; ++i) {
     uint64_t pb = (uint64_t)0xCD9E8D57u * c2;  // ROUND_B * c2
     uint64_t pa = (uint64_t)0xD2511F53u * c0;  // ROUND_A * c0
@@ -128,11 +136,16 @@ template <typename A> struct RowParams {
   A scale;             // 1 / (1 - p)
 };
 
-// keep(row, col) / (1 - p): the dropout factor of element (row, col), a pure function of the seed.
+// keep / (1 - p) for the Philox offset row * d + col: scale if (philox >> 8) >= threshold, else 0.
+template <typename A>
+REFT_HD A dropout_factor(uint64_t seed, uint64_t offset, uint32_t threshold, A scale) {
+  return (philox_randint(seed, offset) >> 8) >= threshold ? scale : A(0);
+}
+
+// The dropout factor of element (row, col): a pure function of (seed, row, col), 1 without dropout.
 template <typename A> REFT_HD A keep_scale(const RowParams<A>& p, int64_t row, int64_t col) {
   if (!p.dropout) return A(1);
-  uint32_t x = philox_randint(p.seed, (uint64_t)(row * p.d + col));
-  return (x >> 8) >= p.threshold ? p.scale : A(0);
+  return dropout_factor(p.seed, (uint64_t)(row * p.d + col), p.threshold, p.scale);
 }
 
 // Forward coefficients s_k = A_k - C_k from the dot products wh_k = (W h)_k and ph_k = (P h)_k.
