@@ -1,0 +1,118 @@
+"""The reft-kernels command: demo, train, generate, and clean errors (exit code 2, no traceback)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from reft_kernels.cli import main
+from reft_kernels.demo import build_word_tokenizer, format_prompt, load_builtin_instructions, tiny_llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer saved like a hub model."""
+    rows = load_builtin_instructions()
+    texts = [format_prompt(r["instruction"], r["input"]) for r in rows] + [r["output"] for r in rows]
+    tok = build_word_tokenizer(texts, model_max_length=64)
+    model = tiny_llama(len(tok), hidden_size=32, num_layers=2, num_heads=2, max_positions=64)
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "reft_kernels", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_via_python_m():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "demo" in proc.stdout and "train" in proc.stdout
+
+
+def test_train_then_generate(base_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", base_dir, "--data", "builtin", "--output", str(out), "--layers", "0,1",
+                 "--positions", "f3+l3", "--rank", "2", "--epochs", "1", "--batch-size", "8", "--backend", "torch",
+                 "--max-steps", "3"]) == 0
+    assert (out / "adapter" / "adapter.safetensors").exists()
+    info = json.loads((out / "reft_run.json").read_text())
+    assert info["positions"] == "f3+l3" and info["num_interventions"] == 4
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out), "--prompt", "What is the capital of Italy?",
+                 "--prompt", "Say hello.", "--max-new-tokens", "4", "--backend", "torch"]) == 0
+    text = capsys.readouterr().out
+    assert text.count(">>> ") == 2 and "capital of Italy" in text
+
+
+def test_train_bf16_and_other_interventions(base_dir, tmp_path):
+    for iv in ("noreft", "consreft"):
+        assert main(["train", "--model", base_dir, "--data", "builtin", "--output", str(tmp_path / iv),
+                     "--intervention", iv, "--positions", "l1", "--bf16", "--max-steps", "2",
+                     "--backend", "torch"]) == 0
+
+
+def _expect_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_bad_data_is_reported_cleanly(base_dir, tmp_path, capsys):
+    train = ["train", "--model", base_dir, "--output", str(tmp_path / "o"), "--backend", "torch"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _expect_error(capsys, train + ["--data", str(empty)], "empty")
+    cols = tmp_path / "cols.jsonl"
+    cols.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    _expect_error(capsys, train + ["--data", str(cols)], "columns", "instruction/output")
+    longp = tmp_path / "long.csv"
+    longp.write_text("prompt,completion\n" + "what is " * 80 + ",yes\n")
+    _expect_error(capsys, train + ["--data", str(longp)], "context is 64")
+    _expect_error(capsys, train + ["--data", str(tmp_path / "missing.jsonl")], "does not exist")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    _expect_error(capsys, train + ["--data", str(bad)], "could not be parsed")
+    _expect_error(capsys, train + ["--data", "builtin", "--positions", "x7"], "--positions")
+    _expect_error(capsys, train + ["--data", "builtin", "--layers", "0,9"], "layers 0..1")
+    _expect_error(capsys, ["train", "--model", str(tmp_path / "nomodel"), "--data", "builtin",
+                           "--output", str(tmp_path / "o2")], "could not be loaded")
+    _expect_error(capsys, ["generate", "--adapter", str(tmp_path / "nothing"), "--prompt", "hi"], "not a directory")
+
+
+def test_argparse_errors_exit_2_without_traceback():
+    proc = run_cli("train", "--model", "x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--data" in proc.stderr
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output", str(tmp_path), "--ops", "torch", "--backend", "torch",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "before:" in out and "after:" in out and "torch" in out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["identical_after_reload"] is True
+    assert (tmp_path / "adapter" / "reft_config.json").exists()
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", "What is grass?", "--max-new-tokens", "3",
+                 "--backend", "torch"]) == 0
+
+
+def test_full_demo_cuts_the_loss_by_half(tmp_path, capsys):
+    """The real demo (60 epochs): its training loss must fall by at least 50%."""
+    from reft_kernels.demo import run_demo
+    threads = torch.get_num_threads()
+    m = run_demo(str(tmp_path), backend="torch", ops="none", log=lambda *a: None)
+    torch.set_num_threads(threads)
+    assert m["loss_cut"] >= 0.5, m
+    assert m["identical_after_reload"]
+    assert sum(a.startswith("the capital of italy is rome") for a in m["generations_after"]) == 1
