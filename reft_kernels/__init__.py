@@ -7,3 +7,19 @@ from .interventions import (ConsreftIntervention, DireftIntervention, LobireftIn
                             LoreftIntervention, NodireftIntervention, NoreftIntervention,
                             OrthonormalRotation)
 from .reft_model import ReftModel, get_reft_model
+
+# data side and trainers (issue 4); the trainers import transformers, so they load on first use
+from .dataset import (ReftDataCollator, get_intervention_locations, make_classification_data_module,  # noqa: E402
+                      make_data_collator, make_generation_inputs, make_last_position_supervised_chat_data_module,
+                      make_last_position_supervised_data_module, make_multiple_position_supervised_data_module,
+                      parse_positions)
+
+_TRAINERS = ("ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
+             "ReftTrainerForSequenceClassification")
+
+
+def __getattr__(name):
+    if name in _TRAINERS:
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'reft_kernels' has no attribute {name!r}")
