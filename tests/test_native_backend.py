@@ -200,3 +200,37 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     assert not nb.is_available(CPU)
     assert nb.unavailable_reason(CPU).startswith("build failed")
+
+
+@pytest.mark.parametrize("variant", ["loreft", "noreft", "direft", "lobireft"])
+def test_gradcheck_float64(variant):
+    gen = torch.Generator().manual_seed(11)
+    positions = torch.tensor([[0, 3, 3, -1], [4, 1, -1, -1]])
+    hidden = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = [None if p is None else p.double().requires_grad_(True)
+              for p in make_params(variant, torch.float64, gen, r=3, d=7)]
+    act = "silu" if VARIANTS[variant].has_weight else None
+
+    def fn(h, *ps):
+        it = iter(ps)
+        full = [next(it) if q is not None else None for q in params]
+        return reft_edit(h * 1.0, positions, *full, variant=variant, act=act, dropout=0.3, seed=11,
+                         backend="native", inplace=True)
+
+    assert torch.autograd.gradcheck(fn, (hidden, *[q for q in params if q is not None]))
+
+
+def test_compiles_without_graph_breaks():
+    gen = torch.Generator().manual_seed(0)
+    R, W, b, _ = make_params("loreft", torch.float32, gen, r=4, d=32)
+    hidden = torch.randn(2, 6, 32, generator=gen)
+    positions = torch.tensor([[0, 5], [1, -1]])
+
+    def step(h, R, W, b):
+        return reft_edit(h, positions, R, W, b, backend="native", dropout=0.1, seed=4).square().sum()
+
+    ps = [p.clone().requires_grad_(True) for p in (R, W, b)]
+    grads = torch.autograd.grad(torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, *ps), ps)
+    ref = [p.clone().requires_grad_(True) for p in (R, W, b)]
+    for g, rg in zip(grads, torch.autograd.grad(step(hidden, *ref), ref)):
+        torch.testing.assert_close(g, rg)
