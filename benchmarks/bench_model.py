@@ -7,9 +7,11 @@ Settings (a random Llama built from a config; no hub):
 Training step = forward + backward of the LM loss. The base model gets the same backward work:
 a hook makes its hidden state at the lowest intervened layer require grad, so the gradient flows
 from the loss down to the same layer in both. Generation = greedy ``generate`` with a KV cache,
-batch 1. Base and ReFT runs alternate and the reported overhead is the median of the paired
-ratios, which tolerates a machine whose load drifts. pyreft is measured in the same process when
-it is importable (its own environment: pyreft 0.1.0 needs transformers 4.45).
+batch 1, run 3x as often (a call is short). Base and ReFT runs alternate; the reported overhead
+is the median of the paired ratios, which tolerates a machine whose load drifts. Default: one
+torch thread, so process CPU time is the work done (robust on a shared machine); wall time is
+reported too. pyreft is measured in the same process when it is importable (its own
+environment: pyreft 0.1.0 needs transformers 4.45).
 
     python benchmarks/bench_model.py                      # hidden 512, 4 layers, seq 256, batch 4
     python benchmarks/bench_model.py --repeats 3 --hidden 128 --seq 64   # a smoke run
@@ -175,7 +177,7 @@ def main():
     for setting in ("one", "all_f7l7"):
         results[f"train/{setting}"] = compare(train_fns(a, base_model, setting), a.repeats)
         with torch.no_grad():
-            results[f"generate/{setting}"] = compare(generate_fns(a, base_model, setting), a.repeats)
+            results[f"generate/{setting}"] = compare(generate_fns(a, base_model, setting), 3 * a.repeats)
 
     print(f"\nLlama hidden={a.hidden} layers={a.layers} vocab={a.vocab} rank={a.rank}; train batch={a.batch} "
           f"seq={a.seq}; generate prompt={a.prompt} new={a.new_tokens}; threads={a.threads}, "

@@ -21,6 +21,7 @@ weights vanish from the parent's state dict); R is parametrised without a d x d 
 """
 from __future__ import annotations
 
+import operator
 import re
 from typing import Optional
 
@@ -48,6 +49,14 @@ def intervention_class(name) -> type:
     if short not in INTERVENTION_CLASSES:
         raise ValueError(f"intervention type {name!r} is unknown; use one of {sorted(INTERVENTION_CLASSES)}")
     return INTERVENTION_CLASSES[short]
+
+
+def _as_int(value) -> Optional[int]:
+    """An int from an int-like value (int, numpy int, 0-d integer tensor such as pyvene's buffers)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -133,9 +142,11 @@ class ReftIntervention(nn.Module):
     def __init__(self, embed_dim: int, low_rank_dimension: int, dtype=torch.bfloat16,
                  dropout: float = 0.0, act_fn: Optional[str] = None, **ignored):
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim <= 0:
+        embed_dim = _as_int(embed_dim)
+        if embed_dim is None or embed_dim <= 0:
             raise ValueError(f"embed_dim={embed_dim!r} must be a positive int (the model's hidden size)")
-        if not isinstance(low_rank_dimension, int) or not 0 < low_rank_dimension <= embed_dim:
+        low_rank_dimension = _as_int(low_rank_dimension)
+        if low_rank_dimension is None or not 0 < low_rank_dimension <= embed_dim:
             raise ValueError(f"low_rank_dimension={low_rank_dimension!r} must be an int in [1, embed_dim={embed_dim}]")
         spec = VARIANTS[self.variant]
         if not 0.0 <= float(dropout) < 1.0:
