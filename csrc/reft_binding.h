@@ -25,8 +25,7 @@ inline void check_rows_args(const at::Tensor& x2d, const at::Tensor& rows, const
                             const std::optional<at::Tensor>& weight, const at::Tensor& bias,
                             bool has_weight) {
   TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous(), "reft native: x2d must be a contiguous (M, d) tensor");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
-              "reft native: rows must be a contiguous int64 (N,) tensor");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "reft native: rows must be an int64 (N,) tensor");
   TORCH_CHECK(rows.device() == x2d.device(), "reft native: rows must be on x2d's device");
   TORCH_CHECK(proj.dim() == 2 && proj.size(1) == x2d.size(1), "reft native: proj must be (r, d)");
   TORCH_CHECK(!has_weight || (weight.has_value() && weight->sizes() == proj.sizes()),

@@ -12,6 +12,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -127,22 +129,25 @@ REFT_INLINE void backward_row(T* gr, const T* svr, int64_t row, const RowParams<
 
 // The row functions compiled twice: for the baseline ISA and, on x86-64, for AVX2+FMA, picked at
 // run time (no -march=native: the build stays portable across CI and user machines).
-template <typename T, typename A> void forward_row_base(T* xr, T* sv, int64_t row, const RowParams<A>& p, A* hb, A* ob, A* s) {
-  forward_row<T, A>(xr, sv, row, p, hb, ob, s);
-}
-template <typename T, typename A> void backward_row_base(T* gr, const T* sv, int64_t row, const RowParams<A>& p, A* gb_, A* hb, A* s, A* gP, A* gW, A* gb, A* gc) {
-  backward_row<T, A>(gr, sv, row, p, gb_, hb, s, gP, gW, gb, gc);
-}
+#define REFT_ROW_WRAPPERS(SUFFIX, ATTR)                                                        \
+  template <typename T, typename A>                                                            \
+  ATTR void forward_row_##SUFFIX(T* xr, T* sv, int64_t row, const RowParams<A>& p, A* hb,      \
+                                 A* ob, A* s) {                                                \
+    forward_row<T, A>(xr, sv, row, p, hb, ob, s);                                              \
+  }                                                                                            \
+  template <typename T, typename A>                                                            \
+  ATTR void backward_row_##SUFFIX(T* gr, const T* sv, int64_t row, const RowParams<A>& p,      \
+                                  A* gbuf, A* hb, A* s, A* gP, A* gW, A* gb, A* gc) {          \
+    backward_row<T, A>(gr, sv, row, p, gbuf, hb, s, gP, gW, gb, gc);                           \
+  }
+REFT_ROW_WRAPPERS(base, )
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define REFT_HAS_AVX2_PATH 1
-template <typename T, typename A> __attribute__((target("avx2,fma"))) void forward_row_avx2(T* xr, T* sv, int64_t row, const RowParams<A>& p, A* hb, A* ob, A* s) {
-  forward_row<T, A>(xr, sv, row, p, hb, ob, s);
-}
-template <typename T, typename A> __attribute__((target("avx2,fma"))) void backward_row_avx2(T* gr, const T* sv, int64_t row, const RowParams<A>& p, A* gb_, A* hb, A* s, A* gP, A* gW, A* gb, A* gc) {
-  backward_row<T, A>(gr, sv, row, p, gb_, hb, s, gP, gW, gb, gc);
-}
-inline bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+REFT_ROW_WRAPPERS(avx2, __attribute__((target("avx2,fma"))))
+inline bool use_avx2() {  // REFT_KERNELS_NO_AVX2=1 forces the baseline path (tests use it)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         !(std::getenv("REFT_KERNELS_NO_AVX2") && std::getenv("REFT_KERNELS_NO_AVX2")[0] &&
+                           std::string(std::getenv("REFT_KERNELS_NO_AVX2")) != "0");
   return ok;
 }
 #endif
@@ -212,6 +217,7 @@ at::Tensor forward_rows(at::Tensor x2d, at::Tensor rows, at::Tensor proj,
                         std::optional<at::Tensor> proj_bias, bool has_weight, bool subtract_proj,
                         int64_t act, double p, int64_t seed) {
   check_rows_args(x2d, rows, proj, weight, bias, has_weight);
+  rows = rows.contiguous();
   TORCH_CHECK(x2d.device().is_cpu(), "reft native cpu: x2d must be on the CPU");
   const int64_t N = rows.numel(), d = x2d.size(1);
   auto saved = at::empty({N, d}, x2d.options());
@@ -232,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_rows(
     std::optional<at::Tensor> weight, at::Tensor bias, std::optional<at::Tensor> proj_bias,
     bool has_weight, bool subtract_proj, int64_t act, double p, int64_t seed) {
   check_rows_args(grad2d, rows, proj, weight, bias, has_weight);
+  rows = rows.contiguous();
   TORCH_CHECK(grad2d.device().is_cpu(), "reft native cpu: grad2d must be on the CPU");
   const int64_t N = rows.numel(), d = grad2d.size(1), r = proj.size(0);
   TORCH_CHECK(saved.sizes() == at::IntArrayRef({N, d}) && saved.scalar_type() == grad2d.scalar_type(),

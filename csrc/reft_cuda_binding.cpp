@@ -26,6 +26,7 @@ at::Tensor forward_rows(at::Tensor x2d, at::Tensor rows, at::Tensor proj,
                         std::optional<at::Tensor> proj_bias, bool has_weight, bool subtract_proj,
                         int64_t act, double p, int64_t seed) {
   check_rows_args(x2d, rows, proj, weight, bias, has_weight);
+  rows = rows.contiguous();
   TORCH_CHECK(x2d.is_cuda(), "reft native cuda: x2d must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x2d.device());
   const int64_t N = rows.numel(), d = x2d.size(1);
@@ -52,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_rows(
     std::optional<at::Tensor> weight, at::Tensor bias, std::optional<at::Tensor> proj_bias,
     bool has_weight, bool subtract_proj, int64_t act, double p, int64_t seed) {
   check_rows_args(grad2d, rows, proj, weight, bias, has_weight);
+  rows = rows.contiguous();
   TORCH_CHECK(grad2d.is_cuda(), "reft native cuda: grad2d must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(grad2d.device());
   const int64_t N = rows.numel(), d = grad2d.size(1), r = proj.size(0), E = 2 * r * d + 2 * r;

@@ -234,3 +234,31 @@ def test_compiles_without_graph_breaks():
     ref = [p.clone().requires_grad_(True) for p in (R, W, b)]
     for g, rg in zip(grads, torch.autograd.grad(step(hidden, *ref), ref)):
         torch.testing.assert_close(g, rg)
+
+
+def test_baseline_isa_path_matches_torch_backend():
+    """The row loops are also compiled without AVX2 (for older CPUs); check that build in a subprocess."""
+    code = (
+        "import torch\n"
+        "from reft_kernels.ops import reft_edit\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "h = torch.randn(2, 9, 37, generator=g); pos = torch.tensor([[0, 3, 3, -1], [8, 1, 2, -1]])\n"
+        "R, W, b, c = torch.randn(3, 37, generator=g), torch.randn(3, 37, generator=g), torch.randn(3), torch.randn(3)\n"
+        "for dt in (torch.float32, torch.bfloat16):\n"
+        "    outs = []\n"
+        "    for be in ('torch', 'native'):\n"
+        "        hh = h.to(dt).requires_grad_(); ps = [t.clone().requires_grad_() for t in (R, W, b, c)]\n"
+        "        o = reft_edit(hh, pos, *ps, variant='noreft', act='gelu', dropout=0.2, seed=3, backend=be)\n"
+        "        outs.append([o] + list(torch.autograd.grad(o, [hh] + ps, torch.ones_like(o))))\n"
+        "    for x, y in zip(*outs):\n"
+        "        tol = 1e-5 if x.dtype == torch.float32 else 2e-2\n"
+        "        assert (x.float() - y.float()).abs().max() <= tol * max(1.0, y.float().abs().max().item()), (dt, x, y)\n"
+        "print('ok')\n")
+    import os
+    import sys
+    env = dict(os.environ, REFT_KERNELS_NO_AVX2="1")
+    root = str(nb.CSRC.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
