@@ -144,6 +144,22 @@ def test_model_families_block_output(make, layers_of, output):
     torch.testing.assert_close(getattr(out, output), getattr(exp, output), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("component,path,kind", [
+    ("block_input", "roberta.encoder.layer[1]", "input"),
+    ("mlp_input", "roberta.encoder.layer[1].intermediate", "input"),
+    ("attention_output", "roberta.encoder.layer[1].attention.output.dense", "output"),
+    ("attention_input", "roberta.encoder.layer[1].attention", "input"),
+])
+def test_roberta_components_match_reference(component, path, kind):
+    model = roberta(RobertaForMaskedLM)
+    iv = loreft()
+    reft, out = run_reft(model, [rep(1, component, iv)], {"input_ids": IDS}, LOCS)
+    reft.unload()
+    module = model.get_submodule(path.replace("[", ".").replace("]", ""))
+    exp = expected_output(model, [(module, kind, iv, torch.tensor(LOCS[0]))], {"input_ids": IDS})
+    torch.testing.assert_close(out.logits, exp.logits, rtol=1e-5, atol=1e-5)
+
+
 def test_roberta_string_component_and_mlp_output():
     model = roberta(RobertaForSequenceClassification)
     a, b = loreft(), loreft()
