@@ -60,7 +60,8 @@ def enable_gradient_checkpointing(reft_model: nn.Module, use_reentrant: bool = F
 
     The edits run inside the checkpointed layers and are re-applied identically when the
     layers are recomputed in backward. With ``use_reentrant=True`` the frozen embeddings are
-    made to output tensors that require grad, or no gradient would reach the interventions.
+    made to output tensors that require grad, or no gradient would reach the interventions;
+    with ``use_reentrant=False`` (default) they are not, so backward stops at the first edit.
     """
     base = getattr(reft_model, "model", reft_model)
     kwargs = {"use_reentrant": bool(use_reentrant)}
@@ -70,6 +71,10 @@ def enable_gradient_checkpointing(reft_model: nn.Module, use_reentrant: bool = F
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if use_reentrant and hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()
+    elif not use_reentrant and hasattr(base, "_require_grads_hook"):
+        # HF turns this on for every GC model; non-reentrant checkpointing does not need it, and
+        # with a frozen base it would make backward run through the layers below the first edit.
+        base.disable_input_require_grads()
 
 
 def _install_gc_shims(model: nn.Module) -> None:
