@@ -182,16 +182,22 @@ class ReftIntervention(nn.Module):
                          act=self.act_fn, dropout=self.dropout_p if self.training else 0.0,
                          seed=seed, inplace=inplace, backend=backend)
 
-    def forward(self, base: torch.Tensor, source=None, subspaces=None) -> torch.Tensor:
-        """pyvene's call: ``base`` is the gathered (B, n, d) rows; every row is edited.
+    def forward(self, base: torch.Tensor, source=None, subspaces=None, *,
+                positions: Optional[torch.Tensor] = None, inplace: bool = False,
+                backend: str = "auto", seed: Optional[int] = None) -> torch.Tensor:
+        """pyvene's call on gathered rows ``base`` (B, n, d), every row edited; or, with
+        ``positions``, :meth:`edit` of a full (B, T, d) tensor.
 
-        ``source`` and ``subspaces`` are ignored, as by every pyreft intervention.
+        The patcher uses the second form through ``__call__``, so module hooks that FSDP or
+        DeepSpeed ZeRO-3 put on the intervention (parameter gathering) run. ``source`` and
+        ``subspaces`` are ignored, as by every pyreft intervention.
         """
-        if base.dim() != 3:
-            raise ValueError(f"base must be the gathered rows of shape (B, n, d), got {tuple(base.shape)}")
-        B, n, _ = base.shape
-        positions = torch.arange(n, device=base.device).expand(B, n)
-        return self.edit(base, positions)
+        if positions is None:
+            if base.dim() != 3:
+                raise ValueError(f"base must be the gathered rows of shape (B, n, d), got {tuple(base.shape)}")
+            B, n, _ = base.shape
+            positions = torch.arange(n, device=base.device).expand(B, n)
+        return self.edit(base, positions, inplace=inplace, backend=backend, seed=seed)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, low_rank_dimension={self.low_rank_dimension}, "

@@ -11,7 +11,7 @@ Mechanism. :class:`ModelPatch` registers, at ``get_reft_model`` time and never a
 
 ``ModelPatch.remove`` removes exactly these handles; hooks added by anyone else are never touched
 (pyvene deletes every hook of the model on each call). Edits run through the fused op
-(:meth:`reft_kernels.interventions.ReftIntervention.edit`), in place on tensors the module has just
+(the intervention module called with ``positions=``), in place on tensors the module has just
 created (a decoder layer's output), so the hidden states are never copied; inputs (pre-hooks)
 and outputs that alias an input are edited out of place.
 
@@ -255,8 +255,8 @@ class ModelPatch:
         for i in indices:
             if local[i] is None:
                 continue
-            new = self.interventions[i].edit(hidden, local[i], inplace=inplace, backend=self.backend,
-                                             seed=self.state.seeds[i])
+            new = self.interventions[i](hidden, positions=local[i], inplace=inplace, backend=self.backend,
+                                        seed=self.state.seeds[i])   # via __call__: FSDP/ZeRO hooks run
             inplace = inplace or new is not hidden   # our own copy is fresh: edit it in place next
             hidden = new
         return hidden

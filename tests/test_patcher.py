@@ -352,8 +352,12 @@ def test_hooks_installed_once_and_only_on_intervened_modules():
     before = count()
     reps = [rep(1, "block_output"), rep(1, "model.layers[1].output"), rep(2, "mlp_input")]
     reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), backend="torch")
+    gathered = []                 # FSDP / ZeRO-3 gather parameters in such module pre-hooks
+    for iv in reft.interventions.values():
+        iv.register_forward_pre_hook(lambda m, a: gathered.append(m))
     for _ in range(2):
         reft(input_ids=IDS, intervention_locations=torch.zeros(3, 3, 1, dtype=torch.long))
+    assert gathered == list(reft.interventions.values()) * 2
     after = count()
     changed = {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in before if after[n] != before[n]}
     assert changed == {"": (0, 1), "model.layers.1": (1, 0), "model.layers.2.mlp": (0, 1)}
