@@ -217,7 +217,7 @@ class ModelPatch:
         self.handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         for site, indices in groups.values():
             if site.kind == "output":
-                hook = site.module.register_forward_hook(self._output_hook(indices, site.path))
+                hook = site.module.register_forward_hook(self._output_hook(indices, site.path), with_kwargs=True)
             else:
                 hook = site.module.register_forward_pre_hook(self._input_hook(indices, site.path), with_kwargs=True)
             self.handles.append(hook)
@@ -262,14 +262,19 @@ class ModelPatch:
         return hidden
 
     def _output_hook(self, indices, path):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if self.state.local is None:
                 return None
             hidden = _first_tensor(output)
-            new = self._apply(indices, hidden, _may_edit_inplace(hidden, args), path)
+            new = self._apply(indices, hidden, _may_edit_inplace(hidden, (*args, *kwargs.values())), path)
             if new is hidden:
                 return None
-            return new if isinstance(output, torch.Tensor) else type(output)((new, *output[1:]))
+            if isinstance(output, torch.Tensor):
+                return new
+            if type(output) in (tuple, list):
+                return type(output)((new, *output[1:]))
+            raise TypeError(f"{path!r} returns a {type(output).__name__} whose first tensor cannot be replaced; "
+                            "intervene on a submodule that returns a tensor or a tuple")
         return hook
 
     def _input_hook(self, indices, path):

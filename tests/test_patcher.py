@@ -363,3 +363,27 @@ def test_hooks_installed_once_and_only_on_intervened_modules():
     assert changed == {"": (0, 1), "model.layers.1": (1, 0), "model.layers.2.mlp": (0, 1)}
     reft.unload()
     assert count() == before
+
+
+class _AliasingModel(torch.nn.Module):
+    """Any model works with string components; ``inner`` returns its input tensor itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, H)
+        self.inner = torch.nn.Identity()
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        return x + self.inner(x)
+
+
+def test_output_aliasing_an_input_is_edited_out_of_place():
+    model = _AliasingModel()
+    iv = loreft()
+    reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=rep(None, "inner.output", iv)),
+                                 backend="torch")
+    with torch.no_grad():
+        _, out = reft({"input_ids": IDS}, unit_locations={"sources->base": (None, LOCS)})
+        x = model.embed(IDS)
+    torch.testing.assert_close(out, x + oracle(iv, x, torch.tensor(LOCS[0])), rtol=1e-5, atol=1e-5)
