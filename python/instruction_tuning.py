@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
+from reft_kernels.cli import load_pretrained  # noqa: E402
 from reft_kernels.demo import build_word_tokenizer, load_builtin_instructions, pretrain_base, tiny_llama  # noqa: E402
 
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if args.model:
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        model = load_pretrained(transformers.AutoModelForCausalLM, args.model, torch.float32).eval()
         tok.pad_token = tok.pad_token or tok.eos_token
         if not tok.chat_template:
             p.error(f"{args.model} has no chat template; use an instruct/chat model")

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
+from reft_kernels.cli import load_pretrained  # noqa: E402
 from reft_kernels.demo import build_word_tokenizer, load_builtin_instructions, pretrain_base, tiny_llama  # noqa: E402
 
 DEFAULT_TARGET = "bees make honey. the sky is blue on a clear day. a spider has eight legs."
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if args.model:
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        model = load_pretrained(transformers.AutoModelForCausalLM, args.model, torch.float32).eval()
         tok.pad_token = tok.pad_token or tok.eos_token
     else:
         model, tok = tiny_base()

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-__all__ = ["main", "build_parser", "CliError", "load_examples"]
+__all__ = ["main", "build_parser", "CliError", "load_examples", "load_pretrained"]
 
 INTERVENTIONS = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention",
                  "direft": "DireftIntervention", "nodireft": "NodireftIntervention",
@@ -118,7 +118,7 @@ def _load_base(name: str, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+        model = load_pretrained(AutoModelForCausalLM, name, dtype or torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CliError(f"--model {name!r} could not be loaded ({first}); pass a local directory with "
@@ -126,6 +126,14 @@ def _load_base(name: str, dtype=None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return model.eval(), tok
+
+
+def load_pretrained(auto_cls, name: str, dtype):
+    """``auto_cls.from_pretrained(name)`` in ``dtype`` (``dtype=`` since transformers 4.56, else ``torch_dtype=``)."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return auto_cls.from_pretrained(name, **{key: dtype})
 
 
 def _parse_layers(spec: str, num_layers: int) -> List[int]:

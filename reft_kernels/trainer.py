@@ -186,6 +186,18 @@ class ReftTrainer(Trainer):
         load_weights(_unwrap(model if model is not None else self.model), path)
         return True
 
+    def _load_rng_state(self, checkpoint):
+        """transformers < 4.47 reads its own ``rng_state.pth`` with torch.load's default, which is
+        ``weights_only=True`` since torch 2.6 and rejects the numpy RNG state: allow just that."""
+        ctx = getattr(torch.serialization, "safe_globals", None)
+        if ctx is None:
+            return super()._load_rng_state(checkpoint)
+        import numpy as np
+        core = getattr(np, "_core", None) or np.core
+        allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        with ctx(allowed):
+            return super()._load_rng_state(checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self._load_reft(resume_from_checkpoint, model):
             raise ValueError(f"{resume_from_checkpoint} has no {REFT_CHECKPOINT_DIR}/ directory; pass a "

@@ -116,3 +116,25 @@ def test_full_demo_cuts_the_loss_by_half(tmp_path, capsys):
     assert m["loss_cut"] >= 0.5, m
     assert m["identical_after_reload"]
     assert sum(a.startswith("the capital of italy is rome") for a in m["generations_after"]) == 1
+
+
+def _example(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "python", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_examples_run(tmp_path, base_dir, capsys):
+    """python/ examples, shortened: defaults (tiny local models) and --model with a local path."""
+    assert _example("instruction_tuning").main(["--epochs", "1", "--backend", "torch",
+                                                "--output", str(tmp_path / "it")]) == 0
+    assert (tmp_path / "it" / "adapter" / "adapter.safetensors").exists()
+    assert _example("roberta_classification").main(["--epochs", "1", "--backend", "torch",
+                                                    "--output", str(tmp_path / "rb")]) == 0
+    assert "eval accuracy" in capsys.readouterr().out
+    mem = _example("memorisation")
+    assert mem.main(["--max-steps", "3", "--backend", "torch"]) == 0
+    assert mem.main(["--model", base_dir, "--max-steps", "3", "--backend", "torch", "--target", "snow is white ."]) in (0, 1)
+    assert "exact prefix" in capsys.readouterr().out
