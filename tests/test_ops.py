@@ -301,3 +301,19 @@ def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv("REFT_KERNELS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend='bogus' is unknown"):
         resolve_backend("auto", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_grads_without_hidden_grad(backend):
+    """A hidden state that needs no gradient takes the gathered-rows backward: same weight grads."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 7, 33, generator=gen)
+    positions = make_positions(3, 7, [3, 2, 4], gen=gen)
+    grad_out = torch.randn(3, 7, 33, generator=gen)
+    params = make_params("noreft", 4, 33, torch.float32, gen)
+    with_h = run(reft_edit, hidden, positions, params, grad_out, variant="noreft", act="silu", backend=backend)
+    ps = [p.clone().requires_grad_(True) for p in params]
+    out = reft_edit(hidden.clone(), positions, *ps, variant="noreft", act="silu", backend=backend, inplace=True)
+    without_h = torch.autograd.grad(out, ps, grad_out)
+    for g, ref in zip(without_h, with_h[2:]):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)

@@ -158,11 +158,20 @@ class ReftEditFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         rows, saved, proj, weight, bias, proj_bias = ctx.saved_tensors
         variant, act, p, seed, backend, (B, T, d) = ctx.meta
-        grad_hidden = grad_out.clone(memory_format=torch.contiguous_format)
-        gp, gw, gb, gc = torch.ops.reft_kernels.edit_rows_backward_(
-            grad_hidden.view(B * T, d), rows, saved, proj, weight, bias, proj_bias,
-            variant, act, p, seed, backend)
         need = ctx.needs_input_grad
+        if need[0] or p:
+            # grad_hidden = grad_out with the selected rows rewritten: one copy of the gradient
+            grad_hidden = grad_out.clone(memory_format=torch.contiguous_format)
+            grad2d, grad_rows = grad_hidden.view(B * T, d), rows
+        else:
+            # hidden needs no gradient (e.g. the lowest edited layer of a frozen model) and no
+            # dropout mask depends on the row index: work on the N gathered rows only.
+            grad_hidden = None
+            grad2d = grad_out.reshape(B * T, d).index_select(0, rows.clamp(min=0))
+            local = torch.arange(rows.numel(), device=rows.device)
+            grad_rows = torch.where(rows >= 0, local, torch.full_like(local, -1))
+        gp, gw, gb, gc = torch.ops.reft_kernels.edit_rows_backward_(
+            grad2d, grad_rows, saved, proj, weight, bias, proj_bias, variant, act, p, seed, backend)
         return (grad_hidden if need[0] else None, None,
                 _cast_grad(gp, proj, need[2]), _cast_grad(gw, weight, need[3]),
                 _cast_grad(gb, bias, need[4]), _cast_grad(gc, proj_bias, need[5]),
