@@ -190,7 +190,7 @@ class ReftDataCollator:
             loc = _pad_locations(locs)
             if self._padding_side() == "left":
                 loc = shift_locations_for_left_padding(loc, seq_len - lengths)
-            if int(loc.max()) >= seq_len if loc.numel() else False:
+            if loc.numel() and int(loc.max()) >= seq_len:
                 raise ValueError(f"an intervention position ({int(loc.max())}) is past the padded batch "
                                  f"length {seq_len}; positions must index the example's own tokens")
             batch["intervention_locations"] = loc

@@ -1,7 +1,6 @@
 """ReftTrainer*: training, checkpoints/resume, eval mode, weight decay, reporting, data loader,
 sequence classification, gradient checkpointing and mixed precision."""
 import json
-import os
 
 import pytest
 import torch
