@@ -1,0 +1,455 @@
+"""The ``triton`` backend: fused Triton kernels for the whole ReFT op family.
+
+Implements the backend contract of :mod:`reft_kernels.ops.autograd` (``forward_rows``,
+``backward_rows``) for all six variants with ONE parametrised kernel family; the variant, the
+activation, NoReFT's projection bias and dropout are ``tl.constexpr`` switches. The math is the
+one of :mod:`reft_kernels.ops.family`, with z = W h + b (z = b without W, where act is linear):
+
+    forward   s = act(z) - [C](P h + c),   out = dropout(h + P^T s)
+    backward  g' = g * m / (1-p),  u = P g',  v = u * act'(z)          (v = u without W)
+              grad_h = g' + [W] W^T v - [C] P^T u
+              grad_P = sum_rows s g'^T - [C] u h^T,  grad_W = sum_rows v h^T,
+              grad_b = sum_rows v,  grad_c = -sum_rows u
+
+Kernel design. d is walked in BLOCK_D chunks with masks (any d works); r-vectors live in
+(BLOCK_N, R_PAD) register tiles, R_PAD = max(16, next_pow2(r)) (16: the tl.dot minimum).
+
+* ``_forward_kernel``, grid (cdiv(N, BLOCK_N),), one launch. Pass 1 over d loads each row chunk
+  once, stores it to ``saved`` and reduces it against each row of W and P (a runtime loop over
+  the r ranks: no padding work, no recompile per r); pass 2 reloads the chunk (an L2 hit), adds
+  P^T s rank by rank, applies the dropout mask and writes the row back in x2d's dtype. HBM
+  traffic per selected row: one read, one write and the saved copy. BLOCK_N is 2 rows while N
+  is small, so a few hundred rows already make a few hundred programs, and grows to 8 for large
+  N to cut the L2 re-reads of P and W; chunks hold ~1024 elements (offline ptxas for sm_90 and
+  sm_80: no register spills beyond a few bytes in any kernel, r <= 64 checked).
+* ``_backward_rows_kernel``, same grid and tiling: one pass over d computes z, P h and u per row
+  and stores the per-row r-vectors s, u, v (a (3, N, R_PAD) scratch; zero for rows = -1).
+* ``_backward_cols_kernel``, grid (cdiv(d, BLOCK_D), n_splits): each program owns a column chunk
+  and a contiguous range of rows, which it walks in 16-row tiles IN ORDER: it rewrites
+  grad2d[rows, chunk] with grad_h and accumulates grad_P, grad_W (R_PAD x BLOCK_D, ``tl.dot``
+  with K = 16 rows) and grad_b, grad_c in registers, then stores them to a (n_splits, r, d)
+  partial buffer that ``torch.sum`` reduces in a fixed order. Each split holds
+  >= max(64, 2 * R_PAD) rows, so the partials never outweigh the rows they summarise; n_splits
+  grows only until about 256 programs run.
+
+Determinism: there are no atomics anywhere, so every result is bit-reproducible run to run for a
+given shape and device. This is the only (and default) mode, so
+``torch.are_deterministic_algorithms_enabled()`` / ``REFT_KERNELS_DETERMINISTIC=1`` need no
+special path: an atomic reduction would only save the final small ``(n_splits, r, d)`` sum.
+
+Precision: everything accumulates in fp32 (x2d, P, W, b, c are each loaded in their own dtype
+and upcast); products are fp32 FMAs (``tl.dot(input_precision="ieee")``: no tf32). float64
+inputs compute in float64 (for oracle comparisons and gradcheck; slow on most GPUs, not tuned).
+tanh is evaluated as (1 - e) / (1 + e), e = exp(-2|z|): absolute error ~1 ulp of 1.0.
+Limits: r <= 256 (register tiles; tuned for the small ranks ReFT uses). N is not specialised,
+so a new number of edited rows never recompiles (only BLOCK_N's three sizes exist).
+
+On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported); :func:`is_available` / :func:`unavailable_reason` report that condition.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .family import ACT_IDS, compute_dtype, dropout_threshold
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # keep the module importable so that is_available() can say why
+    triton = tl = None
+    _IMPORT_ERROR = f"triton is not importable ({exc}); install it with `pip install triton`"
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["forward_rows", "backward_rows", "is_available", "unavailable_reason"]
+
+COLS_BLOCK_N = 16        # rows per tile of the backward column kernel (tl.dot needs >= 16)
+MAX_RANK = 256           # larger r would spill the column kernel's (R_PAD, BLOCK_D) accumulators
+TARGET_PROGRAMS = 256    # grids grow (smaller row tiles, more row splits) to about this many
+MIN_SPLIT_TILES = 4      # row tiles per split at least (tests lower it to exercise splitting)
+
+
+def _jit(**options):
+    """triton.jit, or a no-op without triton (the module stays importable to report why)."""
+    return triton.jit(**options) if triton is not None else (lambda fn: fn)
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+@_jit()
+def _tanh(z):
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@_jit()
+def _activation(z, ACT: tl.constexpr):
+    """ACT ids of family.ACT_IDS: 0 linear, 1 relu, 2 gelu (erf), 3 silu, 4 tanh, 5 sigmoid."""
+    if ACT == 1:
+        y = tl.where(z > 0, z, 0.0)
+    elif ACT == 2:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        y = z / (1.0 + tl.exp(-z))
+    elif ACT == 4:
+        y = _tanh(z)
+    elif ACT == 5:
+        y = 1.0 / (1.0 + tl.exp(-z))
+    else:
+        y = z
+    return y
+
+
+@_jit()
+def _activation_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz for ACT ids 1..5 (linear is handled by the caller)."""
+    if ACT == 1:
+        y = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        y = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 3:
+        sg = 1.0 / (1.0 + tl.exp(-z))
+        y = sg * (1.0 + z * (1.0 - sg))
+    elif ACT == 4:
+        t = _tanh(z)
+        y = 1.0 - t * t
+    else:
+        sg = 1.0 / (1.0 + tl.exp(-z))
+        y = sg * (1.0 - sg)
+    return y
+
+
+@_jit()
+def _dropout_scale(seed, rows, cols, d, threshold, scale):
+    """(rows x cols) factor m / (1 - p): keep iff (philox(seed, row * d + col) >> 8) >= threshold."""
+    offsets = rows[:, None] * d + cols[None, :]          # int64, as family.dropout_keep_mask
+    bits = (tl.randint(seed, offsets) >> 8).to(tl.int32)  # 24 high bits of a uint32
+    return tl.where(bits >= threshold, scale, 0.0)
+
+
+@_jit()
+def _as_compute_dtype(scale, ACC: tl.constexpr):
+    """The fp64 ``scale`` argument in the compute dtype (in the interpreter it arrives as a float)."""
+    return (tl.full((), 0.0, ACC) + scale).to(ACC)
+
+
+@_jit()
+def _load_rk(ptr, stride_r, stride_d, ks, cols, r, d, ACC: tl.constexpr):
+    """An (R_PAD, BLOCK_D) chunk of an (r, d) matrix (P or W), zero-padded, in the compute dtype."""
+    mask = (ks[:, None] < r) & (cols[None, :] < d)
+    return tl.load(ptr + ks[:, None] * stride_r + cols[None, :] * stride_d, mask=mask, other=0.0).to(ACC)
+
+
+@_jit()
+def _load_rank_row(ptr, k, stride_r, stride_d, cols, d, ACC: tl.constexpr):
+    """Chunk ``cols`` of row k of an (r, d) matrix (P or W), in the compute dtype."""
+    return tl.load(ptr + k * stride_r + cols * stride_d, mask=cols < d, other=0.0).to(ACC)
+
+
+@_jit()
+def _column(tile, ks, k):
+    """Column k of a (BLOCK_N, R_PAD) tile."""
+    return tl.sum(tl.where(ks[None, :] == k, tile, 0.0), axis=1)
+
+
+@_jit()
+def _add_column(tile, ks, k, col):
+    """``tile`` with ``col`` (BLOCK_N,) added to its column k."""
+    return tile + tl.where(ks[None, :] == k, col[:, None], 0.0)
+
+
+@_jit()
+def _row_tile_sources(src_ptr, rows, live, saved_ptr, idx, in_range, p_ptr, stride_p0, stride_p1,
+                      w_ptr, stride_w0, stride_w1, b_ptr, c_ptr, seed, threshold, scale, r, d,
+                      ACT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
+                      HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FORWARD: tl.constexpr,
+                      ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """One pass over d for a tile of rows: z = W h + b, s = act(z) - [C](P h + c), u = P g'.
+
+    FORWARD: h = src[rows] (x2d), copied to ``saved`` (zeros for rows = -1); u stays 0.
+    Backward: h = saved[idx] (read only when W or C needs it), g' = src[rows] (grad2d) * dropout.
+    """
+    ks = tl.arange(0, R_PAD)
+    zw = tl.zeros((BLOCK_N, R_PAD), ACC)
+    zp = tl.zeros((BLOCK_N, R_PAD), ACC)
+    u = tl.zeros((BLOCK_N, R_PAD), ACC)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m2 = live[:, None] & (cols[None, :] < d)
+        src = tl.load(src_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0)
+        if FORWARD:
+            tl.store(saved_ptr + idx[:, None] * d + cols[None, :], src,
+                     mask=in_range[:, None] & (cols[None, :] < d))
+            h = src.to(ACC)
+        else:
+            g = src.to(ACC)
+            if HAS_DROPOUT:
+                g *= _dropout_scale(seed, rows, cols, d, threshold, scale)
+            if HAS_WEIGHT or SUBTRACT_PROJ:
+                h = tl.load(saved_ptr + idx[:, None] * d + cols[None, :], mask=m2, other=0.0).to(ACC)
+        for k in range(r):                            # per-rank reductions over the chunk
+            if SUBTRACT_PROJ or not FORWARD:
+                pk = _load_rank_row(p_ptr, k, stride_p0, stride_p1, cols, d, ACC)
+            if SUBTRACT_PROJ:
+                zp = _add_column(zp, ks, k, tl.sum(h * pk[None, :], axis=1))
+            if HAS_WEIGHT:
+                wk = _load_rank_row(w_ptr, k, stride_w0, stride_w1, cols, d, ACC)
+                zw = _add_column(zw, ks, k, tl.sum(h * wk[None, :], axis=1))
+            if not FORWARD:
+                u = _add_column(u, ks, k, tl.sum(g * pk[None, :], axis=1))
+    z = zw + tl.load(b_ptr + ks, mask=ks < r, other=0.0).to(ACC)[None, :]
+    s = _activation(z, ACT)
+    if SUBTRACT_PROJ:
+        s -= zp
+        if HAS_PROJ_BIAS:
+            s -= tl.load(c_ptr + ks, mask=ks < r, other=0.0).to(ACC)[None, :]
+    return z, s, u
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@_jit(do_not_specialize=["n_rows", "seed"])
+def _forward_kernel(x_ptr, rows_ptr, saved_ptr, p_ptr, w_ptr, b_ptr, c_ptr, n_rows, d, r,
+                    stride_p0, stride_p1, stride_w0, stride_w1, seed: tl.int64, threshold,
+                    scale: tl.float64, ACT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    SUBTRACT_PROJ: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = idx < n_rows
+    rows = tl.load(rows_ptr + idx, mask=in_range, other=-1).to(tl.int64)
+    live = rows >= 0
+    idx = idx.to(tl.int64)
+    scale = _as_compute_dtype(scale, ACC)
+    _, s, _ = _row_tile_sources(x_ptr, rows, live, saved_ptr, idx, in_range, p_ptr, stride_p0,
+                                stride_p1, w_ptr, stride_w0, stride_w1, b_ptr, c_ptr, seed,
+                                threshold, scale, r, d, ACT, HAS_WEIGHT, SUBTRACT_PROJ,
+                                HAS_PROJ_BIAS, HAS_DROPOUT, True, ACC, R_PAD, BLOCK_N, BLOCK_D)
+    ks = tl.arange(0, R_PAD)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m2 = live[:, None] & (cols[None, :] < d)
+        ptrs = x_ptr + rows[:, None] * d + cols[None, :]
+        h = tl.load(ptrs, mask=m2, other=0.0)
+        out = h.to(ACC)
+        for k in range(r):
+            pk = _load_rank_row(p_ptr, k, stride_p0, stride_p1, cols, d, ACC)
+            out += _column(s, ks, k)[:, None] * pk[None, :]
+        if HAS_DROPOUT:
+            out *= _dropout_scale(seed, rows, cols, d, threshold, scale)
+        tl.store(ptrs, out.to(h.dtype), mask=m2)
+
+
+@_jit(do_not_specialize=["n_rows", "seed"])
+def _backward_rows_kernel(g_ptr, rows_ptr, saved_ptr, p_ptr, w_ptr, b_ptr, c_ptr, s_ptr, u_ptr,
+                          v_ptr, n_rows, d, r, stride_p0, stride_p1, stride_w0, stride_w1,
+                          seed: tl.int64, threshold, scale: tl.float64, ACT: tl.constexpr,
+                          HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
+                          HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = idx < n_rows
+    rows = tl.load(rows_ptr + idx, mask=in_range, other=-1).to(tl.int64)
+    live = rows >= 0
+    idx = idx.to(tl.int64)
+    scale = _as_compute_dtype(scale, ACC)
+    z, s, u = _row_tile_sources(g_ptr, rows, live, saved_ptr, idx, in_range, p_ptr, stride_p0,
+                                stride_p1, w_ptr, stride_w0, stride_w1, b_ptr, c_ptr, seed,
+                                threshold, scale, r, d, ACT, HAS_WEIGHT, SUBTRACT_PROJ,
+                                HAS_PROJ_BIAS, HAS_DROPOUT, False, ACC, R_PAD, BLOCK_N, BLOCK_D)
+    if ACT == 0:
+        v = u
+    else:
+        v = u * _activation_grad(z, ACT)
+    ks = tl.arange(0, R_PAD)
+    keep = live[:, None] & (ks[None, :] < r)     # rows = -1 contribute nothing
+    offs = idx[:, None] * R_PAD + ks[None, :]
+    tl.store(s_ptr + offs, tl.where(keep, s, 0.0), mask=in_range[:, None])
+    tl.store(u_ptr + offs, tl.where(keep, u, 0.0), mask=in_range[:, None])
+    tl.store(v_ptr + offs, tl.where(keep, v, 0.0), mask=in_range[:, None])
+
+
+@_jit(do_not_specialize=["n_rows", "rows_per_split", "seed"])
+def _backward_cols_kernel(g_ptr, rows_ptr, saved_ptr, p_ptr, w_ptr, s_ptr, u_ptr, v_ptr,
+                          gp_ptr, gw_ptr, gb_ptr, gc_ptr, n_rows, rows_per_split, d, r,
+                          stride_p0, stride_p1, stride_w0, stride_w1, seed: tl.int64, threshold,
+                          scale: tl.float64, HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
+                          HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    pid_d, split = tl.program_id(0), tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    ks = tl.arange(0, R_PAD)
+    scale = _as_compute_dtype(scale, ACC)
+    if SUBTRACT_PROJ:
+        pc = _load_rk(p_ptr, stride_p0, stride_p1, ks, cols, r, d, ACC)
+    if HAS_WEIGHT:
+        wc = _load_rk(w_ptr, stride_w0, stride_w1, ks, cols, r, d, ACC)
+    acc_p = tl.zeros((R_PAD, BLOCK_D), ACC)
+    acc_w = tl.zeros((R_PAD, BLOCK_D), ACC)
+    acc_b = tl.zeros((R_PAD,), ACC)
+    acc_c = tl.zeros((R_PAD,), ACC)
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, n_rows)
+    for n0 in range(start, end, BLOCK_N):          # fixed order: deterministic sums
+        idx = n0 + tl.arange(0, BLOCK_N)
+        in_range = idx < end
+        rows = tl.load(rows_ptr + idx, mask=in_range, other=-1).to(tl.int64)
+        live = rows >= 0
+        offs = idx.to(tl.int64)[:, None] * R_PAD + ks[None, :]
+        s = tl.load(s_ptr + offs, mask=in_range[:, None], other=0.0)
+        u = tl.load(u_ptr + offs, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_ptr + offs, mask=in_range[:, None], other=0.0)
+        m2 = live[:, None] & cmask[None, :]
+        g_ptrs = g_ptr + rows[:, None] * d + cols[None, :]
+        g_raw = tl.load(g_ptrs, mask=m2, other=0.0)
+        g = g_raw.to(ACC)
+        if HAS_DROPOUT:
+            g *= _dropout_scale(seed, rows, cols, d, threshold, scale)
+        grad_h = g
+        acc_p += tl.dot(tl.trans(s), g, input_precision="ieee")
+        if HAS_WEIGHT or SUBTRACT_PROJ:
+            h = tl.load(saved_ptr + idx.to(tl.int64)[:, None] * d + cols[None, :],
+                        mask=m2, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            grad_h += tl.dot(v, wc, input_precision="ieee")
+            acc_w += tl.dot(tl.trans(v), h, input_precision="ieee")
+        if SUBTRACT_PROJ:
+            grad_h -= tl.dot(u, pc, input_precision="ieee")
+            acc_p -= tl.dot(tl.trans(u), h, input_precision="ieee")
+        tl.store(g_ptrs, grad_h.to(g_raw.dtype), mask=m2)
+        acc_b += tl.sum(v, axis=0)
+        acc_c -= tl.sum(u, axis=0)
+    out = split.to(tl.int64) * r * d + ks[:, None] * d + cols[None, :]
+    omask = (ks[:, None] < r) & cmask[None, :]
+    tl.store(gp_ptr + out, acc_p, mask=omask)
+    if HAS_WEIGHT:
+        tl.store(gw_ptr + out, acc_w, mask=omask)
+    if pid_d == 0:
+        tl.store(gb_ptr + split * r + ks, acc_b, mask=ks < r)
+        if HAS_PROJ_BIAS:
+            tl.store(gc_ptr + split * r + ks, acc_c, mask=ks < r)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _launch_config(x, proj, weight, bias, proj_bias, spec, act, p, seed):
+    """Runtime arguments and compile-time switches shared by the three kernels."""
+    r, d = proj.shape
+    if r > MAX_RANK:
+        raise ValueError(f"rank r={r} is above the triton backend's limit of {MAX_RANK};"
+                         " use backend='torch' for larger ranks")
+    w_strides = weight.stride() if weight is not None else (0, 0)
+    runtime = dict(d=d, r=r, stride_p0=proj.stride(0), stride_p1=proj.stride(1),
+                   stride_w0=w_strides[0], stride_w1=w_strides[1], seed=int(seed),
+                   threshold=dropout_threshold(p), scale=1.0 / (1.0 - p))
+    switches = dict(HAS_WEIGHT=spec.has_weight, SUBTRACT_PROJ=spec.subtract_proj,
+                    HAS_PROJ_BIAS=proj_bias is not None, HAS_DROPOUT=p > 0,
+                    ACC=tl.float64 if compute_dtype(x) == torch.float64 else tl.float32,
+                    R_PAD=max(16, triton.next_power_of_2(r)))
+    act_id = ACT_IDS[act] if spec.has_weight else 0
+    bias = bias.contiguous()
+    proj_bias = proj_bias.contiguous() if proj_bias is not None else None
+    return runtime, switches, act_id, bias, proj_bias
+
+
+def _row_tiles(N, d):
+    """Grid and tile of the row kernels: 2 rows per program while N is small (parallelism), up
+    to 8 when N is large (fewer L2 re-reads of P and W); chunks of about 1024 elements."""
+    block_n = min(8, max(2, triton.next_power_of_2(triton.cdiv(N, TARGET_PROGRAMS))))
+    block_d = max(16, min(512, 1024 // block_n, triton.next_power_of_2(d)))
+    return (triton.cdiv(N, block_n),), dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+
+
+def forward_rows(x2d, rows, proj, weight, bias, proj_bias, spec, act, p, seed):
+    """Edit ``x2d`` (M, d) in place at ``rows``; return the pre-edit rows (N, d) (zeros for -1)."""
+    N, d = rows.numel(), x2d.shape[1]
+    saved = x2d.new_empty((N, d))
+    if N == 0:
+        return saved
+    runtime, switches, act_id, bias, proj_bias = _launch_config(x2d, proj, weight, bias, proj_bias,
+                                                                spec, act, p, seed)
+    grid, tiles = _row_tiles(N, d)
+    _forward_kernel[grid](x2d, rows, saved, proj, weight, bias, proj_bias, n_rows=N, **runtime,
+                          ACT=act_id, **switches, **tiles)
+    return saved
+
+
+def backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias, spec, act, p, seed):
+    """Edit ``grad2d`` in place at ``rows``; return (grad_proj, grad_weight, grad_bias, grad_proj_bias).
+
+    Gradients are fp32 (fp64 for fp64 inputs); grad_weight / grad_proj_bias are None when absent.
+    """
+    N, d = rows.numel(), grad2d.shape[1]
+    r = proj.shape[0]
+    cd = compute_dtype(grad2d)
+    runtime, switches, act_id, bias, proj_bias = _launch_config(grad2d, proj, weight, bias,
+                                                                proj_bias, spec, act, p, seed)
+    r_pad = switches["R_PAD"]
+    # column kernel: (R_PAD x COLS_BLOCK_N) @ (COLS_BLOCK_N x block_d) tl.dot tiles; narrow
+    # column chunks and 8 warps keep its fp32 FMA-dot operands in registers
+    block_d = max(16, min(32 if r_pad == 16 else 16, triton.next_power_of_2(d)))
+    d_blocks = triton.cdiv(d, block_d)
+    min_rows = max(MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
+    rows_per_split = max(min_rows, triton.cdiv(N, max(1, TARGET_PROGRAMS // d_blocks)))
+    rows_per_split = triton.cdiv(rows_per_split, COLS_BLOCK_N) * COLS_BLOCK_N
+    n_splits = max(1, triton.cdiv(N, rows_per_split))
+    alloc = grad2d.new_empty if N else grad2d.new_zeros       # the kernel writes every entry
+    gp, gb = alloc((n_splits, r, d), dtype=cd), alloc((n_splits, r), dtype=cd)
+    gw = alloc((n_splits, r, d), dtype=cd) if spec.has_weight else None
+    gc = alloc((n_splits, r), dtype=cd) if proj_bias is not None else None
+    if N:
+        suv = grad2d.new_empty((3, N, r_pad), dtype=cd)
+        grid, tiles = _row_tiles(N, d)
+        _backward_rows_kernel[grid](grad2d, rows, saved, proj, weight, bias, proj_bias, suv[0],
+                                    suv[1], suv[2], n_rows=N, **runtime, ACT=act_id, **switches,
+                                    **tiles)
+        _backward_cols_kernel[(d_blocks, n_splits)](
+            grad2d, rows, saved, proj, weight, suv[0], suv[1], suv[2], gp, gw, gb, gc, n_rows=N,
+            rows_per_split=rows_per_split, **runtime, **switches, BLOCK_N=COLS_BLOCK_N,
+            BLOCK_D=block_d, num_warps=8, num_stages=1 if r_pad >= 64 else 3)
+    reduce = lambda t: None if t is None else (t[0] if n_splits == 1 else t.sum(0))  # noqa: E731
+    return reduce(gp), reduce(gw), reduce(gb), reduce(gc)
+
+
+# --------------------------------------------------------------------------------------------
+# availability
+# --------------------------------------------------------------------------------------------
+def _interpreted() -> bool:
+    """Whether this module's kernels were built for the Triton interpreter (TRITON_INTERPRET=1)."""
+    return type(_forward_kernel).__name__ == "InterpretedFunction"
+
+
+def unavailable_reason(device) -> str:
+    """Why :func:`is_available` is False for ``device`` ("" when it is available)."""
+    device = torch.device(device)
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cuda":
+        return ""
+    if device.type != "cpu":
+        return f"the triton backend runs on CUDA (or on CPU in the Triton interpreter), not on {device.type}"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return ("on CPU the Triton kernels run only in the Triton interpreter: set the environment"
+                " variable TRITON_INTERPRET=1 before triton is imported (e.g. `TRITON_INTERPRET=1"
+                " python ...`), or use backend='torch'")
+    if not _interpreted():
+        return ("TRITON_INTERPRET=1 was set after triton / reft_kernels.ops.triton_backend was"
+                " imported; set it before the first import (e.g. `TRITON_INTERPRET=1 python ...`)")
+    return ""
+
+
+def is_available(device) -> bool:
+    """CUDA: triton importable. CPU: only in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return unavailable_reason(device) == ""
