@@ -135,3 +135,37 @@ def test_hf_trainer_under_torchrun(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     assert (tmp_path / "out" / "checkpoint-3" / "intervenable_model" / "adapter.safetensors").exists()
+
+
+def _fsdp_worker(rank, world, port, out):
+    from torch.distributed.fsdp import fully_shard
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        reft = _model()
+        for layer in reft.model.model.layers:
+            fully_shard(layer)
+        fully_shard(reft)            # the interventions are sharded with the root
+        full = _global_batch()
+        per = GLOBAL_BATCH // world
+        _train(reft, [{k: v[rank * per:(rank + 1) * per] for k, v in full.items()}] * STEPS)
+        reft.unshard()               # collective: gather the ReFT weights, then save from rank 0
+        if rank == 0:
+            reft.save(os.path.join(out, "fsdp_adapter"))
+        reft.reshard()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_matches_single_process_and_saves(tmp_path):
+    """FSDP2 (fully_shard) on CPU/gloo: same weights as one process on the global batch."""
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _model()
+    _train(single, [_global_batch()] * STEPS)
+    loaded = rk.ReftModel.load(str(tmp_path / "fsdp_adapter"), tiny_llama(VOCAB, hidden_size=D, num_layers=2,
+                                                                           num_heads=2, seed=0), backend="torch")
+    ref, got = single.interventions.state_dict(), loaded.interventions.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=2e-6, rtol=1e-5, msg=k)
