@@ -138,3 +138,14 @@ def test_examples_run(tmp_path, base_dir, capsys):
     assert mem.main(["--max-steps", "3", "--backend", "torch"]) == 0
     assert mem.main(["--model", base_dir, "--max-steps", "3", "--backend", "torch", "--target", "snow is white ."]) in (0, 1)
     assert "exact prefix" in capsys.readouterr().out
+
+
+def test_train_reads_csv_json_and_dataset_dirs(base_dir, tmp_path):
+    import datasets
+    rows = [{"prompt": "what color is snow ?", "completion": " snow is white ."}] * 4
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.csv").write_text("instruction,input,output\nTranslate the word to French.,cat,chat\n" * 3)
+    for i, data in enumerate((tmp_path / "ds", tmp_path / "d.json", tmp_path / "d.csv")):
+        assert main(["train", "--model", base_dir, "--data", str(data), "--output", str(tmp_path / f"o{i}"),
+                     "--max-steps", "1", "--backend", "torch", "--positions", "l2"]) == 0
