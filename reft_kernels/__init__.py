@@ -9,7 +9,9 @@ from .interventions import (ConsreftIntervention, DireftIntervention, LobireftIn
 from .reft_model import ReftModel, get_reft_model
 
 # data side and trainers (issue 4); the trainers import transformers, so they load on first use
-from .dataset import (ReftDataCollator, get_intervention_locations, make_classification_data_module,  # noqa: E402
+from .dataset import (ReftClassificationDataset, ReftDataCollator, ReftDataset,  # noqa: E402
+                      ReftGenerationDataset, ReftSupervisedDataset, get_intervention_locations,
+                      make_classification_data_module,
                       make_data_collator, make_generation_inputs, make_last_position_supervised_chat_data_module,
                       make_last_position_supervised_data_module, make_multiple_position_supervised_data_module,
                       parse_positions)

@@ -154,3 +154,31 @@ def test_classification_module(data):
     assert batch["intervention_locations"][0, :, 0].tolist() == [0, n0 - 1]
     assert (batch["intervention_locations"][0, :, 1:] == -1).all()   # padded to the batch's widest row
     assert len(dm["eval_dataset"]) == 2
+
+
+def test_pyreft_dataset_classes_sink_layout(data):
+    import datasets
+    prompts, outputs, tok = data
+    rows = load_builtin_instructions()[:6]
+    ds = rk.dataset.ReftSupervisedDataset("alpaca", None, tok, dataset=datasets.Dataset.from_list(rows),
+                                          position="f1+l1", num_interventions=2, input_field="input",
+                                          output_field="output", instruction_field="instruction")
+    ex = ds[0]
+    assert ex["input_ids"][0] == tok.pad_token_id and ex["attention_mask"][0] == 0 and ex["labels"][0] == IGNORE_INDEX
+    plen = len(tok(rk.dataset.prompt_no_input % rows[0]["instruction"])["input_ids"])
+    assert ex["intervention_locations"] == [[1], [plen - 1]]      # pyreft: +1 shift, L = prompt_len - 1
+    gen = rk.dataset.ReftGenerationDataset("g", None, tok, dataset=datasets.Dataset.from_list(
+        [{"p": p, "c": c} for p, c in zip(prompts[:4], outputs[:4])]), position="l3", num_interventions=1,
+        prompt_field="p", completion_field="c")
+    cls = rk.dataset.ReftClassificationDataset("c", None, tok, dataset=datasets.Dataset.from_list(
+        [{"t": "what is the capital of france"}]), position="f1", num_interventions=1, input_field="t", label_field="t")
+    assert cls[0]["intervention_locations"] == [[1]]
+    # they batch with the collator and run through a ReftModel (pads hit the masked sink token)
+    model = tiny_llama(len(tok), hidden_size=32, num_layers=1, num_heads=2)
+    reps = [{"layer": 0, "component": "block_output", "low_rank_dimension": 2,
+             "intervention": rk.LoreftIntervention(embed_dim=32, low_rank_dimension=2, dtype=torch.float32)}]
+    reft = rk.get_reft_model(model, rk.ReftConfig(representations=reps), backend="torch")
+    tok.padding_side = "right"
+    batch = rk.make_data_collator(tok, model)([gen[i] for i in range(4)])
+    assert batch["intervention_locations"].shape == (4, 1, 3)
+    assert torch.isfinite(reft(**{k: v for k, v in batch.items() if k != "id"}).loss)
