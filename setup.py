@@ -17,6 +17,7 @@ setup(
         "datasets",
         "safetensors",
         "tqdm",
+        "accelerate>=0.26",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "ninja"],

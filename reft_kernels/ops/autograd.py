@@ -53,10 +53,21 @@ _warned = set()
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``"auto"`` (or ``REFT_KERNELS_BACKEND``) into a concrete backend for ``device``.
 
-    auto: Triton on CUDA when importable; on CPU the native backend when it builds (it is faster
-    than the eager path there, see benchmarks/), otherwise torch. An explicit choice is honoured
-    or fails with the reason.
+    auto: Triton on CUDA when importable, then native, then torch; on CPU the native backend when
+    it builds (faster than the eager path there, see benchmarks/), otherwise torch, with one
+    warning. An explicit choice is honoured or fails with the reason. Resolved once per
+    (backend, REFT_KERNELS_BACKEND, device type).
     """
+    key = (backend, os.environ.get("REFT_KERNELS_BACKEND", ""), device.type)
+    if key not in _resolved:
+        _resolved[key] = _resolve(backend, device)
+    return _resolved[key]
+
+
+_resolved = {}
+
+
+def _resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get("REFT_KERNELS_BACKEND", "auto") or "auto"
     if backend == "auto":
@@ -89,13 +100,17 @@ def get_backend_safely(name):
 # --------------------------------------------------------------------------------------------
 # custom ops (opaque to torch.compile, with fake implementations for tracing)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("reft_kernels::edit_rows_", mutates_args=("x2d",))
-def _edit_rows(x2d: torch.Tensor, rows: torch.Tensor, proj: torch.Tensor,
-               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               proj_bias: Optional[torch.Tensor], variant: str, act: str, p: float, seed: int,
-               backend: str) -> torch.Tensor:
+def _edit_rows_eager(x2d: torch.Tensor, rows: torch.Tensor, proj: torch.Tensor,
+                     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     proj_bias: Optional[torch.Tensor], variant: str, act: str, p: float,
+                     seed: int, backend: str) -> torch.Tensor:
     return get_backend(backend).forward_rows(x2d, rows, proj, weight, bias, proj_bias,
                                              VARIANTS[variant], act, p, seed)
+
+
+# Eager calls go straight to the launchers (the custom-op dispatcher costs ~80 us a call);
+# torch.compile sees these custom ops instead.
+_edit_rows = torch.library.custom_op("reft_kernels::edit_rows_", _edit_rows_eager, mutates_args=("x2d",))
 
 
 @_edit_rows.register_fake
@@ -103,16 +118,19 @@ def _(x2d, rows, proj, weight, bias, proj_bias, variant, act, p, seed, backend):
     return x2d.new_empty((rows.shape[0], x2d.shape[1]))
 
 
-@torch.library.custom_op("reft_kernels::edit_rows_backward_", mutates_args=("grad2d",))
-def _edit_rows_backward(grad2d: torch.Tensor, rows: torch.Tensor, saved: torch.Tensor,
-                        proj: torch.Tensor, weight: Optional[torch.Tensor],
-                        bias: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
-                        variant: str, act: str, p: float, seed: int,
-                        backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _edit_rows_backward_eager(grad2d: torch.Tensor, rows: torch.Tensor, saved: torch.Tensor,
+                              proj: torch.Tensor, weight: Optional[torch.Tensor],
+                              bias: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
+                              variant: str, act: str, p: float, seed: int, backend: str,
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = get_backend(backend).backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias,
                                                VARIANTS[variant], act, p, seed)
     cd = compute_dtype(grad2d)
     return tuple(g if g is not None else grad2d.new_empty((0,), dtype=cd) for g in grads)
+
+
+_edit_rows_backward = torch.library.custom_op("reft_kernels::edit_rows_backward_", _edit_rows_backward_eager,
+                                              mutates_args=("grad2d",))
 
 
 @_edit_rows_backward.register_fake
@@ -148,8 +166,9 @@ class ReftEditFunction(torch.autograd.Function):
             ctx.mark_dirty(hidden)
         else:
             out = hidden.clone(memory_format=torch.contiguous_format)
-        saved = torch.ops.reft_kernels.edit_rows_(out.view(B * T, d), rows, proj, weight, bias,
-                                                  proj_bias, variant, act, p, seed, backend)
+        edit = torch.ops.reft_kernels.edit_rows_ if torch.compiler.is_compiling() else _edit_rows_eager
+        saved = edit(out.view(B * T, d), rows, proj, weight, bias, proj_bias, variant, act, p, seed,
+                     backend)
         ctx.save_for_backward(rows, saved, proj, weight, bias, proj_bias)
         ctx.meta = (variant, act, p, seed, backend, (B, T, d))
         return out
@@ -170,8 +189,10 @@ class ReftEditFunction(torch.autograd.Function):
             grad2d = grad_out.reshape(B * T, d).index_select(0, rows.clamp(min=0))
             local = torch.arange(rows.numel(), device=rows.device)
             grad_rows = torch.where(rows >= 0, local, torch.full_like(local, -1))
-        gp, gw, gb, gc = torch.ops.reft_kernels.edit_rows_backward_(
-            grad2d, grad_rows, saved, proj, weight, bias, proj_bias, variant, act, p, seed, backend)
+        edit_backward = (torch.ops.reft_kernels.edit_rows_backward_ if torch.compiler.is_compiling()
+                         else _edit_rows_backward_eager)
+        gp, gw, gb, gc = edit_backward(grad2d, grad_rows, saved, proj, weight, bias, proj_bias,
+                                       variant, act, p, seed, backend)
         return (grad_hidden if need[0] else None, None,
                 _cast_grad(gp, proj, need[2]), _cast_grad(gw, weight, need[3]),
                 _cast_grad(gb, bias, need[4]), _cast_grad(gc, proj_bias, need[5]),
