@@ -12,21 +12,23 @@ from reft_kernels.ops.family import canonical_rows, dropout_keep_mask
 from reft_kernels.ops.reference import reft_edit_reference
 
 DTYPE_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 
 
-def available_backends():
+def available_backends(device=torch.device("cpu")):
     names = ["torch"]
     for name in ("triton", "native"):
         try:
             mod = get_backend(name)
         except Exception:  # noqa: BLE001 - backend not importable here
             continue
-        if mod.is_available(torch.device("cpu")):
+        if mod.is_available(device):
             names.append(name)
     return names
 
 
 BACKENDS = available_backends()
+CUDA_BACKENDS = available_backends(CUDA) if CUDA is not None else []
 
 
 def make_positions(B, T, uniques, extra_dups=1, pads=2, gen=None):
@@ -57,18 +59,19 @@ def make_params(variant, r, d, wdtype, gen):
     return proj.float(), cast(weight), cast(bias), cast(proj_bias)
 
 
-def run(fn, hidden, positions, params, grad_out, **kw):
-    """Output and gradients (hidden first, then every non-None parameter)."""
-    h = hidden.detach().clone().requires_grad_(True)
-    ps = [None if p is None else p.detach().clone().requires_grad_(True) for p in params]
-    out = fn(h * 1.0, positions, *ps, **kw)  # `* 1.0`: in-place ops need a non-leaf input
+def run(fn, hidden, positions, params, grad_out, device=None, **kw):
+    """Output and gradients (hidden first, then every non-None parameter), returned on the CPU."""
+    to = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
+    h = to(hidden.detach().clone()).requires_grad_(True)
+    ps = [None if p is None else to(p.detach().clone()).requires_grad_(True) for p in params]
+    out = fn(h * 1.0, to(positions), *ps, **kw)  # `* 1.0`: in-place ops need a non-leaf input
     wrt = [h] + [p for p in ps if p is not None]
-    grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype))
-    return [out.detach()] + [g.detach() for g in grads]
+    grads = torch.autograd.grad(out, wrt, to(grad_out).to(out.dtype))
+    return [out.detach().cpu()] + [g.detach().cpu() for g in grads]
 
 
 def check_against_oracle(variant, backend, dtype, wdtype, r, d, B, T, uniques, act=None,
-                         dropout=0.0, inplace=False, seed=1234):
+                         dropout=0.0, inplace=False, seed=1234, device=None):
     gen = torch.Generator().manual_seed(7 + r + d)
     positions = make_positions(B, T, uniques, gen=gen)
     hidden = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
@@ -78,8 +81,8 @@ def check_against_oracle(variant, backend, dtype, wdtype, r, d, B, T, uniques, a
     # oracle: float64 everything (weights rounded to their working dtype first)
     params64 = [None if p is None else p.double() for p in params]
     oracle = run(reft_edit_reference, hidden.to(dtype).double(), positions, params64, grad_out, **kw)
-    plain = run(reft_edit_reference, hidden.to(dtype), positions, params, grad_out, **kw)
-    ours = run(reft_edit, hidden.to(dtype), positions, params, grad_out, backend=backend, **kw)
+    plain = run(reft_edit_reference, hidden.to(dtype), positions, params, grad_out, device=device, **kw)
+    ours = run(reft_edit, hidden.to(dtype), positions, params, grad_out, backend=backend, device=device, **kw)
     names = ["out", "grad_hidden"] + [n for n, p in zip(["grad_proj", "grad_weight", "grad_bias", "grad_proj_bias"], params) if p is not None]
     for name, o, p, x in zip(names, oracle, plain, ours):
         assert x.dtype == p.dtype, f"{name}: dtype {x.dtype}, expected {p.dtype}"
@@ -102,6 +105,18 @@ def test_variants_match_oracle(backend, variant, dtype):
     # 5 + 4 + 4 unique rows: N = 13 (prime); d = 123 (odd)
     check_against_oracle(variant, backend, dtype, torch.float32, r=4, d=123, B=3, T=17,
                          uniques=[5, 4, 4], act=act, dropout=dropout)
+
+
+@pytest.mark.skipif(CUDA is None, reason="needs a CUDA GPU (bf16 is checked on GPUs only)")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS or ["torch"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_variants_match_oracle_on_cuda(backend, variant, dtype):
+    act = "silu" if VARIANTS[variant].has_weight else None
+    dropout = 0.0 if variant == "consreft" else 0.1
+    for r, d, B, T, uniques in [(4, 123, 3, 17, [5, 4, 4]), (16, 4096, 4, 64, [31, 29, 30, 1])]:
+        check_against_oracle(variant, backend, dtype, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
+                             r=r, d=d, B=B, T=T, uniques=uniques, act=act, dropout=dropout, device=CUDA)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
