@@ -15,3 +15,15 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and stall on a loaded 2-core machine).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``; restores the thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

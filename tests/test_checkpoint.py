@@ -19,13 +19,7 @@ CLASSES = ["LoreftIntervention", "NoreftIntervention", "DireftIntervention",
            "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (restored for the other test modules)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(dtype=torch.float32, hidden=D, layers=2):

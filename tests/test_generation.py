@@ -11,13 +11,7 @@ H, RANK, NEW = 64, 4, 6
 LENGTHS = (5, 9, 7)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread avoids oversubscription stalls on small shared CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

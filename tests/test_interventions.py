@@ -9,15 +9,7 @@ from reft_kernels.config import ReftConfig
 from reft_kernels.interventions import INTERVENTION_CLASSES, OrthonormalRotation, intervention_class
 
 D, R = 32, 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread avoids oversubscription stalls on small shared CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -14,13 +14,7 @@ H, RANK = 64, 4
 SMALL = dict(hidden_size=H, intermediate_size=128, num_attention_heads=4, vocab_size=100)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread avoids oversubscription stalls on small shared CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(cls=LlamaForCausalLM, layers=2, seed=0, **kw):
