@@ -10,6 +10,7 @@ Bad arguments or data end with a one-line message and exit code 2 (no traceback)
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -61,10 +62,9 @@ def _read_rows(path: str) -> List[dict]:
                 data = json.load(f)
             return data if isinstance(data, list) else data.get("train", data.get("data", []))
         if ext == ".csv":
-            import csv
             with open(path, encoding="utf-8", newline="") as f:
                 return list(csv.DictReader(f))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, csv.Error) as exc:
         raise CliError(f"--data {path!r} could not be parsed as {ext[1:]}: {exc}") from None
     raise CliError(f"--data {path!r} has extension {ext!r}; use .jsonl, .json, .csv or a dataset directory")
 
@@ -84,7 +84,8 @@ def load_examples(path: str, template: str = "instruction", tokenizer=None) -> T
                        + ", ".join("/".join(c) for c in COLUMN_SETS))
     prompts, outputs = [], []
     for i, r in enumerate(rows):
-        missing = [c for c in match if r.get(c) in (None, "") and c != "input"]
+        optional = "input" if match == ("instruction", "output") else None  # Alpaca's optional input
+        missing = [c for c in match if r.get(c) in (None, "") and c != optional]
         if missing:
             raise CliError(f"--data {path!r}: example {i} has no value for {missing}")
         if match == ("instruction", "output"):

@@ -56,18 +56,22 @@ def _rows_tensor(rows, i: int, batch: int, seq_len: int) -> torch.Tensor:
     if len(rows) != batch:
         raise ValueError(f"unit_locations for intervention {i} has {len(rows)} rows but the batch has {batch}; "
                          "give one position list per batch row")
+    rows = [r.tolist() if isinstance(r, torch.Tensor) else r for r in rows]
     width = max((len(r) for r in rows), default=0)
     out = torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows])
     if out.numel() and out.dtype != torch.int64:
         raise TypeError(f"unit_locations for intervention {i} holds {out.dtype} values; positions must be ints")
     bad = out[(out < -1) | (out >= seq_len)]
     if bad.numel():
-        raise ValueError(f"unit_locations for intervention {i} contains {int(bad[0])}, outside [0, {seq_len}) for "
+        raise ValueError(f"unit_locations for intervention {i} contains {int(bad[0])}, outside [-1, {seq_len}) for "
                          f"inputs of length {seq_len}; use token indices 0..{seq_len - 1} and -1 for 'no edit'")
     return out.to(torch.int64)
 
 
 def _depth(x) -> int:
+    """Nesting depth of a location list; a tensor counts as its number of dimensions."""
+    if isinstance(x, torch.Tensor):
+        return x.dim()
     return 1 + _depth(x[0]) if isinstance(x, (list, tuple)) and len(x) else int(isinstance(x, (list, tuple)))
 
 

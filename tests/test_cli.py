@@ -83,6 +83,12 @@ def test_bad_data_is_reported_cleanly(base_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     _expect_error(capsys, train + ["--data", str(bad)], "could not be parsed")
+    badcsv = tmp_path / "bad.csv"
+    badcsv.write_text('prompt,completion\n"' + "x" * 200_000 + '",c\n')   # over csv's field limit
+    _expect_error(capsys, train + ["--data", str(badcsv)], "could not be parsed")
+    noinput = tmp_path / "noinput.jsonl"
+    noinput.write_text(json.dumps({"input": "", "output": "b"}) + "\n")
+    _expect_error(capsys, train + ["--data", str(noinput)], "example 0 has no value for ['input']")
     _expect_error(capsys, train + ["--data", "builtin", "--positions", "x7"], "--positions")
     _expect_error(capsys, train + ["--data", "builtin", "--layers", "0,9"], "layers 0..1")
     _expect_error(capsys, ["train", "--model", str(tmp_path / "nomodel"), "--data", "builtin",

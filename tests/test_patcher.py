@@ -220,6 +220,11 @@ def test_tensor_path_equals_unit_locations_path_and_trains_only_interventions():
     tensor = torch.tensor([[locs[0][b], locs[1][b] + [-1]] for b in range(3)])    # (B, n_int, P)
     b = reft(input_ids=IDS, intervention_locations=tensor, labels=IDS)
     torch.testing.assert_close(a.logits, b.logits)
+    leaves = [[torch.tensor(row) for row in rows] for rows in locs]                # pyvene-style tensor leaves
+    _, c = reft({"input_ids": IDS}, unit_locations={"sources->base": (None, leaves)}, labels=IDS)
+    torch.testing.assert_close(a.logits, c.logits)
+    with pytest.raises(ValueError, match=r"contains 99, outside \[-1, "):
+        reft({"input_ids": IDS}, unit_locations={"sources->base": (None, [[[99]] * 3, [[0]] * 3])})
     b.loss.backward()
     trainable = {n for n, p in reft.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("interventions.") for n in trainable)
