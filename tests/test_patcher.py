@@ -305,7 +305,7 @@ def test_bad_locations_name_the_argument_and_the_fix():
                                  backend="torch")
     inputs = {"input_ids": IDS}
     cases = [({"sources->base": (None, [[[0]] * 3])}, "2 intervention entries|1 intervention entries"),
-             ({"sources->base": (None, [[[0]] * 3, [[9]] * 3])}, r"\[0, 9\)"),
+             ({"sources->base": (None, [[[0]] * 3, [[9]] * 3])}, r"\[-1, 9\)"),
              ({"sources->base": (None, [[[0]] * 2, [[0]] * 2])}, "2 rows but the batch has 3"),
              ({"sources->base": (None, [[0, 1]] * 3)}, "nested"),
              ([1, 2], "unit_locations")]
