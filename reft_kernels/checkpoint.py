@@ -35,6 +35,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from .interventions import as_dtype, dtype_name
+
 __all__ = ["save_reft_model", "load_reft_model", "load_weights", "export_pyreft",
            "intervention_key", "CONFIG_NAME", "WEIGHTS_NAME", "BASE_WEIGHTS_NAME"]
 
@@ -103,19 +105,6 @@ def _keys(reps, key_format):
         seen[base] = seen.get(base, -1) + 1
         out.append(f"{base}#{seen[base]}")
     return out
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
-
-
-def _to_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    dt = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype; use e.g. 'float32' or 'bfloat16'")
-    return dt
 
 
 def _class_name(obj_or_str) -> str:
@@ -369,7 +358,7 @@ def _specs_from_config(config, key_format="new"):
             spec = {"cls": _class_name(iv), "dtype": kw.get("dtype"), "act_fn": kw.get("act_fn"),
                     "dropout": float(kw.get("dropout") or 0.0), "add_bias": kw.get("add_bias")}
             dtype = spec["dtype"]
-            spec["dtype"] = None if dtype is None else _dtype_name(_to_dtype(dtype))
+            spec["dtype"] = None if dtype is None else dtype_name(as_dtype(dtype))
         specs.append(InterventionSpec(key=key, layer=layer, component=comp, unit=unit,
                                       max_number_of_units=n, rank=rank, **spec))
         objs.append(obj)
@@ -722,7 +711,7 @@ def _prepare(path, model, config, dtype):
     for spec, obj, t in zip(specs, objs, tensors):
         if obj is None:
             dt = dtype if dtype is not None else spec.dtype or _model_dtype(model)
-            obj = _build_module(spec, t, _to_dtype(dt))
+            obj = _build_module(spec, t, as_dtype(dt))
         modules.append(obj)
     return specs, modules, tensors, base, meta
 

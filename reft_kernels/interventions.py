@@ -59,13 +59,19 @@ def _as_int(value) -> Optional[int]:
         return None
 
 
-def _as_dtype(dtype) -> torch.dtype:
+def as_dtype(dtype) -> torch.dtype:
+    """torch.bfloat16, "bfloat16" or "torch.bfloat16" -> torch.bfloat16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(resolved, torch.dtype):
         raise TypeError(f"dtype={dtype!r} is not a torch dtype; pass e.g. torch.bfloat16 or 'float32'")
     return resolved
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the JSON form of a dtype)."""
+    return str(dtype).replace("torch.", "")
 
 
 class OrthonormalRotation(nn.Module):
@@ -153,7 +159,7 @@ class ReftIntervention(nn.Module):
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         self.embed_dim = embed_dim
         self.low_rank_dimension = low_rank_dimension
-        self.dtype = _as_dtype(dtype)
+        self.dtype = as_dtype(dtype)
         self.dropout_p = float(dropout) if spec.has_dropout else 0.0
         self.act_fn = act_fn if spec.has_weight else None
         if spec.has_weight:
@@ -168,7 +174,7 @@ class ReftIntervention(nn.Module):
         source = getattr(self, "learned_source", None)
         dtype = source.weight.dtype if isinstance(source, nn.Linear) else self.dtype
         return {"embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
-                "dtype": str(dtype).replace("torch.", ""), "dropout": self.dropout_p,
+                "dtype": dtype_name(dtype), "dropout": self.dropout_p,
                 "act_fn": self.act_fn}
 
     def edit(self, hidden: torch.Tensor, positions: torch.Tensor, *, inplace: bool = False,
