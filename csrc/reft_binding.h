@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <tuple>
 
 #include <torch/extension.h>
 
@@ -63,6 +64,17 @@ RowParams<A> make_params(Weights& w, const at::Tensor& x2d, const at::Tensor& pr
   rp.threshold = static_cast<uint32_t>(p * 16777216.0);  // int(p * 2**24), as family.dropout_threshold
   rp.scale = static_cast<A>(1.0 / (1.0 - p));
   return rp;
+}
+
+// The backward's flat fp32/fp64 buffer [grad_P (r d) | grad_W (r d) | grad_b (r) | grad_c (r)]
+// -> (grad_proj, grad_weight, grad_bias, grad_proj_bias); absent ones are undefined tensors.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_grads(
+    const at::Tensor& out, int64_t r, int64_t d, bool has_weight, bool has_proj_bias) {
+  auto gP = out.narrow(0, 0, r * d).view({r, d}).clone();
+  auto gW = has_weight ? out.narrow(0, r * d, r * d).view({r, d}).clone() : at::Tensor();
+  auto gb = out.narrow(0, 2 * r * d, r).clone();
+  auto gc = has_proj_bias ? out.narrow(0, 2 * r * d + r, r).clone() : at::Tensor();
+  return {gP, gW, gb, gc};
 }
 
 }  // namespace reft

@@ -82,12 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_rows(
                               sv.data_ptr(), N, rp, coef.data_ptr<float>(),
                               partial.data_ptr<float>(), K, out.data_ptr<float>(), stream));
   }
-  const bool has_c = subtract_proj && proj_bias.has_value() && proj_bias->defined();
-  auto gP = out.narrow(0, 0, r * d).view({r, d}).clone();
-  auto gW = has_weight ? out.narrow(0, r * d, r * d).view({r, d}).clone() : at::Tensor();
-  auto gb = out.narrow(0, 2 * r * d, r).clone();
-  auto gc = has_c ? out.narrow(0, 2 * r * d + r, r).clone() : at::Tensor();
-  return {gP, gW, gb, gc};
+  return split_grads(out, r, d, has_weight, subtract_proj && proj_bias.has_value() && proj_bias->defined());
 }
 
 }  // namespace
