@@ -38,9 +38,8 @@ def get_backend(name: str):
 
 
 def _available(name: str, device: torch.device) -> bool:
-    try:
-        mod = get_backend(name)
-    except Exception:  # noqa: BLE001 - an import failure means "not available"
+    mod = get_backend_safely(name)
+    if mod is None:
         return False
     check = getattr(mod, "is_available", None)
     return bool(check(device)) if check is not None else True
@@ -91,6 +90,7 @@ def _resolve(backend: str, device: torch.device) -> str:
 
 
 def get_backend_safely(name):
+    """The backend module, or None when it cannot be imported (an import failure = unavailable)."""
     try:
         return get_backend(name)
     except Exception:  # noqa: BLE001
