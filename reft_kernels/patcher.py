@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -131,7 +132,8 @@ class EditState:
     """What the hooks apply in the current forward, set per call and kept until the next call.
 
     ``positions[i]`` (B, P_i) holds intervention i's absolute token indices (-1 = none) in the
-    (padded) input; ``None`` means "every position" (pyvene's ``unit_locations=None``). A forward
+    (padded) input; ``None`` means "every position of the window" (each call edits all the tokens it
+    processes; ``ReftModel.generate`` turns ``None`` into every *prompt* position first). A forward
     covering tokens [offset, offset + T) (offset = the KV cache length) edits the listed positions
     inside that window: ``local[i] = where(offset <= p < offset + T, p - offset, -1)``, repeated
     along the batch when generate expands it (beam search). So a prefill edits the prompt, cached
@@ -152,42 +154,105 @@ class EditState:
 
     def window(self, batch: int, seq_len: int, offset, device) -> Optional[list]:
         """Window-local positions for a forward over ``seq_len`` tokens after ``offset`` cached ones."""
-        if isinstance(offset, int) and self.max_position is not None and offset > self.max_position:
+        if self.max_position is not None and offset > self.max_position:
             return None
         local = []
         for p in self.positions:
-            if p is None:
-                p = torch.arange(seq_len, device=device).expand(batch, seq_len)
-            elif p.shape[0] != batch:
+            if p is None:   # already window-local: every token of this call
+                local.append(torch.arange(seq_len, device=device).expand(batch, seq_len))
+                continue
+            if p.shape[0] != batch:
                 if batch % p.shape[0]:
                     raise ValueError(f"the model was called with batch {batch} but positions were given for "
                                      f"{p.shape[0]} rows; pass one position row per input row")
                 p = p.repeat_interleave(batch // p.shape[0], dim=0)
-            if not (isinstance(offset, int) and offset == 0
-                    and self.max_position is not None and self.max_position < seq_len):
+            if not (offset == 0 and self.max_position is not None and self.max_position < seq_len):
                 p = torch.where((p >= offset) & (p < offset + seq_len), p - offset, torch.full_like(p, -1))
             local.append(p)
         return local
 
 
-def _call_window(args, kwargs):
-    """(batch, seq_len, offset, device) of a model call, from its inputs and KV cache; None if unknown."""
+# Caches whose ``get_seq_length()`` is not the number of tokens seen (transformers < 4.54 counts
+# occupied slots of a fixed-size or sliding buffer); newer layered caches count every token.
+_UNTRUSTED_CACHES = ("StaticCache", "HybridCache", "SlidingWindowCache", "HybridChunkedCache",
+                     "OffloadedStaticCache", "OffloadedHybridCache", "MambaCache")
+_LEGACY_CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
+
+
+def _is_cache_object(value) -> bool:
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    return cache_utils is not None and isinstance(value, getattr(cache_utils, "Cache", ()))
+
+
+def _is_legacy_cache(value) -> bool:
+    """A tuple cache: one (key, value, ...) tuple of tensors per layer."""
+    return (isinstance(value, (tuple, list)) and len(value) > 0 and isinstance(value[0], (tuple, list))
+            and len(value[0]) > 0 and isinstance(value[0][0], torch.Tensor))
+
+
+def _find_cache(args, kwargs):
+    """The KV cache of a model call, wherever it sits: a transformers Cache object in any argument,
+    or a legacy tuple cache under a known keyword. None when the call has no cache."""
+    for value in (*kwargs.values(), *args):
+        if _is_cache_object(value):
+            return value
+    for name in _LEGACY_CACHE_NAMES:
+        if _is_legacy_cache(kwargs.get(name)):
+            return kwargs[name]
+    return None
+
+
+def _as_offset(value) -> int:
+    return int(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else int(value)
+
+
+def window_offset(args, kwargs, seq_len: int, model: nn.Module) -> int:
+    """How many tokens precede the ``seq_len`` tokens a model call covers (its window offset).
+
+    Sources, most direct first: ``cache_position`` (transformers < 5 passes it; it is the definition),
+    the cache's ``get_seq_length()`` when that counts every token seen (the dynamic and layered caches
+    the model itself reads its positions from; a legacy tuple's key length), then the length of a 2-D
+    ``attention_mask`` (past + current tokens), then ``position_ids`` when there is no padding (no
+    mask). A call with no cache at all starts at 0. A cache whose offset none of these gives raises:
+    a guessed 0 would silently re-apply prompt edits to generated tokens.
+    """
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return _as_offset(cache_position)
+    cache = _find_cache(args, kwargs)
+    if cache is None:
+        return 0
+    if _is_legacy_cache(cache):
+        return cache[0][0].shape[-2]
+    if hasattr(cache, "layers") or type(cache).__name__ not in _UNTRUSTED_CACHES:
+        return _as_offset(cache.get_seq_length())
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= seq_len:
+        return mask.shape[-1] - seq_len
+    position_ids = kwargs.get("position_ids")
+    if mask is None and isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        first = position_ids.reshape(-1, position_ids.shape[-1])[:, 0]
+        if bool((first == first[0]).all()):
+            return _as_offset(first)
+    import transformers
+    raise RuntimeError(
+        f"reft_kernels cannot tell which token positions this {type(model).__name__} call covers: it got a "
+        f"{type(cache).__name__} under transformers {transformers.__version__} without cache_position, a 2-D "
+        "attention_mask or position_ids, so edits could land on the wrong tokens. Pass cache_position (or an "
+        "attention_mask covering past and new tokens), or use a DynamicCache; please report this model and "
+        "version to reft_kernels")
+
+
+def _call_window(args, kwargs, model):
+    """(batch, seq_len, offset, device) of a model call; None without input_ids/inputs_embeds."""
     x = kwargs.get("input_ids")
     if x is None:
         x = kwargs.get("inputs_embeds")
     if x is None and args and isinstance(args[0], torch.Tensor):
         x = args[0]
-    cache = kwargs.get("past_key_values")
-    offset = 0
-    if cache is not None and hasattr(cache, "get_seq_length"):
-        offset = cache.get_seq_length()
-    elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:   # legacy tuple cache
-        offset = cache[0][0].shape[-2]
-    elif kwargs.get("cache_position") is not None:
-        offset = kwargs["cache_position"][0]
     if x is None:
         return None
-    return x.shape[0], x.shape[1], offset, x.device
+    return x.shape[0], x.shape[1], window_offset(args, kwargs, x.shape[1], model), x.device
 
 
 def _first_tensor(value):
@@ -240,7 +305,7 @@ class ModelPatch:
         if not state.armed:
             state.local = None
             return None
-        window = _call_window(args, kwargs)
+        window = _call_window(args, kwargs, module)
         if window is None:
             raise ValueError("ReftModel needs input_ids or inputs_embeds to place the interventions")
         state.local = state.window(*window)

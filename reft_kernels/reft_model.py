@@ -15,6 +15,7 @@ works). ``unit_locations=None`` edits every position, as in pyvene.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Optional
 
@@ -73,6 +74,18 @@ def _depth(x) -> int:
     if isinstance(x, torch.Tensor):
         return x.dim()
     return 1 + _depth(x[0]) if isinstance(x, (list, tuple)) and len(x) else int(isinstance(x, (list, tuple)))
+
+
+@contextlib.contextmanager
+def _interventions_in_eval(interventions: nn.ModuleDict):
+    """Generation never applies intervention dropout: eval mode inside, each module's mode restored after."""
+    modes = [(m, m.training) for m in interventions.modules()]
+    interventions.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 class ReftModel(nn.Module):
@@ -239,8 +252,9 @@ class ReftModel(nn.Module):
                  intervention_locations: Optional[torch.Tensor] = None, **generate_kwargs):
         """``self.model.generate`` with the prompt positions edited.
 
-        Positions index the (left-padded) prompt. The prefill edits them; cached decode steps edit
-        nothing; without a cache every full recompute re-applies the edit. Beam search and
+        Positions index the (left-padded) prompt; ``unit_locations=None`` means every prompt position.
+        The prefill edits them; cached decode steps edit nothing; without a cache every full
+        recompute re-applies the edit to the same prompt tokens (never to generated ones). Beam search and
         ``num_return_sequences`` expand the positions with the batch. pyvene form: returns
         ``(None or base_output, output)``; tensor form (``input_ids=..., intervention_locations=...``):
         the output.
@@ -255,8 +269,13 @@ class ReftModel(nn.Module):
         positions, max_position = self._positions(inputs, unit_locations, intervention_locations)
         if intervention_locations is not None and intervention_locations.numel():
             max_position = int(intervention_locations.max())   # one sync per generate: lets decode steps skip
+        if any(p is None for p in positions):   # unit_locations=None: every prompt position (pyreft's meaning)
+            batch, seq_len, device = _input_shape(inputs)
+            every = torch.arange(seq_len, device=device).expand(batch, seq_len)
+            positions = [every if p is None else p for p in positions]
+            max_position = seq_len - 1 if max_position is None else max(max_position, seq_len - 1)
         original = self.model.generate(**inputs, **generate_kwargs) if output_original_output else None
-        with self._patch.activate(positions, max_position):
+        with self._patch.activate(positions, max_position), _interventions_in_eval(self.interventions):
             output = self.model.generate(**inputs, **generate_kwargs)
         return (original, output) if pyvene_style else output
 
@@ -280,9 +299,14 @@ class ReftModel(nn.Module):
 
     @staticmethod
     def load(load_directory, model, **kwargs) -> "ReftModel":
-        """Rebuild a ReftModel on ``model`` from a checkpoint (see :mod:`reft_kernels.checkpoint`)."""
+        """Rebuild a ReftModel on ``model`` from a checkpoint (see :mod:`reft_kernels.checkpoint`).
+
+        The loaded interventions are in eval mode (as PEFT's loaded adapters are); call ``train()``
+        to continue training."""
         from .checkpoint import load_reft_model
-        return load_reft_model(load_directory, model, **kwargs)
+        reft_model = load_reft_model(load_directory, model, **kwargs)
+        reft_model.interventions.eval()
+        return reft_model
 
 
 def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool = True,
