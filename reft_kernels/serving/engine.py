@@ -1,0 +1,291 @@
+"""The serving engine: named adapters on one frozen base model, and a batching queue. No HTTP here.
+
+``Engine.submit(request)`` queues a :class:`GenerationRequest` and returns a future. One worker
+thread collects requests: it takes the first waiting request, then waits at most
+``batch_window_s`` for more (at most ``max_batch_size`` in all), and runs them as one batch through
+:meth:`Engine.generate_batch`, which is also callable directly (the benchmark does).
+
+A batch is left-padded; row ``b`` with a prompt of ``L_b`` tokens and ``pad_b = W - L_b`` pad tokens
+(``W`` the batch width) is edited at ``prompt_locations(L_b, rule_b) + pad_b``, the rule being the
+adapter's training position rule (see :mod:`.adapters`), exactly as ``reft-kernels generate``.
+Decoding settings are per row (see :mod:`.rows`).
+
+Two ways to run a batch (``mode``):
+
+* ``"mixed"``: ONE ``generate`` for the whole batch, each row with its own adapter (``adapter_ids``
+  on a ReftModel holding named adapters; rows without an adapter pass through). Needs the
+  named-adapter API on :class:`~reft_kernels.ReftModel` (``load_adapter`` / ``adapter_ids``).
+* ``"grouped"``: rows are grouped by adapter and each group runs as its own ``generate`` (one
+  ReftModel per adapter, all sharing the same base model; each one's hooks fire only inside its own
+  calls). This is the fallback, and baseline (b) of ``benchmarks/bench_serving.py``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .adapters import AdapterError, AdapterSpec, prompt_locations, read_adapter_spec
+from .rows import RowState, SamplingParams, hf_hooks
+
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "UnknownAdapterError", "mixed_supported"]
+
+log = logging.getLogger("reft_kernels.serving")
+
+
+class UnknownAdapterError(KeyError):
+    """A request named an adapter that is not loaded."""
+
+
+def mixed_supported() -> bool:
+    """True when ReftModel has named adapters with per-row ``adapter_ids`` (one mixed generate)."""
+    from ..reft_model import ReftModel
+    return all(hasattr(ReftModel, name) for name in ("load_adapter", "delete_adapter"))
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete. ``adapter=None`` is the base model alone. ``on_delta`` is called from
+    the engine thread with ``(text, finished, finish_reason)`` as the text grows."""
+
+    prompt_ids: List[int]
+    adapter: Optional[str]
+    params: SamplingParams
+    on_delta: Optional[Callable[[str, bool, Optional[str]], None]] = None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: List[int]
+    finish_reason: str
+    prompt_tokens: int
+    batch_id: int      # which engine batch served it (requests sharing a batch share the id)
+    batch_size: int    # how many requests that batch held
+
+
+class Engine:
+    """Adapters on one base model plus the batching worker; see the module docstring."""
+
+    def __init__(self, model, tokenizer, *, mode: str = "auto", max_batch_size: int = 16,
+                 batch_window_s: float = 0.005, backend: str = "auto", default_positions: Optional[str] = None,
+                 default_template: Optional[str] = None):
+        if mode == "auto":
+            mode = "mixed" if mixed_supported() else "grouped"
+        if mode not in ("mixed", "grouped"):
+            raise ValueError(f"mode={mode!r}; use 'mixed', 'grouped' or 'auto'")
+        if mode == "mixed" and not mixed_supported():
+            raise ValueError("mode='mixed' needs ReftModel named adapters (load_adapter / adapter_ids), which this "
+                             "reft_kernels does not have; use mode='grouped'")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.backend = backend
+        self.default_positions = default_positions
+        self.default_template = default_template
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        self.specs: Dict[str, AdapterSpec] = {}
+        self._models: Dict[str, object] = {}        # grouped: name -> ReftModel on the shared base
+        self._mixed = None                           # mixed: one ReftModel holding every adapter
+        self._n_interventions: Dict[str, int] = {}
+        self._lock = threading.RLock()               # one generate or adapter change at a time
+        self._queue: "queue.Queue[Optional[GenerationRequest]]" = queue.Queue()
+        self._batch_ids = itertools.count(1)
+        self.stats = {"batches": 0, "requests": 0, "max_batch": 0, "generate_calls": 0, "last_batches": []}
+        self._worker: Optional[threading.Thread] = None
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> AdapterSpec:
+        """Load ``path`` under ``name``; raises AdapterError (bad path/config) or ValueError (name taken)."""
+        from ..reft_model import ReftModel
+        spec = read_adapter_spec(name, path, self.default_positions, self.default_template)
+        with self._lock:
+            if name in self.specs:
+                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            try:
+                if self.mode == "mixed":
+                    n = self._load_mixed(spec)
+                else:
+                    reft_model = ReftModel.load(spec.adapter_dir, self.model, backend=self.backend)
+                    reft_model.eval()
+                    self._models[name] = reft_model
+                    n = len(reft_model.interventions)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise AdapterError(f"adapter {name!r} could not be loaded from {spec.adapter_dir!r}: {exc}") from None
+            self.model.eval()
+            self.model.requires_grad_(False)
+            self._n_interventions[name] = n
+            self.specs[name] = spec
+        log.info("loaded adapter %r from %s (positions %s, %d interventions)", name, spec.adapter_dir,
+                 spec.positions, n)
+        return spec
+
+    def _load_mixed(self, spec: AdapterSpec) -> int:
+        from ..reft_model import ReftModel
+        if self._mixed is None:
+            self._mixed = ReftModel.load(spec.adapter_dir, self.model, backend=self.backend,
+                                         adapter_name=spec.name)
+        else:
+            self._mixed.load_adapter(spec.adapter_dir, adapter_name=spec.name)
+        self._mixed.eval()
+        return self._mixed.num_interventions(spec.name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; queued requests for it fail with UnknownAdapterError."""
+        with self._lock:
+            if name not in self.specs:
+                raise UnknownAdapterError(name)
+            if self.mode == "mixed":
+                self._mixed.delete_adapter(name)
+            else:
+                self._models.pop(name).unload()
+            del self.specs[name], self._n_interventions[name]
+            self.model.eval()
+            self.model.requires_grad_(False)
+        log.info("unloaded adapter %r", name)
+
+    # -- batching queue ---------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._loop, name="reft-engine", daemon=True)
+            self._worker.start()
+        return self
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+            self._worker = None
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        if self._worker is None:
+            raise RuntimeError("the engine is not running; call start() first")
+        self._queue.put(request)
+        return request.future
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.batch_window_s
+            stop = False
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._serve(batch)
+            if stop:
+                return
+
+    def _serve(self, batch: List[GenerationRequest]) -> None:
+        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+        try:
+            results = self.generate_batch(live, return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
+            log.exception("batch failed")
+            results = [exc] * len(live)
+        for request, result in zip(live, results):
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+
+    # -- one batch --------------------------------------------------------------------------------
+    def generate_batch(self, requests: Sequence[GenerationRequest], return_exceptions: bool = False) -> list:
+        """Run ``requests`` as one batch (``mode``); a list of GenerationResult (or the exception of a
+        request whose adapter is gone, with ``return_exceptions``)."""
+        with self._lock:
+            batch_id = next(self._batch_ids)
+            out: list = [None] * len(requests)
+            runnable = []
+            for i, r in enumerate(requests):
+                if r.adapter is not None and r.adapter not in self.specs:
+                    err = UnknownAdapterError(r.adapter)
+                    if not return_exceptions:
+                        raise err
+                    out[i] = err
+                else:
+                    runnable.append(i)
+            states = {i: RowState(self.tokenizer, requests[i].params, self.eos_ids, requests[i].on_delta)
+                      for i in runnable}
+            if self.mode == "mixed":
+                groups = [runnable] if runnable else []
+            else:
+                by_adapter: Dict[Optional[str], List[int]] = {}
+                for i in runnable:
+                    by_adapter.setdefault(requests[i].adapter, []).append(i)
+                groups = list(by_adapter.values())
+            with torch.inference_mode():
+                for rows in groups:
+                    self._generate_rows([requests[i] for i in rows], [states[i] for i in rows])
+            for i in runnable:
+                s = states[i]
+                out[i] = GenerationResult(text=s.text, token_ids=list(s.tokens), finish_reason=s.finish_reason or "length",
+                                          prompt_tokens=len(requests[i].prompt_ids), batch_id=batch_id,
+                                          batch_size=len(requests))
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(requests)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(requests))
+            self.stats["last_batches"] = (self.stats["last_batches"] + [
+                {"batch_id": batch_id, "size": len(requests), "generate_calls": len(groups),
+                 "adapters": sorted({str(r.adapter) for r in requests})}])[-32:]
+            return out
+
+    def _generate_rows(self, requests: Sequence[GenerationRequest], states: Sequence[RowState]) -> None:
+        """One ``generate`` over ``requests`` (left-padded), feeding tokens to ``states``."""
+        device = next(self.model.parameters()).device
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in requests])
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests])
+        mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+        kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
+                      max_new_tokens=max(r.params.max_tokens for r in requests), pad_token_id=self.pad_id,
+                      eos_token_id=self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids, **hf_hooks(states))
+        adapters = [r.adapter for r in requests]
+        slots = max([self._n_interventions[a] for a in adapters if a is not None], default=0)
+        if slots:
+            rows = []
+            for r in requests:
+                if r.adapter is None:
+                    rows.append([[-1]] * slots)
+                    continue
+                spec = self.specs[r.adapter]
+                rows.append(prompt_locations(len(r.prompt_ids), spec.positions, self._n_interventions[r.adapter],
+                                             spec.share_weights, pad=width - len(r.prompt_ids), num_slots=slots))
+            depth = max(len(p) for row in rows for p in row)
+            locs = torch.tensor([[p + [-1] * (depth - len(p)) for p in row] for row in rows]).to(device)
+        self.stats["generate_calls"] += 1
+        if not slots:
+            self.model.generate(**kwargs)
+        elif self.mode == "mixed":
+            self._mixed.generate(intervention_locations=locs, adapter_ids=adapters, **kwargs)
+        else:
+            self._models[adapters[0]].generate(intervention_locations=locs, **kwargs)
+        for s in states:   # generate ended (max_new_tokens reached): rows still open hit their limit
+            if not s.finished:
+                s._finish("length")

@@ -1,0 +1,192 @@
+"""Per-row control of one batched ``generate`` call: sampling, stopping and streaming per request.
+
+Hugging Face ``generate`` takes one generation config for the whole batch. A server batch mixes
+requests with their own ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop`` strings, so
+the batch runs greedy decoding (``do_sample=False``) with three per-row hooks:
+
+* :class:`RowSampler` (a logits processor): a row with temperature ``t > 0`` samples its next
+  token from ``softmax(logits / t)`` restricted to the top-p nucleus, with its own
+  ``torch.Generator`` (seeded from the request's ``seed``), and masks every other logit to -inf,
+  so the greedy argmax picks exactly the sampled token. Rows with ``t == 0`` are left untouched:
+  plain greedy decoding, token for token what ``ReftModel.generate(do_sample=False)`` gives.
+  Because each row draws from its own generator, a seeded request gets the same tokens whatever
+  else shares its batch.
+* :class:`RowStreamer` (a streamer): feeds each step's token of row ``b`` to ``states[b]``.
+* :class:`RowStopper` (a stopping criterion): a row is done when its :class:`RowState` says so
+  (eos, ``max_tokens`` or a stop string), so the batch ends when every row is done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+__all__ = ["SamplingParams", "RowState", "RowSampler", "RowStopper", "RowStreamer"]
+
+
+@dataclass
+class SamplingParams:
+    """One request's decoding settings (OpenAI names). ``temperature == 0`` is greedy."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be a positive integer")
+        if not 0.0 <= self.temperature:
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+
+
+class RowState:
+    """The tokens and text one request has generated so far, with its stop rules.
+
+    ``push(token)`` appends a generated token: an eos token ends the row (``finish_reason="stop"``,
+    the eos is not part of the text); reaching ``max_tokens`` ends it with ``"length"``; a stop
+    string in the decoded text ends it with ``"stop"`` and cuts the text before the stop string.
+    ``on_delta(text, finished, finish_reason)`` receives the new text as it becomes final (text that
+    could still turn out to start a stop string, or an incomplete multi-byte character, is held back).
+    """
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids: Sequence[int],
+                 on_delta: Optional[Callable[[str, bool, Optional[str]], None]] = None):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.eos_ids = set(int(e) for e in eos_ids)
+        self.on_delta = on_delta
+        self.tokens: List[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finished = False
+        self.finish_reason: Optional[str] = None
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+
+    def push(self, token: int) -> None:
+        if self.finished:
+            return
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self._finish("stop")
+            return
+        self.text = self.tokenizer.decode([t for t in self.tokens if t not in self.eos_ids],
+                                          skip_special_tokens=True)
+        for stop in self.params.stop:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text = self.text[:at]
+                self._finish("stop")
+                return
+        if len(self.tokens) >= self.params.max_tokens:
+            self._finish("length")
+            return
+        safe = len(self.text) - self._holdback
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":   # incomplete character
+            safe -= 1
+        if safe > self.emitted:
+            delta, self.emitted = self.text[self.emitted:safe], safe
+            if self.on_delta is not None:
+                self.on_delta(delta, False, None)
+
+    def _finish(self, reason: str) -> None:
+        self.finished, self.finish_reason = True, reason
+        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        if self.on_delta is not None:
+            self.on_delta(delta, True, reason)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class RowSampler:
+    """Logits processor: per-row temperature / top-p sampling with per-row generators (see module doc)."""
+
+    def __init__(self, params: Sequence[SamplingParams]):
+        self.params = list(params)
+        self.generators = []
+        for p in self.params:
+            g = None
+            if p.temperature > 0:
+                g = torch.Generator()
+                g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.generators.append(g)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if all(g is None for g in self.generators):
+            return scores
+        scores = scores.clone()
+        for row, (p, g) in enumerate(zip(self.params, self.generators)):
+            if g is None:
+                continue
+            logits = scores[row].float() / p.temperature
+            probs = torch.softmax(logits, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                # keep the smallest prefix whose mass reaches top_p (always at least one token)
+                drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
+                sorted_probs[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=g))
+            scores[row].fill_(float("-inf"))
+            scores[row, token] = 0.0
+        return scores
+
+
+class RowStopper:
+    """Stopping criterion: (B,) bool, True where the row's :class:`RowState` is finished."""
+
+    def __init__(self, states: Sequence[RowState]):
+        self.states = list(states)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([s.finished for s in self.states], device=input_ids.device)
+
+
+class RowStreamer:
+    """Streamer: the first ``put`` is the prompt (skipped), then one (B,) token tensor per step."""
+
+    def __init__(self, states: Sequence[RowState]):
+        self.states = list(states)
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for state, token in zip(self.states, value.reshape(-1).tolist()):
+            state.push(int(token))
+
+    def end(self) -> None:
+        return None
+
+
+def hf_hooks(states: Sequence[RowState]):
+    """``generate`` keyword arguments wiring the three per-row hooks for ``states``."""
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    sampler, stopper, streamer = RowSampler([s.params for s in states]), RowStopper(states), RowStreamer(states)
+
+    class _Sampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return sampler(input_ids, scores)
+
+    class _Stopper(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stopper(input_ids, scores)
+
+    class _Streamer(BaseStreamer):
+        def put(self, value):
+            streamer.put(value)
+
+        def end(self):
+            streamer.end()
+
+    return {"logits_processor": LogitsProcessorList([_Sampler()]),
+            "stopping_criteria": StoppingCriteriaList([_Stopper()]), "streamer": _Streamer()}

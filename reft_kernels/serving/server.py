@@ -1,0 +1,161 @@
+"""``reft-kernels serve`` (also ``python -m reft_kernels.serving``): arguments and startup.
+
+    reft-kernels serve --adapter NAME=PATH [--adapter NAME=PATH ...] [--model BASE]
+                       [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] [--batch-window-ms 5]
+                       [--enable-runtime-adapters]
+
+``--model`` defaults to the base model recorded in the first adapter's ``reft_run.json``. The
+argument names follow vLLM where it has one (``--served-model-name``, ``--max-model-len``,
+``--lora-modules NAME=PATH ...`` as an alias of ``--adapter``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["add_arguments", "build_parser", "serve_from_args", "main", "ServeError", "build_engine"]
+
+RUNTIME_ENV_VARS = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "REFT_ALLOW_RUNTIME_ADAPTERS")
+
+
+class ServeError(Exception):
+    """A startup error: one line on stderr, exit code 2."""
+
+
+def _adapter_arg(text: str):
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=PATH, e.g. --adapter demo=reft_demo")
+    return name, path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--adapter", dest="adapters", type=_adapter_arg, action="append", default=[],
+                   metavar="NAME=PATH", help="serve the adapter at PATH (a train/demo output directory or an "
+                   "adapter directory) as model NAME; repeatable")
+    p.add_argument("--lora-modules", dest="adapters", type=_adapter_arg, nargs="+", action="extend",
+                   metavar="NAME=PATH", help="vLLM's spelling of --adapter")
+    p.add_argument("--model", help="base model directory or hub name (default: the one recorded in the first "
+                   "adapter's reft_run.json)")
+    p.add_argument("--served-model-name", help="the name clients use for the base model alone (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="most requests in one batched generate")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the first waiting request waits for others to join its batch")
+    p.add_argument("--batching", default="auto", choices=["auto", "mixed", "grouped"],
+                   help="mixed: one generate with per-row adapters; grouped: one generate per adapter")
+    p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    p.add_argument("--positions", help="position rule for adapters without reft_run.json (e.g. l1, f7+l7)")
+    p.add_argument("--template", choices=["instruction", "chat", "none"],
+                   help="prompt template for chat requests when the tokenizer has no chat template "
+                   "(default: each adapter's training template)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
+    p.add_argument("--enable-runtime-adapters", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also on when "
+                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(
+        prog="reft-kernels serve", description="OpenAI-compatible server for a base model and its ReFT adapters"))
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def context_length(model, tokenizer) -> Optional[int]:
+    n = getattr(model.config, "max_position_embeddings", None)
+    m = getattr(tokenizer, "model_max_length", None)
+    vals = [v for v in (n, m) if isinstance(v, int) and v < 10**8]
+    return min(vals) if vals else None
+
+
+def load_base(name: str, dtype: str, device: Optional[str]):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, **{key: getattr(torch, dtype)})
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ServeError(f"--model {name!r} could not be loaded ({first}); pass a local directory with "
+                         "config.json, weights and tokenizer files") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tok
+
+
+def build_engine(args):
+    """(engine, served name, context length, base path) from parsed arguments."""
+    from .adapters import AdapterError, read_adapter_spec
+    from .engine import Engine
+    names = [n for n, _ in args.adapters]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ServeError(f"--adapter names must be unique; {dup} given more than once")
+    model_name = args.model
+    if model_name is None:
+        if not args.adapters:
+            raise ServeError("pass --model (the base model) and/or --adapter NAME=PATH")
+        try:
+            model_name = read_adapter_spec(*args.adapters[0], args.positions).base_model
+        except AdapterError as exc:
+            raise ServeError(str(exc)) from None
+        if model_name is None:
+            raise ServeError(f"the adapter {args.adapters[0][1]!r} does not record its base model; pass --model")
+    served = args.served_model_name or model_name
+    if served in names:
+        raise ServeError(f"adapter name {served!r} is the base model's served name; rename the adapter")
+    model, tok = load_base(model_name, args.dtype, args.device)
+    try:
+        engine = Engine(model, tok, mode=args.batching, max_batch_size=args.max_batch_size,
+                        batch_window_s=args.batch_window_ms / 1000.0, backend=args.backend,
+                        default_positions=args.positions, default_template=args.template)
+        for name, path in args.adapters:
+            engine.load_adapter(name, path)
+    except (AdapterError, ValueError) as exc:
+        raise ServeError(str(exc)) from None
+    ctx = args.max_model_len or context_length(model, tok)
+    return engine, served, ctx, model_name
+
+
+def serve_from_args(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    runtime = args.enable_runtime_adapters or any(_env_true(v) for v in RUNTIME_ENV_VARS)
+    engine, served, ctx, root = build_engine(args)
+    app = create_app(engine, served, ctx, enable_runtime_adapters=runtime, model_root=root)
+    logging.getLogger("reft_kernels.serving").info(
+        "serving %s + adapters %s on http://%s:%d/v1 (batching: %s, max batch %d, window %.1f ms, runtime "
+        "adapters %s)", served, sorted(engine.specs), args.host, args.port, engine.mode, engine.max_batch_size,
+        1000 * engine.batch_window_s, "on" if runtime else "off")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return serve_from_args(args)
+    except ServeError as exc:
+        print(f"reft-kernels serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
