@@ -95,8 +95,8 @@ def _base_model(path):
 
 
 @functools.lru_cache(maxsize=None)
-    from transformers import AutoTokenizer
 def _tok(path):
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
 
 
