@@ -117,7 +117,7 @@ def reference(assets, adapter, prompt_ids, max_new_tokens):
             out = base.generate(ids, **kw)
         else:
             layers, positions, share, _, _ = ADAPTERS[adapter]
-            rm = ReftModel.load(os.path.join(assets["runs"][adapter], "adapter"), base)
+            rm = ReftModel.load(os.path.join(assets["runs"][adapter], "adapter"), base, backend="torch")
             locs = get_intervention_locations(last_position=len(prompt_ids), positions=positions,
                                               num_interventions=len(layers), share_weights=share)
             width = max(map(len, locs))
@@ -149,8 +149,8 @@ def _start(args, env_extra=None):
 @pytest.fixture(scope="module")
 def server(assets):
     args = [a for n, p in list(assets["runs"].items())[:2] for a in ("--adapter", f"{n}={p}")]
-    proc, url = _start([*args, "--served-model-name", "base", "--batch-window-ms", "300", "--max-batch-size", "8",
-                        "--enable-runtime-adapters"])
+    proc, url = _start([*args, "--served-model-name", "base", "--backend", "torch", "--batch-window-ms", "300",
+                        "--max-batch-size", "8", "--enable-runtime-adapters"])
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -204,6 +204,10 @@ def test_concurrent_mixed_adapters_are_batched_and_exact(client, assets, server)
     assert max(sizes) >= 4 and len(batch_ids) < len(jobs), (sizes, batch_ids)   # requests shared batches
     stats = json.load(urllib.request.urlopen(server + "/debug/stats"))
     assert stats["max_batch"] >= 4
+    mixed = [b for b in stats["last_batches"] if len(b["adapters"]) > 1]
+    assert mixed
+    for b in mixed:   # mixed: one generate for the whole batch; grouped: one per adapter in it
+        assert b["generate_calls"] == (1 if stats["mode"] == "mixed" else len(b["adapters"])), b
     for (model, prompt), got in zip(jobs, answers):
         want = reference(assets, None if model == "base" else model, _ids(assets, prompt), 6)
         assert got == _text(assets, want), (model, prompt)
@@ -300,7 +304,7 @@ def test_runtime_adapters_refused_when_not_enabled(assets):
 
     from reft_kernels.serving.app import create_app
     from reft_kernels.serving.server import build_engine, build_parser
-    args = build_parser().parse_args(["--adapter", f"alpha={assets['runs']['alpha']}"])
+    args = build_parser().parse_args(["--adapter", f"alpha={assets['runs']['alpha']}", "--backend", "torch"])
     engine, served, ctx, root = build_engine(args)
     with TestClient(create_app(engine, served, ctx, enable_runtime_adapters=False)) as http:
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "g", "lora_path": assets["runs"]["gamma"]})
@@ -308,3 +312,23 @@ def test_runtime_adapters_refused_when_not_enabled(assets):
         r = http.post("/v1/unload_lora_adapter", json={"lora_name": "alpha"})
         assert r.status_code == 404
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [assets["base"], "alpha"]
+
+
+def test_engine_mixed_and_grouped_batches_agree(assets):
+    """In process: the same mixed-adapter batch through one generate and through one per adapter."""
+    from reft_kernels.serving import Engine, GenerationRequest, SamplingParams
+    from reft_kernels.serving.engine import mixed_supported
+    if not mixed_supported():
+        pytest.skip("ReftModel has no named adapters (adapter_ids) in this checkout")
+    from transformers import AutoModelForCausalLM
+    outs = {}
+    for mode in ("mixed", "grouped"):
+        engine = Engine(AutoModelForCausalLM.from_pretrained(assets["base"]), _tok(assets["base"]), mode=mode,
+                        backend="torch")
+        for name in ADAPTERS:
+            engine.load_adapter(name, assets["runs"][name])
+        reqs = [GenerationRequest(_ids(assets, p), m, SamplingParams(max_tokens=5, temperature=t, seed=3))
+                for p in PROMPTS for m, t in ((None, 0.0), ("alpha", 0.0), ("beta", 1.0), ("gamma", 0.0))]
+        outs[mode] = [r.token_ids for r in engine.generate_batch(reqs)]
+        assert engine.stats["generate_calls"] == (1 if mode == "mixed" else 4)
+    assert outs["mixed"] == outs["grouped"]

@@ -15,9 +15,10 @@ Two ways to run a batch (``mode``):
 * ``"mixed"``: ONE ``generate`` for the whole batch, each row with its own adapter (``adapter_ids``
   on a ReftModel holding named adapters; rows without an adapter pass through). Needs the
   named-adapter API on :class:`~reft_kernels.ReftModel` (``load_adapter`` / ``adapter_ids``).
-* ``"grouped"``: rows are grouped by adapter and each group runs as its own ``generate`` (one
-  ReftModel per adapter, all sharing the same base model; each one's hooks fire only inside its own
-  calls). This is the fallback, and baseline (b) of ``benchmarks/bench_serving.py``.
+* ``"grouped"``: rows are grouped by adapter and each group runs as its own single-adapter
+  ``generate``. This is the fallback without the named-adapter API (then there is one ReftModel per
+  adapter, all on the same base model, each one's hooks firing only inside its own calls), and
+  baseline (b) of ``benchmarks/bench_serving.py``.
 """
 from __future__ import annotations
 
@@ -103,8 +104,9 @@ class Engine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
         self.specs: Dict[str, AdapterSpec] = {}
-        self._models: Dict[str, object] = {}        # grouped: name -> ReftModel on the shared base
-        self._mixed = None                           # mixed: one ReftModel holding every adapter
+        self.named_adapters = mixed_supported()
+        self._models: Dict[str, object] = {}        # without named adapters: name -> ReftModel on the base
+        self._holder = None                          # with named adapters: one ReftModel holding them all
         self._n_interventions: Dict[str, int] = {}
         self._lock = threading.RLock()               # one generate or adapter change at a time
         self._queue: "queue.Queue[Optional[GenerationRequest]]" = queue.Queue()
@@ -115,19 +117,12 @@ class Engine:
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> AdapterSpec:
         """Load ``path`` under ``name``; raises AdapterError (bad path/config) or ValueError (name taken)."""
-        from ..reft_model import ReftModel
         spec = read_adapter_spec(name, path, self.default_positions, self.default_template)
         with self._lock:
             if name in self.specs:
                 raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
             try:
-                if self.mode == "mixed":
-                    n = self._load_mixed(spec)
-                else:
-                    reft_model = ReftModel.load(spec.adapter_dir, self.model, backend=self.backend)
-                    reft_model.eval()
-                    self._models[name] = reft_model
-                    n = len(reft_model.interventions)
+                n = self._load(spec)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise AdapterError(f"adapter {name!r} could not be loaded from {spec.adapter_dir!r}: {exc}") from None
             self.model.eval()
@@ -138,29 +133,42 @@ class Engine:
                  spec.positions, n)
         return spec
 
-    def _load_mixed(self, spec: AdapterSpec) -> int:
+    def _load(self, spec: AdapterSpec) -> int:
+        """Load the checkpoint; the number of its interventions (= location slots it reads)."""
+        from ..config import ReftConfig
         from ..reft_model import ReftModel
-        if self._mixed is None:
-            self._mixed = ReftModel.load(spec.adapter_dir, self.model, backend=self.backend,
-                                         adapter_name=spec.name)
-        else:
-            self._mixed.load_adapter(spec.adapter_dir, adapter_name=spec.name)
-        self._mixed.eval()
-        return self._mixed.num_interventions(spec.name)
+        if not self.named_adapters:   # one ReftModel per adapter, all on the shared base model
+            reft_model = ReftModel.load(spec.adapter_dir, self.model, backend=self.backend)
+            reft_model.eval()
+            self._models[spec.name] = reft_model
+            return len(reft_model.interventions)
+        if self._holder is None:      # one ReftModel holding every adapter by name
+            self._holder = ReftModel(ReftConfig(representations=[]), self.model, backend=self.backend)
+            self._holder.delete_adapter(self._holder.adapter_names[0])
+        self._holder.load_adapter(spec.adapter_dir, adapter_name=spec.name)
+        return len(self._holder.adapter_config(spec.name).representations)
 
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name``; queued requests for it fail with UnknownAdapterError."""
         with self._lock:
             if name not in self.specs:
                 raise UnknownAdapterError(name)
-            if self.mode == "mixed":
-                self._mixed.delete_adapter(name)
+            if self.named_adapters:
+                self._holder.delete_adapter(name)
             else:
                 self._models.pop(name).unload()
             del self.specs[name], self._n_interventions[name]
             self.model.eval()
             self.model.requires_grad_(False)
         log.info("unloaded adapter %r", name)
+
+    def warmup(self) -> None:
+        """One tiny batch (the base model and every adapter, one token each) so the first request
+        does not pay for kernel builds or lazy initialisation; the counters are reset after."""
+        prompt = list(range(min(8, len(self.tokenizer))))   # long enough for every position rule to edit
+        names = [None, *self.specs]
+        self.generate_batch([GenerationRequest(prompt, n, SamplingParams(max_tokens=1)) for n in names])
+        self.stats.update(batches=0, requests=0, max_batch=0, generate_calls=0, last_batches=[])
 
     # -- batching queue ---------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -282,8 +290,8 @@ class Engine:
         self.stats["generate_calls"] += 1
         if not slots:
             self.model.generate(**kwargs)
-        elif self.mode == "mixed":
-            self._mixed.generate(intervention_locations=locs, adapter_ids=adapters, **kwargs)
+        elif self.named_adapters:   # mixed: every row its own adapter; grouped: one adapter for all rows
+            self._holder.generate(intervention_locations=locs, adapter_ids=adapters, **kwargs)
         else:
             self._models[adapters[0]].generate(intervention_locations=locs, **kwargs)
         for s in states:   # generate ended (max_new_tokens reached): rows still open hit their limit

@@ -128,6 +128,7 @@ def build_engine(args):
             engine.load_adapter(name, path)
     except (AdapterError, ValueError) as exc:
         raise ServeError(str(exc)) from None
+    engine.warmup()
     ctx = args.max_model_len or context_length(model, tok)
     return engine, served, ctx, model_name
 
