@@ -273,7 +273,7 @@ class Engine:
         mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
         kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
                       max_new_tokens=max(r.params.max_tokens for r in requests), pad_token_id=self.pad_id,
-                      eos_token_id=self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids, **hf_hooks(states))
+                      eos_token_id=(self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids) or None, **hf_hooks(states))
         adapters = [r.adapter for r in requests]
         slots = max([self._n_interventions[a] for a in adapters if a is not None], default=0)
         if slots:

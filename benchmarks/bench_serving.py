@@ -1,0 +1,309 @@
+"""Serving benchmark: N concurrent requests spread over A adapters on one small Llama (CPU).
+
+Work: N prompts of ``--prompt-len`` random tokens, request i for adapter ``i % A`` (LoReFT rank 4 on
+``--layers``, position rule l1: the last prompt token), greedy, exactly ``--new-tokens`` new tokens
+each (eos is disabled, so every method does the same number of decode steps). Throughput =
+generated tokens / wall seconds for the whole set, median of ``--repeats``.
+
+Methods:
+  mixed     our engine, the requests submitted concurrently to its queue: one batched generate
+            with each row's own adapter (per-row adapter_ids); needs ReftModel named adapters
+  grouped   our engine in grouped mode (baseline b): one single-adapter batched generate per
+            adapter group, one group after another
+  pyreft    baseline (a), pyreft 0.1.0 itself (run in its own venv, transformers 4.45.1, as a
+            subprocess): one pyreft ReftModel per adapter (all built beforehand, switching is free),
+            one batched generate per adapter group, one group after another
+  http      (N=16, A=16 only) the real server process, the requests sent concurrently with the
+            openai client from threads: the mixed path plus HTTP/JSON
+
+    python benchmarks/bench_serving.py                         # the committed run
+    python benchmarks/bench_serving.py --adapters 1 4 --requests 8 --repeats 1   # a smoke run
+
+Writes benchmarks/results/serving.json and serving.png. The machine is shared: read the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PYREFT_PYTHON = "/tmp/reft-parity-venv/bin/python"
+
+
+def llama_config(a):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
+                       num_hidden_layers=a.n_layers, num_attention_heads=a.hidden // 64,
+                       num_key_value_heads=a.hidden // 64, max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+
+
+def workload(a, n):
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(4, a.vocab, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# pyreft (runs under the 4.45.1 venv)
+# ------------------------------------------------------------------------------------------------
+def pyreft_worker(a, out_path):
+    import pyreft
+    from transformers import LlamaForCausalLM
+    torch.set_num_threads(a.threads)
+    model = LlamaForCausalLM(llama_config(a))
+    model.load_state_dict(torch.load(os.path.join(a.workdir, "base_state.pt")))
+    model.eval()
+    results = {}
+    for n, A in a.grid:
+        torch.manual_seed(0)
+        models = []
+        for _ in range(A):
+            reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+                     "intervention": pyreft.LoreftIntervention(embed_dim=a.hidden, low_rank_dimension=4,
+                                                               dtype=torch.float32)} for layer in a.layers]
+            rm = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+            rm.set_device("cpu")
+            models.append(rm)
+        prompts = workload(a, n)
+        groups = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(i % A, []).append(p)
+        times, tokens = [], 0
+        for _ in range(a.repeats):
+            t0, tokens = time.perf_counter(), 0
+            for adapter, rows in groups.items():
+                ids = torch.tensor(rows)   # same length: no padding needed
+                locs = [[[len(r) - 1] for r in rows]] * len(a.layers)
+                with torch.no_grad():
+                    _, out = models[adapter].generate(
+                        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                        unit_locations={"sources->base": (None, locs)}, intervene_on_prompt=True,
+                        max_new_tokens=a.new_tokens, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+                tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
+            times.append(time.perf_counter() - t0)
+        results[f"{n}x{A}"] = {"seconds": statistics.median(times), "tokens": tokens, "all_seconds": times}
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+# ------------------------------------------------------------------------------------------------
+# ours
+# ------------------------------------------------------------------------------------------------
+def prepare(a):
+    """Base model (weights + word tokenizer) and max(A) adapters written to a.workdir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from reft_kernels import LoreftIntervention, ReftConfig, get_reft_model
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(a)).eval()
+    torch.save(model.state_dict(), os.path.join(a.workdir, "base_state.pt"))
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(4, a.vocab)])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", model_max_length=1024)
+    base = os.path.join(a.workdir, "base")
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    for i in range(max(A for _, A in a.grid)):
+        reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+                 "intervention": LoreftIntervention(embed_dim=a.hidden, low_rank_dimension=4, dtype=torch.float32)}
+                for layer in a.layers]
+        rm = get_reft_model(model, ReftConfig(representations=reps))
+        run = os.path.join(a.workdir, f"a{i}")
+        rm.save(os.path.join(run, "adapter"))
+        with open(os.path.join(run, "reft_run.json"), "w") as f:
+            json.dump({"model": base, "positions": "l1", "num_interventions": len(reps), "share_weights": False,
+                       "template": "none"}, f)
+        rm.unload()
+    return base
+
+
+def run_engine(a, base, mode, n, A):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reft_kernels.serving import Engine, GenerationRequest, SamplingParams
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    model.generation_config.eos_token_id = None
+    engine = Engine(model, AutoTokenizer.from_pretrained(base), mode=mode, max_batch_size=max(n, 1),
+                    batch_window_s=a.window_ms / 1000, backend=a.backend)
+    engine.eos_ids = []
+    for i in range(A):
+        engine.load_adapter(f"a{i}", os.path.join(a.workdir, f"a{i}"))
+    engine.warmup()
+    engine.start()
+    prompts = workload(a, n)
+    times, tokens = [], 0
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        for _ in range(a.repeats):
+            reqs = [GenerationRequest(p, f"a{i % A}", SamplingParams(max_tokens=a.new_tokens)) for i, p in enumerate(prompts)]
+            t0 = time.perf_counter()
+            results = [f.result() for f in list(pool.map(engine.submit, reqs))]
+            times.append(time.perf_counter() - t0)
+            tokens = sum(len(r.token_ids) for r in results)
+    calls, batches = engine.stats["generate_calls"] // a.repeats, engine.stats["batches"] // a.repeats
+    engine.close()
+    return {"seconds": statistics.median(times), "tokens": tokens, "all_seconds": times,
+            "generate_calls_per_run": calls, "batches_per_run": batches}
+
+
+def run_http(a, base, n, A):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "reft_kernels.serving", "--model", base, "--port", str(port), "--backend",
+            a.backend, "--max-batch-size", str(n), "--batch-window-ms", str(a.window_ms), "--log-level", "warning"]
+    for i in range(A):
+        args += ["--adapter", f"a{i}={os.path.join(a.workdir, f'a{i}')}"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(a.threads)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env)
+    try:
+        for _ in range(1200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.25)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        prompts = workload(a, n)
+
+        def call(i):   # eos is none in the base model's config, so every request gets new_tokens tokens
+            r = client.completions.create(model=f"a{i % A}", prompt=prompts[i], max_tokens=a.new_tokens, temperature=0)
+            return r.usage.completion_tokens
+        times, tokens = [], 0
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            list(pool.map(call, range(n)))   # warm-up
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                tokens = sum(pool.map(call, range(n)))
+                times.append(time.perf_counter() - t0)
+        return {"seconds": statistics.median(times), "tokens": tokens, "all_seconds": times}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    styles = {"mixed": ("C0", "o"), "grouped": ("C1", "s"), "pyreft": ("C3", "^")}
+    for n in sorted({r["requests"] for r in result["rows"]}):
+        for method, (color, marker) in styles.items():
+            pts = [(r["adapters"], r[method]["tokens_per_s"]) for r in result["rows"]
+                   if r["requests"] == n and method in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, color=color, marker=marker, linestyle="-" if n == 16 else "--",
+                        label=f"{method}, N={n}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("adapters A (requests spread round-robin)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Serving N concurrent requests over A ReFT adapters (shared CPU)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--requests", type=int, nargs="+", default=[16, 64],
+                   help="N values; each is run with every A <= N")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="intervened layers")
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--window-ms", type=float, default=10.0)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--no-pyreft", action="store_true")
+    p.add_argument("--no-http", action="store_true")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "serving"))
+    p.add_argument("--pyreft-worker", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.grid = [(n, A) for n in a.requests for A in a.adapters if A <= n]
+    if a.pyreft_worker:
+        return pyreft_worker(a, a.pyreft_worker)
+
+    sys.path.insert(0, ROOT)
+    torch.set_num_threads(a.threads)
+    from reft_kernels.serving.engine import mixed_supported
+    import transformers
+    transformers.logging.set_verbosity_error()
+    a.workdir = a.workdir or tempfile.mkdtemp(prefix="bench_serving_")
+    base = prepare(a)
+    pyreft_res = {}
+    if not a.no_pyreft and os.path.exists(PYREFT_PYTHON):
+        out = os.path.join(a.workdir, "pyreft.json")
+        cmd = [PYREFT_PYTHON, os.path.abspath(__file__), "--pyreft-worker", out, "--workdir", a.workdir]
+        for k in ("adapters", "requests", "layers"):
+            cmd += [f"--{k}", *map(str, getattr(a, k))]
+        for k in ("hidden", "n_layers", "vocab", "prompt_len", "new_tokens", "repeats", "threads"):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ""})
+        with open(out) as f:
+            pyreft_res = json.load(f)
+    modes = ["mixed", "grouped"] if mixed_supported() else ["grouped"]
+    rows = []
+    for n, A in a.grid:
+        row = {"requests": n, "adapters": A}
+        for mode in modes:
+            row[mode] = run_engine(a, base, mode, n, A)
+        if f"{n}x{A}" in pyreft_res:
+            row["pyreft"] = pyreft_res[f"{n}x{A}"]
+        if not a.no_http and n == 16 and A == 16 and "mixed" in modes:
+            row["http"] = run_http(a, base, n, A)
+        for k in ("mixed", "grouped", "pyreft", "http"):
+            if k in row:
+                row[k]["tokens_per_s"] = row[k]["tokens"] / row[k]["seconds"]
+        best = row.get("mixed", row["grouped"])["tokens_per_s"]
+        row["ratios"] = {f"ours_vs_{k}": best / row[k]["tokens_per_s"] for k in ("grouped", "pyreft") if k in row}
+        if "http" in row and "pyreft" in row:
+            row["ratios"]["http_vs_pyreft"] = row["http"]["tokens_per_s"] / row["pyreft"]["tokens_per_s"]
+        rows.append(row)
+        print(json.dumps({"N": n, "A": A, **{k: round(row[k]["tokens_per_s"], 1) for k in
+                                             ("mixed", "grouped", "pyreft", "http") if k in row},
+                          **{k: round(v, 2) for k, v in row["ratios"].items()}}), flush=True)
+    result = {"settings": {k: v for k, v in vars(a).items() if k not in ("pyreft_worker", "workdir", "out")},
+              "ours_mode": "mixed" if "mixed" in modes else "grouped (named adapters not available)",
+              "machine": {"cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "transformers": transformers.__version__,
+                          "note": "shared 2-core machine with other jobs running: compare ratios, not absolutes"},
+              "rows": rows}
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, a.out + ".png")
+    print(f"wrote {a.out}.json and {a.out}.png")
+
+
+if __name__ == "__main__":
+    main()
