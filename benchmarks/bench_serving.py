@@ -3,16 +3,17 @@
 Work: N prompts of ``--prompt-len`` random tokens, request i for adapter ``i % A`` (LoReFT rank 4 on
 ``--layers``, position rule l1: the last prompt token), greedy, exactly ``--new-tokens`` new tokens
 each (eos is disabled, so every method does the same number of decode steps). Throughput =
-generated tokens / wall seconds for the whole set, median of ``--repeats``.
+generated tokens / wall seconds for the whole set, median of ``--repeats``; the methods run
+back to back in each repeat and the ratios are medians of per-repeat ratios (wall and CPU time).
 
 Methods:
   mixed     our engine, the requests submitted concurrently to its queue: one batched generate
             with each row's own adapter (per-row adapter_ids); needs ReftModel named adapters
   grouped   our engine in grouped mode (baseline b): one single-adapter batched generate per
             adapter group, one group after another
-  pyreft    baseline (a), pyreft 0.1.0 itself (run in its own venv, transformers 4.45.1, as a
-            subprocess): one pyreft ReftModel per adapter (all built beforehand, switching is free),
-            one batched generate per adapter group, one group after another
+  pyreft    baseline (a), pyreft 0.1.0 itself (its own venv, transformers 4.45.1, a persistent
+            subprocess driven run by run): one pyreft ReftModel per adapter (all built beforehand,
+            switching is free), one batched generate per adapter group, one group after another
   http      (N=16, A=16 only) the real server process, the requests sent concurrently with the
             openai client from threads: the mixed path plus HTTP/JSON
 
@@ -56,45 +57,69 @@ def workload(a, n):
 # ------------------------------------------------------------------------------------------------
 # pyreft (runs under the 4.45.1 venv)
 # ------------------------------------------------------------------------------------------------
-def pyreft_worker(a, out_path):
+def pyreft_worker(a):
+    """A persistent worker: reads "N A" lines, answers one timed run each as a JSON line."""
     import pyreft
     from transformers import LlamaForCausalLM
     torch.set_num_threads(a.threads)
     model = LlamaForCausalLM(llama_config(a))
     model.load_state_dict(torch.load(os.path.join(a.workdir, "base_state.pt")))
     model.eval()
-    results = {}
-    for n, A in a.grid:
-        torch.manual_seed(0)
-        models = []
-        for _ in range(A):
-            reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
-                     "intervention": pyreft.LoreftIntervention(embed_dim=a.hidden, low_rank_dimension=4,
-                                                               dtype=torch.float32)} for layer in a.layers]
-            rm = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
-            rm.set_device("cpu")
-            models.append(rm)
-        prompts = workload(a, n)
+    adapters = {}
+    for line in sys.stdin:
+        n, A = map(int, line.split())
+        if A not in adapters:
+            torch.manual_seed(0)
+            adapters[A] = []
+            for _ in range(A):
+                reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+                         "intervention": pyreft.LoreftIntervention(embed_dim=a.hidden, low_rank_dimension=4,
+                                                                   dtype=torch.float32)} for layer in a.layers]
+                rm = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+                rm.set_device("cpu")
+                adapters[A].append(rm)
         groups = {}
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(workload(a, n)):
             groups.setdefault(i % A, []).append(p)
-        times, tokens = [], 0
-        for _ in range(a.repeats):
-            t0, tokens = time.perf_counter(), 0
-            for adapter, rows in groups.items():
-                ids = torch.tensor(rows)   # same length: no padding needed
-                locs = [[[len(r) - 1] for r in rows]] * len(a.layers)
-                with torch.no_grad():
-                    _, out = models[adapter].generate(
-                        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                        unit_locations={"sources->base": (None, locs)}, intervene_on_prompt=True,
-                        max_new_tokens=a.new_tokens, do_sample=False,
-                        pad_token_id=0, eos_token_id=None)
-                tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
-            times.append(time.perf_counter() - t0)
-        results[f"{n}x{A}"] = {"seconds": statistics.median(times), "tokens": tokens, "all_seconds": times}
-    with open(out_path, "w") as f:
-        json.dump(results, f)
+        w0, c0, tokens = time.perf_counter(), time.process_time(), 0
+        for adapter, rows in groups.items():   # one adapter group after another
+            ids = torch.tensor(rows)   # same length: no padding needed
+            locs = [[[len(r) - 1] for r in rows]] * len(a.layers)
+            with torch.no_grad():
+                _, out = adapters[A][adapter].generate(
+                    {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                    unit_locations={"sources->base": (None, locs)}, intervene_on_prompt=True,
+                    max_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+            tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
+        print("RESULT", json.dumps({"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0, "tokens": tokens}),
+              flush=True)
+
+
+class PyreftProcess:
+    """The pyreft worker in the 4.45.1 venv, driven one run at a time (so runs interleave with ours)."""
+
+    def __init__(self, a):
+        cmd = [PYREFT_PYTHON, os.path.abspath(__file__), "--pyreft-worker", "--workdir", a.workdir]
+        for k in ("layers",):
+            cmd += [f"--{k}", *map(str, getattr(a, k))]
+        for k in ("hidden", "n_layers", "vocab", "prompt_len", "new_tokens", "threads"):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": str(a.threads)})
+
+    def run(self, n, A):
+        self.proc.stdin.write(f"{n} {A}\n")
+        self.proc.stdin.flush()
+        while True:   # pyvene prints notices on stdout: skip to our line
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the pyreft worker died; run it by hand to see why")
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,34 +155,44 @@ def prepare(a):
     return base
 
 
-def run_engine(a, base, mode, n, A):
-    from concurrent.futures import ThreadPoolExecutor
+class EngineRunner:
+    """Our engine (mode mixed or grouped) with A adapters loaded, its queue running."""
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, a, base, mode, n, A):
+        from concurrent.futures import ThreadPoolExecutor
 
-    from reft_kernels.serving import Engine, GenerationRequest, SamplingParams
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
-    model.generation_config.eos_token_id = None
-    engine = Engine(model, AutoTokenizer.from_pretrained(base), mode=mode, max_batch_size=max(n, 1),
-                    batch_window_s=a.window_ms / 1000, backend=a.backend)
-    engine.eos_ids = []
-    for i in range(A):
-        engine.load_adapter(f"a{i}", os.path.join(a.workdir, f"a{i}"))
-    engine.warmup()
-    engine.start()
-    prompts = workload(a, n)
-    times, tokens = [], 0
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        for _ in range(a.repeats):
-            reqs = [GenerationRequest(p, f"a{i % A}", SamplingParams(max_tokens=a.new_tokens)) for i, p in enumerate(prompts)]
-            t0 = time.perf_counter()
-            results = [f.result() for f in list(pool.map(engine.submit, reqs))]
-            times.append(time.perf_counter() - t0)
-            tokens = sum(len(r.token_ids) for r in results)
-    calls, batches = engine.stats["generate_calls"] // a.repeats, engine.stats["batches"] // a.repeats
-    engine.close()
-    return {"seconds": statistics.median(times), "tokens": tokens, "all_seconds": times,
-            "generate_calls_per_run": calls, "batches_per_run": batches}
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from reft_kernels.serving import Engine
+        model = AutoModelForCausalLM.from_pretrained(base).eval()
+        model.generation_config.eos_token_id = None
+        self.engine = Engine(model, AutoTokenizer.from_pretrained(base), mode=mode, max_batch_size=max(n, 1),
+                             batch_window_s=a.window_ms / 1000, backend=a.backend)
+        self.engine.eos_ids = []   # every request generates exactly new_tokens tokens
+        for i in range(A):
+            self.engine.load_adapter(f"a{i}", os.path.join(a.workdir, f"a{i}"))
+        self.engine.warmup()
+        self.engine.start()
+        self.a, self.n, self.A, self.runs = a, n, A, 0
+        self.prompts = workload(a, n)
+        self.pool = ThreadPoolExecutor(max_workers=n)
+
+    def run(self):
+        from reft_kernels.serving import GenerationRequest, SamplingParams
+        reqs = [GenerationRequest(p, f"a{i % self.A}", SamplingParams(max_tokens=self.a.new_tokens))
+                for i, p in enumerate(self.prompts)]
+        w0, c0 = time.perf_counter(), time.process_time()
+        results = [f.result() for f in list(self.pool.map(self.engine.submit, reqs))]
+        self.runs += 1
+        return {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0,
+                "tokens": sum(len(r.token_ids) for r in results)}
+
+    def close(self):
+        stats = self.engine.stats
+        self.pool.shutdown()
+        self.engine.close()
+        return {"generate_calls_per_run": stats["generate_calls"] / max(self.runs, 1),
+                "batches_per_run": stats["batches"] / max(self.runs, 1)}
 
 
 def run_http(a, base, n, A):
@@ -196,7 +231,7 @@ def run_http(a, base, n, A):
                 t0 = time.perf_counter()
                 tokens = sum(pool.map(call, range(n)))
                 times.append(time.perf_counter() - t0)
-        return {"seconds": statistics.median(times), "tokens": tokens, "all_seconds": times}
+        return [{"wall": t, "tokens": tokens} for t in times]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -227,6 +262,21 @@ def plot(result, path):
     fig.savefig(path, dpi=120)
 
 
+def summarize(runs):
+    """Median wall and CPU seconds of a method's runs and tokens/s from them."""
+    out = {"tokens": runs[0]["tokens"], "wall_s": [round(r["wall"], 4) for r in runs]}
+    out["tokens_per_s"] = out["tokens"] / statistics.median(r["wall"] for r in runs)
+    if all("cpu" in r for r in runs):
+        out["cpu_s"] = [round(r["cpu"], 4) for r in runs]
+        out["tokens_per_cpu_s"] = out["tokens"] / statistics.median(r["cpu"] for r in runs)
+    return out
+
+
+def paired_ratio(ours, theirs, key):
+    """Median over repeats of theirs[key] / ours[key] (run i of each ran back to back)."""
+    return statistics.median(t[key] / o[key] for o, t in zip(ours, theirs))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -238,64 +288,68 @@ def main():
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--window-ms", type=float, default=10.0)
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-pyreft", action="store_true")
     p.add_argument("--no-http", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "serving"))
-    p.add_argument("--pyreft-worker", help=argparse.SUPPRESS)
+    p.add_argument("--pyreft-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args()
-    a.grid = [(n, A) for n in a.requests for A in a.adapters if A <= n]
     if a.pyreft_worker:
-        return pyreft_worker(a, a.pyreft_worker)
+        return pyreft_worker(a)
 
     sys.path.insert(0, ROOT)
     torch.set_num_threads(a.threads)
-    from reft_kernels.serving.engine import mixed_supported
     import transformers
+
+    from reft_kernels.serving.engine import mixed_supported
     transformers.logging.set_verbosity_error()
+    a.grid = [(n, A) for n in a.requests for A in a.adapters if A <= n]
     a.workdir = a.workdir or tempfile.mkdtemp(prefix="bench_serving_")
     base = prepare(a)
-    pyreft_res = {}
-    if not a.no_pyreft and os.path.exists(PYREFT_PYTHON):
-        out = os.path.join(a.workdir, "pyreft.json")
-        cmd = [PYREFT_PYTHON, os.path.abspath(__file__), "--pyreft-worker", out, "--workdir", a.workdir]
-        for k in ("adapters", "requests", "layers"):
-            cmd += [f"--{k}", *map(str, getattr(a, k))]
-        for k in ("hidden", "n_layers", "vocab", "prompt_len", "new_tokens", "repeats", "threads"):
-            cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ""})
-        with open(out) as f:
-            pyreft_res = json.load(f)
+    pyreft = PyreftProcess(a) if not a.no_pyreft and os.path.exists(PYREFT_PYTHON) else None
     modes = ["mixed", "grouped"] if mixed_supported() else ["grouped"]
+    ours = modes[0]
     rows = []
     for n, A in a.grid:
+        runners = {m: EngineRunner(a, base, m, n, A) for m in modes}
+        runs = {m: [] for m in modes + (["pyreft"] if pyreft else [])}
+        if pyreft:
+            pyreft.run(n, A)   # warm-up (builds its A adapters)
+        for _ in range(a.repeats):   # interleaved: the methods see the same machine load
+            for m in modes:
+                runs[m].append(runners[m].run())
+            if pyreft:
+                runs["pyreft"].append(pyreft.run(n, A))
         row = {"requests": n, "adapters": A}
-        for mode in modes:
-            row[mode] = run_engine(a, base, mode, n, A)
-        if f"{n}x{A}" in pyreft_res:
-            row["pyreft"] = pyreft_res[f"{n}x{A}"]
+        for m in runs:
+            row[m] = summarize(runs[m])
+        for m in modes:
+            row[m].update(runners[m].close())
         if not a.no_http and n == 16 and A == 16 and "mixed" in modes:
-            row["http"] = run_http(a, base, n, A)
-        for k in ("mixed", "grouped", "pyreft", "http"):
-            if k in row:
-                row[k]["tokens_per_s"] = row[k]["tokens"] / row[k]["seconds"]
-        best = row.get("mixed", row["grouped"])["tokens_per_s"]
-        row["ratios"] = {f"ours_vs_{k}": best / row[k]["tokens_per_s"] for k in ("grouped", "pyreft") if k in row}
-        if "http" in row and "pyreft" in row:
-            row["ratios"]["http_vs_pyreft"] = row["http"]["tokens_per_s"] / row["pyreft"]["tokens_per_s"]
+            row["http"] = summarize(run_http(a, base, n, A))
+        row["ratios"] = {}
+        for other in [m for m in modes if m != ours] + (["pyreft"] if pyreft else []):
+            row["ratios"][f"{ours}_vs_{other}_wall"] = paired_ratio(runs[ours], runs[other], "wall")
+            row["ratios"][f"{ours}_vs_{other}_cpu"] = paired_ratio(runs[ours], runs[other], "cpu")
+        if "http" in row and pyreft:
+            row["ratios"]["http_vs_pyreft_wall"] = row["http"]["tokens_per_s"] / row["pyreft"]["tokens_per_s"]
         rows.append(row)
-        print(json.dumps({"N": n, "A": A, **{k: round(row[k]["tokens_per_s"], 1) for k in
-                                             ("mixed", "grouped", "pyreft", "http") if k in row},
+        print(json.dumps({"N": n, "A": A, **{m: round(row[m]["tokens_per_s"], 1) for m in
+                                             ("mixed", "grouped", "pyreft", "http") if m in row},
                           **{k: round(v, 2) for k, v in row["ratios"].items()}}), flush=True)
+    if pyreft:
+        pyreft.close()
     result = {"settings": {k: v for k, v in vars(a).items() if k not in ("pyreft_worker", "workdir", "out")},
-              "ours_mode": "mixed" if "mixed" in modes else "grouped (named adapters not available)",
+              "ours": ours if ours == "mixed" else "grouped (ReftModel named adapters not available)",
+              "method": "each (N, A): the methods run back to back, repeats times; tokens_per_s uses the median "
+                        "wall time; ratios are medians of the per-repeat ratios (wall and process CPU time)",
               "machine": {"cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
                           "python": platform.python_version(), "torch": torch.__version__,
-                          "transformers": transformers.__version__,
+                          "transformers": transformers.__version__, "pyreft_transformers": "4.45.1",
                           "note": "shared 2-core machine with other jobs running: compare ratios, not absolutes"},
               "rows": rows}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

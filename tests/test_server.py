@@ -5,6 +5,7 @@ prompt, no padding) on a fresh copy of the base model with that adapter alone.
 """
 import functools
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -332,3 +333,39 @@ def test_engine_mixed_and_grouped_batches_agree(assets):
         outs[mode] = [r.token_ids for r in engine.generate_batch(reqs)]
         assert engine.stats["generate_calls"] == (1 if mode == "mixed" else 4)
     assert outs["mixed"] == outs["grouped"]
+
+
+def _cli_has_serve() -> bool:
+    from reft_kernels.cli import build_parser
+    return "serve" in build_parser()._subparsers._group_actions[0].choices
+
+
+@pytest.mark.skipif(not _cli_has_serve(), reason="reft_kernels/cli.py does not register the serve subcommand yet")
+def test_docs_snippet_runs_as_written(tmp_path):
+    """The quick-start block of docs/serving.md (= the README snippet), verbatim but for the port,
+    with `reft-kernels` and `python` resolving to this checkout."""
+    import re
+    text = open(os.path.join(ROOT, "docs", "serving.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- serving-snippet:start -->\n```bash\n(.*?)```", text, re.S).group(1)
+    port = str(_free_port())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, target in (("reft-kernels", f"{sys.executable} -m reft_kernels"), ("python", sys.executable)):
+        (bin_dir / name).write_text(f"#!/bin/sh\nexec {target} \"$@\"\n")
+        (bin_dir / name).chmod(0o755)
+    # the torch backend: the snippet's commands unchanged, no native build inside a timed test
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+           "REFT_KERNELS_BACKEND": "torch"}
+    proc = subprocess.Popen(["bash", "-e", "-c", block.replace("8000", port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:   # the snippet's background server too, whatever happened
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    last = out.strip().splitlines()
+    assert last[-1] == str(["reft_demo/base_model", "demo"]) or last[-1].endswith("'demo']"), last
+    assert last[-2].strip(), "the chat reply is empty"

@@ -134,6 +134,17 @@ def build_engine(args):
 
 
 def serve_from_args(args) -> int:
+    """Run the server until interrupted; a startup error prints one line and returns 2."""
+    try:
+        return _serve(args)
+    except ServeError as exc:
+        print(f"reft-kernels serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args) -> int:
     import uvicorn
 
     from .app import create_app
@@ -152,11 +163,4 @@ def serve_from_args(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return serve_from_args(args)
-    except ServeError as exc:
-        print(f"reft-kernels serve: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return serve_from_args(build_parser().parse_args(argv))
