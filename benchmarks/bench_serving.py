@@ -15,7 +15,8 @@ Methods:
             subprocess driven run by run): one pyreft ReftModel per adapter (all built beforehand,
             switching is free), one batched generate per adapter group, one group after another
   http      (N=16, A=16 only) the real server process, the requests sent concurrently with the
-            openai client from threads: the mixed path plus HTTP/JSON
+            openai client from N threads of this process: the mixed path plus HTTP/JSON and the
+            client's own CPU use (on the same 2 cores)
 
     python benchmarks/bench_serving.py                         # the committed run
     python benchmarks/bench_serving.py --adapters 1 4 --requests 8 --repeats 1   # a smoke run
@@ -195,46 +196,60 @@ class EngineRunner:
                 "batches_per_run": stats["batches"] / max(self.runs, 1)}
 
 
-def run_http(a, base, n, A):
-    from concurrent.futures import ThreadPoolExecutor
+class HttpRunner:
+    """The real server process (mixed batching) and the openai client sending N requests from N threads."""
 
-    import openai
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import socket
-    import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, "-m", "reft_kernels.serving", "--model", base, "--port", str(port), "--backend",
-            a.backend, "--max-batch-size", str(n), "--batch-window-ms", str(a.window_ms), "--log-level", "warning"]
-    for i in range(A):
-        args += ["--adapter", f"a{i}={os.path.join(a.workdir, f'a{i}')}"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(a.threads)}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env)
-    try:
-        for _ in range(1200):
+    def __init__(self, a, base, n, A):
+        import socket
+        import urllib.request
+        from concurrent.futures import ThreadPoolExecutor
+
+        import openai
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        args = [sys.executable, "-m", "reft_kernels.serving", "--model", base, "--port", str(self.port), "--backend",
+                a.backend, "--max-batch-size", str(n), "--batch-window-ms", str(a.window_ms), "--log-level", "warning"]
+        for i in range(A):
+            args += ["--adapter", f"a{i}={os.path.join(a.workdir, f'a{i}')}"]
+        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(a.threads)}
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env)
+        for _ in range(2400):
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
                 break
             except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("the server exited; run it by hand to see why")
                 time.sleep(0.25)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-        prompts = workload(a, n)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0,
+                                    timeout=600)
+        self.a, self.n, self.A, self.prompts = a, n, A, workload(a, n)
+        self.pool = ThreadPoolExecutor(max_workers=n)
+        self.run()   # warm-up
+        self.stats0 = self._stats()
 
-        def call(i):   # eos is none in the base model's config, so every request gets new_tokens tokens
-            r = client.completions.create(model=f"a{i % A}", prompt=prompts[i], max_tokens=a.new_tokens, temperature=0)
-            return r.usage.completion_tokens
-        times, tokens = [], 0
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(call, range(n)))   # warm-up
-            for _ in range(a.repeats):
-                t0 = time.perf_counter()
-                tokens = sum(pool.map(call, range(n)))
-                times.append(time.perf_counter() - t0)
-        return [{"wall": t, "tokens": tokens} for t in times]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    def _stats(self):
+        import urllib.request
+        return json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/debug/stats"))
+
+    def _call(self, i):   # the base model's config has no eos: every request gets new_tokens tokens
+        r = self.client.completions.create(model=f"a{i % self.A}", prompt=self.prompts[i],
+                                           max_tokens=self.a.new_tokens, temperature=0)
+        return r.usage.completion_tokens
+
+    def run(self):
+        w0 = time.perf_counter()
+        tokens = sum(self.pool.map(self._call, range(self.n)))
+        return {"wall": time.perf_counter() - w0, "tokens": tokens}
+
+    def close(self, runs):
+        stats = self._stats()
+        self.pool.shutdown()
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        return {"batches_per_run": (stats["batches"] - self.stats0["batches"]) / runs,
+                "generate_calls_per_run": (stats["generate_calls"] - self.stats0["generate_calls"]) / runs}
 
 
 def plot(result, path):
@@ -242,7 +257,7 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    styles = {"mixed": ("C0", "o"), "grouped": ("C1", "s"), "pyreft": ("C3", "^")}
+    styles = {"mixed": ("C0", "o"), "grouped": ("C1", "s"), "pyreft": ("C3", "^"), "http": ("C2", "*")}
     for n in sorted({r["requests"] for r in result["rows"]}):
         for method, (color, marker) in styles.items():
             pts = [(r["adapters"], r[method]["tokens_per_s"]) for r in result["rows"]
@@ -316,7 +331,8 @@ def main():
     rows = []
     for n, A in a.grid:
         runners = {m: EngineRunner(a, base, m, n, A) for m in modes}
-        runs = {m: [] for m in modes + (["pyreft"] if pyreft else [])}
+        http = HttpRunner(a, base, n, A) if not a.no_http and n == 16 and A == 16 and "mixed" in modes else None
+        runs = {m: [] for m in modes + (["pyreft"] if pyreft else []) + (["http"] if http else [])}
         if pyreft:
             pyreft.run(n, A)   # warm-up (builds its A adapters)
         for _ in range(a.repeats):   # interleaved: the methods see the same machine load
@@ -324,19 +340,21 @@ def main():
                 runs[m].append(runners[m].run())
             if pyreft:
                 runs["pyreft"].append(pyreft.run(n, A))
+            if http:
+                runs["http"].append(http.run())
         row = {"requests": n, "adapters": A}
         for m in runs:
             row[m] = summarize(runs[m])
         for m in modes:
             row[m].update(runners[m].close())
-        if not a.no_http and n == 16 and A == 16 and "mixed" in modes:
-            row["http"] = summarize(run_http(a, base, n, A))
+        if http:
+            row["http"].update(http.close(a.repeats))
         row["ratios"] = {}
         for other in [m for m in modes if m != ours] + (["pyreft"] if pyreft else []):
             row["ratios"][f"{ours}_vs_{other}_wall"] = paired_ratio(runs[ours], runs[other], "wall")
             row["ratios"][f"{ours}_vs_{other}_cpu"] = paired_ratio(runs[ours], runs[other], "cpu")
-        if "http" in row and pyreft:
-            row["ratios"]["http_vs_pyreft_wall"] = row["http"]["tokens_per_s"] / row["pyreft"]["tokens_per_s"]
+        if http and pyreft:
+            row["ratios"]["http_vs_pyreft_wall"] = paired_ratio(runs["http"], runs["pyreft"], "wall")
         rows.append(row)
         print(json.dumps({"N": n, "A": A, **{m: round(row[m]["tokens_per_s"], 1) for m in
                                              ("mixed", "grouped", "pyreft", "http") if m in row},
