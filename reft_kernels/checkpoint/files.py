@@ -38,7 +38,7 @@ def read_json(path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint directory is incomplete") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column "
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}; line {e.lineno}, column "
                               f"{e.colno}); {_CORRUPT_FIX}") from None
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "

@@ -33,6 +33,7 @@ _FIELD_TYPES = {"key": (str,), "cls": (str,), "layer": (int, _NONE), "component"
                 "rank": (int, _NONE), "dtype": (str, _NONE), "dropout": (int, float),
                 "act_fn": (str, _NONE), "add_bias": (bool, _NONE)}
 _REQUIRED_FIELDS = ("key", "cls", "layer", "component")
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", _NONE: "null"}
 _RESAVE = "the file is corrupt or was edited by hand: restore it, or save the checkpoint again"
 
 
@@ -103,7 +104,7 @@ def _check_meta(meta: dict, where: str) -> None:
             v = e.get(name)
             if name in e and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
                 raise CheckpointError(f"{at}: field {name!r} = {v!r} should be "
-                                      f"{' or '.join(k.__name__ for k in kinds)}; {_RESAVE}")
+                                      f"{' or '.join(_JSON_NAMES[k] for k in kinds)}; {_RESAVE}")
         try:
             _class_name(e["cls"])
             if e.get("dtype") is not None:
