@@ -593,3 +593,32 @@ def test_non_finite_pyreft_weights_are_refused(tmp_path):
     write_pyreft_dir(tmp_path / "py2", ["LoreftIntervention"], "new", torch.float32,
                      model_bin={"model.norm.weight": torch.full((D,), float("inf"))})
     check_fails(tmp_path / "py2", tiny_llama(), r"pytorch_model.bin: tensor 'model.norm.weight' holds 64 non-finite")
+
+
+def test_read_for_model_returns_plain_pieces_and_wrap_is_passed_in(tmp_path):
+    """The checkpoint code builds no ReftModel itself: read_for_model leaves the model untouched,
+    and load_reft_model wraps with whatever ``wrap`` it is given (default get_reft_model)."""
+    rm = build(["LoreftIntervention", "NodireftIntervention"])
+    rm.model.model.norm.weight.requires_grad_(True)
+    expected = run(rm)
+    rm.save(tmp_path / "ck")
+    model = tiny_llama()
+    snap = snapshot(model)
+    loaded = ck.read_for_model(tmp_path / "ck", model)
+    assert_unchanged(model, snap)
+    assert isinstance(loaded.config, rk.ReftConfig) and loaded.format == "reft_kernels"
+    assert sorted(loaded.base_state) == ["model.norm.weight"]
+    wrapped = rk.get_reft_model(model, loaded.config)
+    ck.load_base_state(wrapped.model, loaded.base_state)
+    assert torch.equal(run(wrapped.eval()), expected)
+
+    calls = []
+
+    def wrap(model, config, **kwargs):
+        calls.append(kwargs)
+        return rk.get_reft_model(model, config, **kwargs)
+
+    again = ck.load_reft_model(tmp_path / "ck", tiny_llama(), wrap=wrap, backend="torch")
+    assert calls == [{"backend": "torch"}] and again.backend == "torch"
+    # another op backend: same math, not the same rounding
+    torch.testing.assert_close(run(again.eval()), expected, atol=1e-5, rtol=0)

@@ -5,7 +5,6 @@ cycle closed by a function-level import is still a cycle. Importing ``a.b.c`` al
 package ``__init__`` of ``a.b`` (unless the importer lives inside it), so that counts as an edge.
 """
 import ast
-import os
 from pathlib import Path
 
 import pytest
