@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import load_reft_model, save_reft_model, set_default_wrapper
 from .config import ReftConfig
 from .interventions import ReftIntervention, intervention_class
 from .patcher import ModelPatch, hidden_size, resolve_site
@@ -302,7 +303,6 @@ class ReftModel(nn.Module):
 
     def save(self, save_directory, **kwargs):
         """Write a checkpoint (see :mod:`reft_kernels.checkpoint`)."""
-        from .checkpoint import save_reft_model
         return save_reft_model(self, save_directory, **kwargs)
 
     @staticmethod
@@ -311,8 +311,7 @@ class ReftModel(nn.Module):
 
         The loaded interventions are in eval mode (as PEFT's loaded adapters are); call ``train()``
         to continue training."""
-        from .checkpoint import load_reft_model
-        reft_model = load_reft_model(load_directory, model, **kwargs)
+        reft_model = load_reft_model(load_directory, model, wrap=get_reft_model, **kwargs)
         reft_model.interventions.eval()
         return reft_model
 
@@ -330,3 +329,6 @@ def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool =
     if disable_model_grads:
         reft_model.disable_model_gradients()
     return reft_model
+
+
+set_default_wrapper(get_reft_model)  # checkpoint.load_reft_model wraps with it (it cannot import us)
