@@ -127,13 +127,22 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix else path
 
 
-def _num_layers(model: nn.Module) -> Optional[int]:
+def _config_int(model: nn.Module, names) -> Optional[int]:
+    """The first int among ``names`` on the model's config (or its text config, for multimodal ones)."""
     config = getattr(model, "config", None)
-    for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
+    configs = [config]
+    if callable(getattr(config, "get_text_config", None)):
+        configs.append(config.get_text_config())
+    for cfg in configs:
+        for name in names:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
     return None
+
+
+def _num_layers(model: nn.Module) -> Optional[int]:
+    return _config_int(model, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
 
 
 def _find_block_list(model: nn.Module) -> Optional[str]:
@@ -170,8 +179,11 @@ def _find_block_list(model: nn.Module) -> Optional[str]:
 
 
 def _generic_family(model: nn.Module, blocks: str) -> Family:
-    """block_* on any block list; attention_*/mlp_* where the block has a sublayer by a usual name."""
+    """block_* on any block list; a BERT-layout block (attention, intermediate, output) as BERT;
+    otherwise attention_*/mlp_* where the block has a sublayer by a usual name."""
     first = get_submodule(model, f"{blocks}[0]")
+    if all(isinstance(getattr(first, n, None), nn.Module) for n in ("attention", "intermediate", "output")):
+        return Family(blocks, _BERT.components, hidden=_GENERIC_HIDDEN)
     table = {"block_output": ("", "output"), "block_input": ("", "input")}
     for names, prefix in ((_ATTENTION_NAMES, "attention"), (_MLP_NAMES, "mlp")):
         child = next((n for n in names if isinstance(getattr(first, n, None), nn.Module)), None)
@@ -243,10 +255,5 @@ def resolve_site(model: nn.Module, layer, component: str) -> Site:
 
 def hidden_size(model: nn.Module) -> Optional[int]:
     """The model's residual width from its config (None when it has none)."""
-    config = getattr(model, "config", None)
     family = FAMILIES.get(_model_type(model))
-    for name in (family.hidden if family else ()) + _GENERIC_HIDDEN:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    return _config_int(model, (family.hidden if family else ()) + _GENERIC_HIDDEN)

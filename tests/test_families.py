@@ -265,6 +265,11 @@ def test_unknown_model_type_falls_back_to_its_block_list():
     gpt2 = make_model("gpt2")
     gpt2.config.model_type = "my_gpt2_fork"
     assert resolve_site(gpt2, 0, "attention_input").path == "transformer.h[0].attn"
+    roberta = make_model("roberta")                                    # a BERT-layout block reads as BERT
+    roberta.config.model_type = "my_roberta_fork"
+    for component, (suffix, kind) in FAMILIES["roberta"].components.items():
+        site = resolve_site(roberta, 0, component)
+        assert (site.path, site.kind) == (f"roberta.encoder.layer[0]{suffix}", kind)
 
 
 @pytest.mark.parametrize("layer", ["1", 1.0, None, True])
