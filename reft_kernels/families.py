@@ -141,7 +141,7 @@ def _config_int(model: nn.Module, names) -> Optional[int]:
     return None
 
 
-def _num_layers(model: nn.Module) -> Optional[int]:
+def num_layers(model: nn.Module) -> Optional[int]:
     return _config_int(model, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
 
 
@@ -163,7 +163,7 @@ def _find_block_list(model: nn.Module) -> Optional[str]:
         root = names[id(decoder)]
     elif _base_prefix(model):
         root = _base_prefix(model)
-    n_layers = _num_layers(model)
+    n_layers = num_layers(model)
     best, best_size = None, -1
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not len(module):

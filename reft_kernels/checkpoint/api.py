@@ -23,6 +23,7 @@ from .ours import BASE_WEIGHTS_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, our_layo
 from .pyreft_format import PYREFT_BASE, PYREFT_CONFIG, pyreft_layout, read_pyreft, write_pyreft
 from .spec import _rep_fields
 from .tensors import _load_into_module
+from ..families import hidden_size, num_layers
 from .validate import build_module, check_base_fits, check_interventions_fit, check_module_fits
 
 _default_wrap: Optional[Callable] = None
@@ -230,13 +231,8 @@ def _library_version():
 
 
 def _model_meta(model) -> dict:
-    cfg = getattr(model, "config", None)
-
-    def first(*names):
-        return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
-
-    return {"class": type(model).__name__, "hidden_size": first("hidden_size", "n_embd"),
-            "num_hidden_layers": first("num_hidden_layers", "n_layer")}
+    """What the checkpoint records about the base model (read from the family table's config fields)."""
+    return {"class": type(model).__name__, "hidden_size": hidden_size(model), "num_hidden_layers": num_layers(model)}
 
 
 def _config_extras(reft_model):

@@ -18,7 +18,7 @@ def _expected_dim(model, spec: InterventionSpec):
     """(embed_dim the model gives this site, or None if unknown; error text or None)."""
     try:
         site = resolve_site(model, spec.layer, spec.component)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         return None, str(e)
     if "." not in spec.component:  # every supported abstract component is residual-width
         return hidden_size(model), None
