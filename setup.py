@@ -25,7 +25,7 @@ setup(
         "accelerate>=0.26",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "hypothesis"],
     },
     entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"]},
 )

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import load_reft_model, save_reft_model, set_default_wrapper
 from .config import ReftConfig
 from .interventions import ReftIntervention, intervention_class
 from .patcher import ModelPatch, hidden_size, resolve_site
@@ -36,6 +37,9 @@ def _input_shape(inputs: Mapping):
     if x is None:
         raise ValueError("the model inputs need input_ids or inputs_embeds; got keys "
                          f"{sorted(inputs)}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"the model inputs are an empty batch (input shape {tuple(x.shape)}); pass at least one "
+                         "row of shape (B, T)")
     return x.shape[0], x.shape[1], x.device
 
 
@@ -174,14 +178,19 @@ class ReftModel(nn.Module):
         if isinstance(locs, tuple) and len(locs) == 2:
             locs = locs[1]
         if isinstance(locs, torch.Tensor):
-            if locs.dim() != 3:
-                raise ValueError(f"a unit_locations tensor must have shape (n_interventions={n}, B, P), "
-                                 f"got {tuple(locs.shape)}")
+            if locs.dtype not in (torch.int32, torch.int64) or locs.dim() != 3 or tuple(locs.shape[:2]) != (n, batch):
+                raise (ValueError if locs.dtype in (torch.int32, torch.int64) else TypeError)(
+                    f"a unit_locations tensor must be int32/int64 of shape (n_interventions, B, P) = ({n}, {batch}, P), "
+                    f"got {locs.dtype} {tuple(locs.shape)}")
             return self._locations_from_tensor(locs.transpose(0, 1), batch, seq_len, device, "unit_locations"), None
         if isinstance(locs, int):
             locs = [locs]
         if _depth(locs) == 1:
             locs = [[list(locs)] * batch] * n
+        empty = next((i for i, r in enumerate(locs) if isinstance(r, (list, tuple)) and not len(r)), None)
+        if empty is not None:
+            raise ValueError(f"unit_locations for intervention {empty} has 0 rows but the batch has {batch}; give one "
+                             "position list per batch row ([] for 'no edit' in that row)")
         if _depth(locs) != 3:
             raise ValueError("unit_locations must be nested as LOCS[intervention][batch_row] = [positions], "
                              f"an int, or a flat list of positions; got depth {_depth(locs)}")
@@ -294,7 +303,6 @@ class ReftModel(nn.Module):
 
     def save(self, save_directory, **kwargs):
         """Write a checkpoint (see :mod:`reft_kernels.checkpoint`)."""
-        from .checkpoint import save_reft_model
         return save_reft_model(self, save_directory, **kwargs)
 
     @staticmethod
@@ -303,8 +311,7 @@ class ReftModel(nn.Module):
 
         The loaded interventions are in eval mode (as PEFT's loaded adapters are); call ``train()``
         to continue training."""
-        from .checkpoint import load_reft_model
-        reft_model = load_reft_model(load_directory, model, **kwargs)
+        reft_model = load_reft_model(load_directory, model, wrap=get_reft_model, **kwargs)
         reft_model.interventions.eval()
         return reft_model
 
@@ -322,3 +329,6 @@ def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool =
     if disable_model_grads:
         reft_model.disable_model_gradients()
     return reft_model
+
+
+set_default_wrapper(get_reft_model)  # checkpoint.load_reft_model wraps with it (it cannot import us)
