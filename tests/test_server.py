@@ -304,7 +304,6 @@ def test_runtime_load_and_unload(client, assets):
 
 def test_runtime_adapters_refused_when_not_enabled(assets):
     """In process (same app, runtime adapters off): the vLLM endpoints answer 404 with how to enable them."""
-    pytest.importorskip("httpx")
     TestClient = pytest.importorskip("fastapi.testclient").TestClient
 
     from reft_kernels.serving.app import create_app
