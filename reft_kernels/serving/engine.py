@@ -1,9 +1,10 @@
 """The serving engine: named adapters on one frozen base model, and a batching queue. No HTTP here.
 
 ``Engine.submit(request)`` queues a :class:`GenerationRequest` and returns a future. One worker
-thread collects requests: it takes the first waiting request, then waits at most
-``batch_window_s`` for more (at most ``max_batch_size`` in all), and runs them as one batch through
-:meth:`Engine.generate_batch`, which is also callable directly (the benchmark does).
+thread collects requests: it takes the first waiting request, then waits ``batch_window_s`` for
+more; each arrival extends the wait by one window (at most 4 windows after the first request), so
+a burst spread over a few milliseconds shares a batch of at most ``max_batch_size`` requests. The
+batch runs through :meth:`Engine.generate_batch`, also callable directly (the benchmark does).
 
 A batch is left-padded; row ``b`` with a prompt of ``L_b`` tokens and ``pad_b = W - L_b`` pad tokens
 (``W`` the batch width) is edited at ``prompt_locations(L_b, rule_b) + pad_b``, the rule being the
@@ -195,7 +196,8 @@ class Engine:
             if first is None:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.batch_window_s
+            start = time.monotonic()
+            deadline = start + self.batch_window_s
             stop = False
             while len(batch) < self.max_batch_size:
                 try:
@@ -206,6 +208,8 @@ class Engine:
                     stop = True
                     break
                 batch.append(item)
+                # requests still arriving: wait one more window for stragglers, at most 4 windows in all
+                deadline = min(time.monotonic() + self.batch_window_s, start + 4 * self.batch_window_s)
             self._serve(batch)
             if stop:
                 return

@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="most requests in one batched generate")
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long the first waiting request waits for others to join its batch")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests after the last arrival (at most 4 windows)")
     p.add_argument("--batching", default="auto", choices=["auto", "mixed", "grouped"],
                    help="mixed: one generate with per-row adapters; grouped: one generate per adapter")
     p.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
