@@ -244,9 +244,7 @@ class AdapterMixin:
         uniform = all(c == chains[0] for c in chains)
         key = (tuple(chains[0]), str(device)) if uniform else None
         plan = self._plan_cache.get(key) if uniform else None
-        used = [n for n in self._adapter_configs if any(n in c for c in chains)]
-        if uniform:
-            used = list(chains[0])
+        used = list(chains[0]) if uniform else list(dict.fromkeys(n for c in chains for n in c))
         site_edits = {n: [(self._patch.site_key(s), i, iv) for i, (s, iv) in enumerate(
             zip(self._adapter_sites[n], self.adapter_interventions(n).values()))] for n in used}
         if plan is None:
