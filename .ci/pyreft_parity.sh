@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# pyreft parity suite: checkpoints written by pyreft load into reft_kernels and vice versa.
-# Runs in its own venv, because pyreft 0.1.0 pins transformers==4.45.1 (its trainer breaks on
-# newer releases) while the main environment has a current transformers.
+# The oldest supported transformers (4.45.1, pyreft 0.1.0's pin), in its own venv:
+#  1. the tests that touch transformers internals (generation, patcher, checkpoints, trainer,
+#     model families) run again here, so both ends of the supported range are tested;
+#  2. the pyreft parity suite: pyreft and reft_kernels side by side (checkpoints both ways,
+#     outputs, training curves).
+# The main environment (.ci/run) has the newest transformers.
 #   REFT_PARITY_VENV   where the venv lives (default /tmp/reft-parity-venv; kept between runs
 #                      and reused when its stamp matches this script's pins)
 set -euo pipefail
@@ -12,7 +15,7 @@ pipi() {  # pip install, without the noise of this machine's local-index warning
   "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
   return "${PIPESTATUS[0]}"
 }
-PINS="torch==2.13.0 transformers==4.45.1 pyvene==0.1.8 pyreft==0.1.0 v1"
+PINS="torch==2.13.0 transformers==4.45.1 pyvene==0.1.8 pyreft==0.1.0 v2"
 if [ "$(cat "$VENV/.reft-parity-stamp" 2>/dev/null)" != "$PINS" ]; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"
@@ -21,12 +24,15 @@ if [ "$(cat "$VENV/.reft-parity-stamp" 2>/dev/null)" != "$PINS" ]; then
   # transformers 4.45.1 needs tokenizers<0.21 and huggingface-hub<1.0; pyvene imports
   # matplotlib and networkx at module load, pyreft imports datasets (<4 keeps hub<1.0).
   pipi transformers==4.45.1 "huggingface-hub<1.0" "datasets<4" \
-    matplotlib networkx safetensors pytest
+    matplotlib networkx safetensors pytest hypothesis "accelerate>=0.26" triton ninja
   # pyreft/pyvene declare heavy, unneeded deps (wandb, jupyter, seaborn, ...): --no-deps.
   pipi --no-deps pyvene==0.1.8 pyreft==0.1.0
   echo "$PINS" > "$VENV/.reft-parity-stamp"
 fi
 pipi --no-deps -e .
+"$VENV/bin/python" -c "import transformers; assert transformers.__version__ == '4.45.1', transformers.__version__"
+echo "== oldest supported transformers (4.45.1): the tests that touch transformers internals =="
+"$VENV/bin/python" -m pytest $(cat .ci/transformers_sensitive_tests) -q -p no:cacheprovider
 # The parity checks are about formats and math, not kernels: use the plain torch backend.
-export REFT_KERNELS_BACKEND=torch
-"$VENV/bin/python" -m pytest tests/parity -q -p no:cacheprovider
+echo "== pyreft 0.1.0 parity =="
+REFT_KERNELS_BACKEND=torch "$VENV/bin/python" -m pytest tests/parity -q -p no:cacheprovider

@@ -38,6 +38,9 @@ def _input_shape(inputs: Mapping):
     if x is None:
         raise ValueError("the model inputs need input_ids or inputs_embeds; got keys "
                          f"{sorted(inputs)}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"the model inputs are an empty batch (input shape {tuple(x.shape)}); pass at least one "
+                         "row of shape (B, T)")
     return x.shape[0], x.shape[1], x.device
 
 
@@ -179,15 +182,20 @@ class ReftModel(AdapterMixin, nn.Module):
         if isinstance(locs, tuple) and len(locs) == 2:
             locs = locs[1]
         if isinstance(locs, torch.Tensor):
-            if locs.dim() != 3:
-                raise ValueError(f"a unit_locations tensor must have shape (n_interventions={n}, B, P), "
-                                 f"got {tuple(locs.shape)}")
+            if locs.dtype not in (torch.int32, torch.int64) or locs.dim() != 3 or tuple(locs.shape[:2]) != (n, batch):
+                raise (ValueError if locs.dtype in (torch.int32, torch.int64) else TypeError)(
+                    f"a unit_locations tensor must be int32/int64 of shape (n_interventions, B, P) = ({n}, {batch}, P), "
+                    f"got {locs.dtype} {tuple(locs.shape)}")
             return self._locations_from_tensor(locs.transpose(0, 1), batch, seq_len, device, n,
                                                "unit_locations"), None
         if isinstance(locs, int):
             locs = [locs]
         if _depth(locs) == 1:
             locs = [[list(locs)] * batch] * n
+        empty = next((i for i, r in enumerate(locs) if isinstance(r, (list, tuple)) and not len(r)), None)
+        if empty is not None:
+            raise ValueError(f"unit_locations for intervention {empty} has 0 rows but the batch has {batch}; give one "
+                             "position list per batch row ([] for 'no edit' in that row)")
         if _depth(locs) != 3:
             raise ValueError("unit_locations must be nested as LOCS[intervention][batch_row] = [positions], "
                              f"an int, or a flat list of positions; got depth {_depth(locs)}")

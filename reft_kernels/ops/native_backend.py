@@ -16,6 +16,7 @@ are only r x d); hidden may be fp32, fp64, bf16 or fp16; the math runs in fp32 (
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -43,11 +44,20 @@ def _verbose() -> bool:
     return os.environ.get("REFT_KERNELS_VERBOSE_BUILD", "") not in ("", "0")
 
 
-def _build_dir(name: str):
+def _sources_digest(kind: str) -> str:
+    """A short hash of this checkout's sources for ``kind`` (paths and contents): two checkouts or
+    two versions of csrc/ never share, and so never rebuild over, one build directory."""
+    digest = hashlib.sha256(str(CSRC).encode())
+    for source in _SOURCES[kind] + _HEADERS[kind]:
+        digest.update(source.encode() + b"\0" + (CSRC / source).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _build_dir(name: str, kind: str):
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return None  # cpp_extension.load uses $TORCH_EXTENSIONS_DIR/<name>
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}"
-    path = Path.home() / ".cache" / "reft_kernels" / tag / name
+    path = Path.home() / ".cache" / "reft_kernels" / tag / f"{name}-{_sources_digest(kind)}"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
@@ -87,7 +97,7 @@ def _build(kind: str):
     cflags = ["-O3", "-fopenmp"]  # torch picks the C++ standard; no -march (portable builds)
     kwargs = dict(
         name=name, sources=[str(CSRC / s) for s in _SOURCES[kind]], extra_include_paths=[str(CSRC)],
-        extra_cflags=cflags, extra_ldflags=["-fopenmp"], build_directory=_build_dir(name),
+        extra_cflags=cflags, extra_ldflags=["-fopenmp"], build_directory=_build_dir(name, kind),
         verbose=_verbose())
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = ["-O3", "-lineinfo"]
