@@ -30,10 +30,11 @@ import torch
 
 from .ops import family
 
-__all__ = ["SingleEdit", "StackedEdit", "build_plan", "reft_edit_multi", "stack_weights"]
+__all__ = ["SingleEdit", "StackedEdit", "build_plan", "reft_edit_multi", "reft_edit_multi_fallback",
+           "stack_weights"]
 
 
-def reft_edit_multi(hidden, positions, adapter_ids, proj, weight, bias, proj_bias=None, *,
+def reft_edit_multi_fallback(hidden, positions, adapter_ids, proj, weight, bias, proj_bias=None, *,
                     variant="loreft", act=None, dropout=0.0, seed=None, inplace=False, ranks=None,
                     backend="auto"):
     """Per-row adapters (signature of ``reft_kernels.ops.reft_edit_multi``, docs/multi_adapter_op.md).
@@ -80,6 +81,12 @@ def reft_edit_multi(hidden, positions, adapter_ids, proj, weight, bias, proj_bia
         flat.index_put_((rows,), new)
         return hidden
     return flat.index_put((rows,), new).view(B, T, d)
+
+
+try:   # the fused per-row op (torch/native/triton backends) where the ops package has it
+    from .ops import reft_edit_multi
+except ImportError:   # pragma: no cover - an ops package without it
+    reft_edit_multi = reft_edit_multi_fallback
 
 
 def _pad_rows(t: Optional[torch.Tensor], r_max: int, dtype) -> Optional[torch.Tensor]:

@@ -189,8 +189,10 @@ def oracle_multi(hidden, positions, ids, ivs):
     return out
 
 
+@pytest.mark.parametrize("op", [adapter_plan.reft_edit_multi_fallback, adapter_plan.reft_edit_multi],
+                         ids=["fallback", "in_use"])
 @pytest.mark.parametrize("variant", [pyreft.LoreftIntervention, pyreft.NoreftIntervention, pyreft.DireftIntervention])
-def test_fallback_op_matches_float64_oracle_and_gradients(variant):
+def test_per_row_op_matches_float64_oracle_and_gradients(variant, op):
     torch.manual_seed(1)
     ivs = [make_iv(variant, rank=r, act_fn="relu") for r in (3, 1, 4)]
     hidden = torch.randn(5, 6, H, dtype=torch.float64)
@@ -198,9 +200,9 @@ def test_fallback_op_matches_float64_oracle_and_gradients(variant):
     ids = torch.tensor([2, -1, 0, 1, 2])
     proj, weight, bias, proj_bias, ranks = adapter_plan.stack_weights(ivs)
     h1 = hidden.clone().requires_grad_(True)
-    out = adapter_plan.reft_edit_multi(h1, positions, ids, proj.double(), weight.double(), bias.double(),
-                                       None if proj_bias is None else proj_bias.double(), variant=ivs[0].variant,
-                                       act="relu", ranks=ranks)
+    out = op(h1, positions, ids, proj.double(), weight.double(), bias.double(),
+            None if proj_bias is None else proj_bias.double(), variant=ivs[0].variant, act="relu", ranks=ranks,
+            backend="torch")
     h2 = hidden.clone().requires_grad_(True)
     exp = oracle_multi(h2, positions, ids, ivs)
     torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-10)
