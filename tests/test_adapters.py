@@ -301,3 +301,33 @@ def test_delete_every_adapter_leaves_the_base_model(multi):
         assert torch.equal(reft(input_ids=IDS).logits, model(input_ids=IDS).logits)
     reft.add_adapter("new", config(1, make_iv()))
     assert reft.adapter_names == ["new"] and reft.adapter_interventions("new") is reft.interventions
+
+
+def test_stacked_rows_with_different_location_indices(multi):
+    """Adapter e's intervention 1 sits at layer 0, where default's intervention 0 sits: one stacked
+    call whose rows read different locations (LOCS[1] for e's rows, LOCS[0] for default's)."""
+    model, reft, ivs, layers = multi
+    e1, e0 = make_iv(rank=3), make_iv(rank=2)
+    reft.add_adapter("e", pyreft.ReftConfig(representations=[
+        {"layer": 1, "component": "block_output", "low_rank_dimension": 3, "intervention": e1},
+        {"layer": 0, "component": "block_output", "low_rank_dimension": 2, "intervention": e0}]))
+    locs2 = [LOCS[0], [[1], [4, 2], [0], [6]]]
+    with torch.no_grad():
+        out = reft(input_ids=IDS, adapter_ids=torch.tensor([4, 0, 4, -1]), unit_locations=units(locs2)).logits
+    for row, chain in ((0, "e"), (1, "default"), (2, "e")):
+        if chain == "default":
+            exp = reference_row(model, ivs, layers, ["default"], row, locs2[0][row])
+        else:
+            handles = [add_reference_hook(model.model.layers[1], "output", e1, torch.tensor([locs2[0][row]])),
+                       add_reference_hook(model.model.layers[0], "output", e0, torch.tensor([locs2[1][row]]))]
+            try:
+                with torch.no_grad():
+                    exp = model(input_ids=IDS[row:row + 1]).logits
+            finally:
+                for h in handles:
+                    h.remove()
+        torch.testing.assert_close(out[row:row + 1], exp, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(out[3:], model(input_ids=IDS[3:]).logits)
+    with pytest.raises(ValueError, match="unit_locations has 1 intervention entries but the adapters of this call have 2"):
+        reft(input_ids=IDS, adapter_ids=["e", "b", None, None], unit_locations=units(LOCS))
