@@ -17,6 +17,8 @@ One torch thread by default, so process CPU time is the work done on a shared ma
 
     python benchmarks/bench_adapters.py                 # writes benchmarks/results/bench_adapters.json
     python benchmarks/bench_adapters.py --repeats 3 --adapters-resident 100    # a smoke run
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/bench_adapters.py --parts resident \
+        --out benchmarks/results/bench_adapters_resident_mmap128k.json   # glibc: big temporaries mmapped
 """
 from __future__ import annotations
 
@@ -200,12 +202,14 @@ def main():
     p.add_argument("--adapters-resident", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="torch")
+    p.add_argument("--parts", default="resident,mixed", help="comma list of: resident, mixed")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_adapters.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import transformers
-    resident = resident_benchmark(a)   # first: a fresh process, so RSS growth is the adapters'
-    mixed = mixed_benchmark(a)
+    parts = a.parts.split(",")
+    resident = resident_benchmark(a) if "resident" in parts else None   # first: RSS growth is the adapters'
+    mixed = mixed_benchmark(a) if "mixed" in parts else {}
     print(f"Llama hidden={a.hidden} layers={a.layers}; {a.adapters} LoReFT r={a.rank} adapters at one layer; "
           f"batch={a.batch} seq={a.seq} prompt={a.prompt} new={a.new_tokens}; threads={a.threads}")
     print(f"{'benchmark':<22}{'one adapter ms':>16}{'mixed ms':>10}{'cpu ratio':>11}{'wall ratio':>12}")
@@ -215,6 +219,8 @@ def main():
               f"{mix['cpu']['ratio']:>11.3f}{mix['wall']['ratio']:>12.3f}")
     print("resident:", json.dumps(resident, indent=1))
     meta = {"args": vars(a), "torch": torch.__version__, "transformers": transformers.__version__,
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "backend_op": reft_kernels.adapter_plan.reft_edit_multi.__module__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

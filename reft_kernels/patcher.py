@@ -1,11 +1,13 @@
 """Install ReFT edits into a Hugging Face model, once. All model-specific code lives here.
 
-Mechanism. :class:`ModelPatch` registers, at ``get_reft_model`` time and never again:
+Mechanism. :class:`ModelPatch` registers, at ``get_reft_model`` time (and when adapters are
+added or deleted, never per call):
 
 * one forward hook (``.output`` sites) or forward pre-hook (``.input`` sites) per hooked module,
-  shared by every intervention on that module, which apply them in config order (so two
-  interventions on one module compose, ``I_2(I_1(h))``, as in pyvene); modules without an
-  intervention get no hook and run at base speed;
+  shared by every intervention of every adapter on that module, which apply the call's plan for
+  it in order (so two interventions on one module compose, ``I_2(I_1(h))``, as in pyvene; see
+  :mod:`reft_kernels.adapter_plan`); modules without an intervention get no hook and run at
+  base speed;
 * one forward pre-hook on the wrapped model, which turns the call's absolute positions into
   positions inside the window of tokens this forward covers (see :class:`EditState`).
 
