@@ -117,7 +117,7 @@ def stack_weights(interventions) -> tuple:
         ref = present[0]
         out.append(torch.stack([
             _pad_rows(t[k] if t[k] is not None else ref.new_zeros(t[0].shape[0]), r_max, dtype) for t in tensors]))
-    ranks = torch.tensor([t[0].shape[0] for t in tensors])
+    ranks = torch.tensor([t[0].shape[0] for t in tensors], device=out[0].device)
     return (*out, ranks)
 
 
