@@ -139,11 +139,10 @@ class AdapterMixin:
         if adapter_name in self._adapter_configs:
             raise ValueError(f"an adapter named {adapter_name!r} exists; delete_adapter({adapter_name!r}) "
                              "first or pick another name")
-        from .checkpoint import load_reft_model
-        loaded = load_reft_model(path, self.model, config=config, dtype=dtype, include_model=False,
-                                 set_device=False, disable_model_grads=False, backend=self.backend)
-        loaded.unload()   # only its modules are kept: its hooks go, the model's state is restored
-        modules, loaded_config = loaded.interventions, loaded.config
+        from .checkpoint import read_for_model
+        loaded_config = read_for_model(path, self.model, config, dtype=dtype).config   # the model is not touched
+        modules = nn.ModuleDict({key: rep.intervention for key, rep in
+                                 zip(loaded_config.keys, loaded_config.representations)})
         modules.train(is_trainable)
         if not is_trainable:
             modules.requires_grad_(False)

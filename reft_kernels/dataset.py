@@ -1,4 +1,5 @@
-"""Intervention positions, data modules and the collator (pyreft's ``dataset.py`` API).
+"""Data modules and dataset classes (pyreft's ``dataset.py`` API); positions live in
+:mod:`reft_kernels.dataset_positions` and are re-exported here.
 
 Every data module returns ``dict(train_dataset=datasets.Dataset, eval_dataset=None,
 data_collator=ReftDataCollator)``. Each example stores ``intervention_locations`` as a list of
@@ -13,18 +14,20 @@ Differences from pyreft, all deliberate:
     padding slots at the first response token (pyreft's ``pad_mode="last"`` bug);
   * left padding is supported (pyreft's positions are silently wrong with it);
   * an odd ``num_interventions`` with untied ``f+l`` positions is an error instead of silently
-    producing ``num_interventions - 1`` location lists.
+    producing ``num_interventions - 1`` location lists;
+  * positions that select no token (``"f0+l0"``, ``first_n=last_n=0``) are an error instead of
+    training an adapter that never touches the model.
 """
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from .dataset_positions import (IGNORE_INDEX, ReftDataCollator, get_intervention_locations,
+                                make_data_collator, make_generation_inputs, parse_positions,
+                                shift_locations_for_left_padding)
 
 __all__ = [
     "IGNORE_INDEX", "parse_positions", "get_intervention_locations", "ReftDataCollator",
@@ -65,147 +68,6 @@ completes the request.
 
 ### Response:
 """
-
-_POSITIONS_RE = re.compile(r"^\s*(?:f(\d+))?\s*(?:\+)?\s*(?:l(\d+))?\s*$")
-
-
-# ------------------------------------------------------------------------------------------------
-# positions
-# ------------------------------------------------------------------------------------------------
-def parse_positions(positions: str):
-    """``"f7+l7" -> (7, 7)``, ``"f3" -> (3, 0)``, ``"l1" -> (0, 1)`` (pyreft's format)."""
-    if not isinstance(positions, str):
-        raise TypeError(f"positions={positions!r} must be a string such as 'f7+l7', 'f1' or 'l1'")
-    m = _POSITIONS_RE.match(positions)
-    if m is None or (m.group(1) is None and m.group(2) is None) or \
-            ("+" in positions and (m.group(1) is None or m.group(2) is None)):
-        raise ValueError(f"positions={positions!r} is not valid; use 'fN', 'lM' or 'fN+lM' "
-                         "(first N and/or last M prompt tokens), e.g. 'f7+l7'")
-    return int(m.group(1) or 0), int(m.group(2) or 0)
-
-
-def get_intervention_locations(**kwargs) -> List[List[int]]:
-    """Positions per intervention for one prompt of length ``last_position`` (pyreft semantics).
-
-    Keyword arguments (as pyreft): ``last_position`` (the prompt length L), either ``positions``
-    ("f7+l7") or ``first_n``/``last_n``, ``num_interventions``, ``share_weights=False``,
-    ``pad_mode="first"`` (pad with -1) or ``"last"`` (pad with L, pyreft's GLUE convention).
-
-    ``first_n``/``last_n`` are clamped to ``L // 2`` so the two groups never overlap; the clamped
-    amount is padded. Tied (``share_weights`` or only one of f/l): every intervention gets
-    ``[0..f-1] + [L-l..L-1] + pads``. Untied: the first ``n // 2`` interventions get the first
-    positions and the last ``n // 2`` the last positions, both padded to one length.
-    """
-    share_weights = kwargs.get("share_weights", False)
-    last_position = kwargs["last_position"]
-    if "positions" in kwargs and kwargs["positions"] is not None:
-        _first_n, _last_n = parse_positions(kwargs["positions"])
-    else:
-        _first_n, _last_n = kwargs["first_n"], kwargs["last_n"]
-    num_interventions = kwargs["num_interventions"]
-    pad_mode = kwargs.get("pad_mode", "first")
-    if pad_mode not in ("first", "last"):
-        raise ValueError(f"pad_mode={pad_mode!r}; use 'first' (pad with -1) or 'last' (pad with L)")
-    if not isinstance(last_position, int) or last_position < 0:
-        raise ValueError(f"last_position={last_position!r} must be a non-negative int (the prompt length)")
-    if not isinstance(num_interventions, int) or num_interventions < 1:
-        raise ValueError(f"num_interventions={num_interventions!r} must be a positive int")
-
-    first_n = min(last_position // 2, _first_n)
-    last_n = min(last_position // 2, _last_n)
-    pad_amount = (_first_n - first_n) + (_last_n - last_n)
-    pad_position = -1 if pad_mode == "first" else last_position
-    if share_weights or first_n == 0 or last_n == 0:
-        position_list = list(range(first_n)) + list(range(last_position - last_n, last_position)) \
-            + [pad_position] * pad_amount
-        return [list(position_list) for _ in range(num_interventions)]
-    if num_interventions % 2:
-        raise ValueError(
-            f"num_interventions={num_interventions} is odd, but untied 'f+l' positions need one "
-            "intervention for the first and one for the last positions per layer; use an even "
-            "number (layers listed twice) or share_weights=True")
-    left = list(range(first_n)) + [pad_position] * (_first_n - first_n)
-    right = list(range(last_position - last_n, last_position)) + [pad_position] * (_last_n - last_n)
-    width = max(len(left), len(right))
-    left += [pad_position] * (width - len(left))
-    right += [pad_position] * (width - len(right))
-    half = num_interventions // 2
-    return [list(left) for _ in range(half)] + [list(right) for _ in range(half)]
-
-
-def shift_locations_for_left_padding(locations: torch.Tensor, pad_counts: torch.Tensor) -> torch.Tensor:
-    """Add each row's left-pad count to its non-negative positions; ``-1`` stays ``-1``.
-
-    ``locations``: [B, n, P]; ``pad_counts``: [B].
-    """
-    shift = pad_counts.to(locations.dtype).view(-1, *([1] * (locations.dim() - 1)))
-    return torch.where(locations >= 0, locations + shift, locations)
-
-
-def _pad_locations(rows: Sequence[Any]) -> torch.Tensor:
-    """Per-example ``[n, P_i]`` lists/tensors -> LongTensor ``[B, n, max P]`` padded with -1."""
-    mats = [torch.as_tensor(r, dtype=torch.long) for r in rows]
-    mats = [m.view(1, -1) if m.dim() == 1 else m for m in mats]
-    n = {m.shape[0] for m in mats}
-    if len(n) != 1:
-        raise ValueError(f"examples in one batch have different numbers of interventions {sorted(n)}; "
-                         "every example needs one location list per intervention")
-    width = max(m.shape[1] for m in mats)
-    out = torch.full((len(mats), n.pop(), width), -1, dtype=torch.long)
-    for i, m in enumerate(mats):
-        out[i, :, : m.shape[1]] = m
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# collator
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class ReftDataCollator:
-    """Wrap a padding collator (e.g. ``DataCollatorForSeq2Seq``) and add ``intervention_locations``.
-
-    The wrapped collator pads ``input_ids``/``labels``; this class pads the location lists with
-    ``-1`` into a LongTensor ``[B, n, P]`` and, when the tokenizer pads on the left, shifts each
-    row's positions by its pad count, so the same dataset works with either padding side.
-    """
-
-    data_collator: Any
-
-    def _padding_side(self) -> str:
-        tok = getattr(self.data_collator, "tokenizer", None)
-        return getattr(tok, "padding_side", "right") if tok is not None else "right"
-
-    def __call__(self, instances: Sequence[Dict]) -> Dict[str, torch.Tensor]:
-        instances = [dict(x) for x in instances]
-        locs = [x.pop("intervention_locations") for x in instances] \
-            if all("intervention_locations" in x for x in instances) else None
-        lengths = torch.tensor([len(x["input_ids"]) for x in instances])
-        batch = self.data_collator(instances)
-        seq_len = batch["input_ids"].shape[-1]
-        if "attention_mask" not in batch:
-            ar = torch.arange(seq_len)
-            if self._padding_side() == "left":
-                batch["attention_mask"] = (ar[None] >= (seq_len - lengths)[:, None]).long()
-            else:
-                batch["attention_mask"] = (ar[None] < lengths[:, None]).long()
-        if locs is not None:
-            loc = _pad_locations(locs)
-            if self._padding_side() == "left":
-                loc = shift_locations_for_left_padding(loc, seq_len - lengths)
-            if loc.numel() and int(loc.max()) >= seq_len:
-                raise ValueError(f"an intervention position ({int(loc.max())}) is past the padded batch "
-                                 f"length {seq_len}; positions must index the example's own tokens")
-            batch["intervention_locations"] = loc
-        return batch
-
-
-def make_data_collator(tokenizer, model=None, max_length: Optional[int] = None) -> ReftDataCollator:
-    """``ReftDataCollator`` around ``DataCollatorForSeq2Seq`` (labels padded with -100)."""
-    from transformers import DataCollatorForSeq2Seq
-    return ReftDataCollator(data_collator=DataCollatorForSeq2Seq(
-        tokenizer=tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, padding="longest",
-        max_length=max_length))
-
 
 # ------------------------------------------------------------------------------------------------
 # data modules
@@ -319,32 +181,6 @@ def make_classification_data_module(tokenizer, model, texts, labels, positions: 
     return dict(train_dataset=train, eval_dataset=evald,
                 data_collator=ReftDataCollator(DataCollatorWithPadding(tokenizer=tokenizer, padding="longest")))
 
-
-
-def make_generation_inputs(tokenizer, prompts, positions: str = "l1", num_interventions: int = 1,
-                           share_weights: bool = False, device=None) -> Dict[str, torch.Tensor]:
-    """Left-padded prompt batch for ``ReftModel.generate``: input_ids, attention_mask and
-    intervention_locations [B, n, P] (positions as in training, shifted by each row's padding).
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    first_n, last_n = parse_positions(positions)
-    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    if any(len(x) == 0 for x in ids):
-        raise ValueError("a prompt encodes to no tokens; pass non-empty prompts")
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither pad_token nor eos_token; set tokenizer.pad_token")
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-    lengths = torch.tensor([len(x) for x in ids])
-    mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
-    locs = _pad_locations([get_intervention_locations(
-        last_position=len(x), first_n=first_n, last_n=last_n, num_interventions=num_interventions,
-        share_weights=share_weights) for x in ids])
-    locs = shift_locations_for_left_padding(locs, width - lengths)
-    out = {"input_ids": input_ids, "attention_mask": mask, "intervention_locations": locs}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
 # ------------------------------------------------------------------------------------------------

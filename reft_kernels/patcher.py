@@ -1,4 +1,4 @@
-"""Install ReFT edits into a Hugging Face model, once. All model-specific code lives here.
+"""Install ReFT edits into a Hugging Face model, once (the hook mechanics).
 
 Mechanism. :class:`ModelPatch` registers, at ``get_reft_model`` time (and when adapters are
 added or deleted, never per call):
@@ -17,17 +17,13 @@ added or deleted, never per call):
 created (a decoder layer's output), so the hidden states are never copied; inputs (pre-hooks)
 and outputs that alias an input are edited out of place.
 
-Supported layouts (abstract components): Llama-style decoders, whose layers are
-``model.layers`` or ``model.model.layers`` (Llama, Mistral, Qwen2, ... bare or with an LM /
-classification head), and RoBERTa encoders (``roberta.encoder.layer`` or ``encoder.layer``).
-Any model accepts pyvene string components, ``"<module path>.output"`` / ``"<module path>.input"``.
+Where to hook (the abstract components of each model family, the block list, the hidden size)
+is decided in :mod:`reft_kernels.families`; this module only installs and runs the hooks.
 """
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -35,97 +31,9 @@ from torch import nn
 
 from .adapter_plan import SingleEdit, reft_edit_multi
 from .edit_state import EditState, GeneratedPositions
+from .families import Site, get_submodule, hidden_size, resolve_site  # noqa: F401 (re-exported)
 
-__all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState", "GeneratedPositions", "COMPONENTS"]
-
-# component -> (submodule of the layer, hooked tensor), per supported layout
-COMPONENTS = {
-    "llama": {
-        "block_output": ("", "output"), "block_input": ("", "input"),
-        "mlp_output": (".mlp", "output"), "mlp_input": (".mlp", "input"),
-        "attention_output": (".self_attn", "output"), "attention_input": (".self_attn", "input"),
-    },
-    "roberta": {
-        "block_output": ("", "output"), "block_input": ("", "input"),
-        "mlp_output": (".output.dense", "output"), "mlp_input": (".intermediate", "input"),
-        "attention_output": (".attention.output.dense", "output"), "attention_input": (".attention", "input"),
-    },
-}
-_LAYER_PATHS = {"llama": ("model.layers", "layers"), "roberta": ("roberta.encoder.layer", "encoder.layer")}
-SUPPORTED_MODELS = ("Llama-layout decoders with `model.layers` / `model.model.layers` (LlamaModel, "
-                    "LlamaForCausalLM, LlamaForSequenceClassification, Mistral, Qwen2, ...) and RoBERTa "
-                    "(RobertaModel, RobertaForSequenceClassification, RobertaForMaskedLM)")
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where an intervention applies: ``module``'s output (forward hook) or input (pre-hook)."""
-
-    module: nn.Module
-    kind: str   # "output" | "input"
-    path: str   # e.g. "model.layers[3].mlp", for messages
-
-
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    """``model.layers[3].mlp``-style path (pyvene's string syntax) -> the submodule."""
-    module, done = model, ""
-    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        try:
-            module = module[int(token[1:-1])] if token.startswith("[") else getattr(module, token)
-        except (AttributeError, IndexError, TypeError, KeyError):
-            raise ValueError(f"component path {path!r}: {type(module).__name__} at {done or 'the model'!r} "
-                             f"has no {token!r}; check the path against print(model)") from None
-        done += token if token.startswith("[") or not done else "." + token
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"component path {path!r} names a {type(module).__name__}, not a module")
-    return module
-
-
-def _layout(model: nn.Module):
-    """('llama' | 'roberta', path of the layer list) or (None, None)."""
-    for family, paths in _LAYER_PATHS.items():
-        for path in paths:
-            try:
-                layers = get_submodule(model, path)
-            except ValueError:
-                continue
-            if isinstance(layers, nn.ModuleList) and len(layers):
-                probe = ("self_attn", "mlp") if family == "llama" else ("attention", "intermediate", "output")
-                if all(hasattr(layers[0], name) for name in probe):
-                    return family, path
-    return None, None
-
-
-def resolve_site(model: nn.Module, layer: Optional[int], component: str) -> Site:
-    """The module and hook kind for (``layer``, ``component``); errors list what is supported."""
-    if "." in component:
-        path, _, kind = component.rpartition(".")
-        if kind not in ("output", "input"):
-            raise ValueError(f"component={component!r}: a string component must end in '.output' or "
-                             f"'.input', e.g. 'model.layers[3].output'")
-        return Site(get_submodule(model, path), kind, path)
-    family, layers_path = _layout(model)
-    if family is None:
-        raise ValueError(
-            f"model type {type(model).__name__} is not supported for component={component!r}; supported: "
-            f"{SUPPORTED_MODELS}. For other models pass a string component such as "
-            "'<path to layer>.output' (see print(model))")
-    if component not in COMPONENTS[family]:
-        raise ValueError(f"component={component!r} is not supported for {type(model).__name__}; use one of "
-                         f"{sorted(COMPONENTS[family])} or a string path like '{layers_path}[3].output'")
-    n_layers = len(get_submodule(model, layers_path))
-    if not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer={layer!r} is out of range for {type(model).__name__} with {n_layers} layers; "
-                         f"use 0..{n_layers - 1}")
-    suffix, kind = COMPONENTS[family][component]
-    path = f"{layers_path}[{layer}]{suffix}"
-    return Site(get_submodule(model, path), kind, path)
-
-
-def hidden_size(model: nn.Module) -> Optional[int]:
-    """The model's hidden size from its config (None when it has none)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "hidden_size", None)
+__all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState", "GeneratedPositions"]
 
 
 # Caches whose ``get_seq_length()`` is not the number of tokens seen (transformers < 4.54 counts

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterMixin
+from .checkpoint import load_reft_model, save_reft_model, set_default_wrapper
 from .config import ReftConfig
 from .edit_state import GeneratedPositions
 from .interventions import ReftIntervention, intervention_class
@@ -337,7 +338,6 @@ class ReftModel(AdapterMixin, nn.Module):
         """Write a checkpoint (see :mod:`reft_kernels.checkpoint`); ``adapter_name``: that adapter alone."""
         if adapter_name is not None:
             return self.save_adapter(save_directory, adapter_name, **kwargs)
-        from .checkpoint import save_reft_model
         return save_reft_model(self, save_directory, **kwargs)
 
     @staticmethod
@@ -346,8 +346,7 @@ class ReftModel(AdapterMixin, nn.Module):
 
         The loaded interventions are in eval mode (as PEFT's loaded adapters are); call ``train()``
         to continue training."""
-        from .checkpoint import load_reft_model
-        reft_model = load_reft_model(load_directory, model, **kwargs)
+        reft_model = load_reft_model(load_directory, model, wrap=get_reft_model, **kwargs)
         reft_model.interventions.eval()
         return reft_model
 
@@ -365,3 +364,6 @@ def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool =
     if disable_model_grads:
         reft_model.disable_model_gradients()
     return reft_model
+
+
+set_default_wrapper(get_reft_model)  # checkpoint.load_reft_model wraps with it (it cannot import us)

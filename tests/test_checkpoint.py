@@ -6,6 +6,7 @@ checks live in tests/parity and run in their own venv).
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -445,3 +446,179 @@ def test_hub_repo_id_and_missing_directory(tmp_path, monkeypatch):
     assert torch.equal(run(loaded), run(rm))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ck.load_reft_model(tmp_path / "nope", tiny_llama())
+
+
+# ------------------------------------------------------------------------------------------
+# corrupt files and non-finite weights: a CheckpointError naming the file, what is wrong, the fix
+
+FIX = "save the checkpoint again|export the checkpoint again|copy it again"
+
+
+def saved(tmp_path, classes=("LoreftIntervention", "NoreftIntervention"), trainable_norm=False):
+    rm = build(list(classes))
+    if trainable_norm:
+        rm.model.model.norm.weight.requires_grad_(True)
+    rm.save(tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def edit_config(path, fn):
+    cfg_file = path / "reft_config.json"
+    meta = json.loads(cfg_file.read_text())
+    fn(meta)
+    cfg_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("text,what", [
+    ('{"format": "reft_kernels", "interventions": [', r"is not valid JSON \(.*; line 1, column"),
+    ("", r"is not valid JSON"),
+    ("[1, 2]", r"holds a JSON list, expected an object"),
+])
+def test_corrupt_config_json(tmp_path, text, what):
+    ck_dir = saved(tmp_path)
+    (ck_dir / "reft_config.json").write_text(text)
+    check_fails(ck_dir, tiny_llama(), rf"{tmp_path}/ck/reft_config.json {what}.*({FIX})")
+
+
+def test_config_json_with_bad_bytes(tmp_path):
+    ck_dir = saved(tmp_path)
+    (ck_dir / "reft_config.json").write_bytes(b'{"format": "\xff\xfe"}')
+    check_fails(ck_dir, tiny_llama(), r"reft_config.json is not UTF-8 text.*copy it again")
+
+
+@pytest.mark.parametrize("edit,what", [
+    (lambda m: m.pop("format"), r"has no 'format' field"),
+    (lambda m: m.pop("interventions"), r"field 'interventions' must be a non-empty list"),
+    (lambda m: m.update(interventions=[]), r"field 'interventions' must be a non-empty list"),
+    (lambda m: m.update(model="Llama"), r"field 'model' must be a JSON object"),
+    (lambda m: m["interventions"][1].pop("cls"), r"interventions\[1\] lacks the required fields \['cls'\]"),
+    (lambda m: m["interventions"][0].pop("key"), r"interventions\[0\] lacks the required fields \['key'\]"),
+    (lambda m: m["interventions"][0].update(layer="1"), r"interventions\[0\]: field 'layer' = '1' should be an integer or null"),
+    (lambda m: m["interventions"][0].update(rank=True), r"interventions\[0\]: field 'rank' = True should be an integer or null"),
+    (lambda m: m["interventions"][0].update(cls="FooIntervention"), r"interventions\[0\]: intervention type 'FooIntervention' is not supported"),
+    (lambda m: m["interventions"][0].update(dtype="float33"), r"interventions\[0\]: dtype='float33' is not a torch dtype"),
+    (lambda m: m["interventions"].__setitem__(0, "oops"), r"interventions\[0\] must be a JSON object"),
+])
+def test_config_json_missing_or_bad_fields(tmp_path, edit, what):
+    ck_dir = saved(tmp_path)
+    edit_config(ck_dir, edit)
+    check_fails(ck_dir, tiny_llama(), rf"{tmp_path}/ck/reft_config.json:? {what}.*(edited by hand|upgrade)")
+
+
+def test_newer_format_version_says_upgrade(tmp_path):
+    ck_dir = saved(tmp_path)
+    edit_config(ck_dir, lambda m: m.update(format_version=99))
+    check_fails(ck_dir, tiny_llama(), r"reft_config.json: format 'reft_kernels' version 99 .*upgrade reft_kernels")
+
+
+@pytest.mark.parametrize("name", ["adapter.safetensors", "base_model.safetensors"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "remove"])
+def test_truncated_or_corrupt_safetensors(tmp_path, name, damage):
+    ck_dir = saved(tmp_path, trainable_norm=True)
+    f = ck_dir / name
+    data = f.read_bytes()
+    if damage == "truncate":
+        f.write_bytes(data[: len(data) // 2])
+        what = rf"{f} is not a readable safetensors file \(.*\); the file is corrupt or truncated.*copy it again"
+    elif damage == "garbage":
+        f.write_bytes(b"\x00" * 7)
+        what = rf"{f} is not a readable safetensors file"
+    else:
+        os.remove(f)
+        if name == "base_model.safetensors":  # optional file: loads without it (nothing to check)
+            ck.load_reft_model(ck_dir, tiny_llama())
+            return
+        what = rf"{f} is missing; the checkpoint directory is incomplete.*save it again"
+    check_fails(ck_dir, tiny_llama(), what)
+
+
+def test_corrupt_pyreft_files_name_the_file(tmp_path):
+    write_pyreft_dir(tmp_path / "py", ["LoreftIntervention"], "new", torch.float32)
+    victim = tmp_path / "py" / "intkey_layer_0_comp_block_output_unit_pos_nunit_1#0.bin"
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])
+    check_fails(tmp_path / "py", tiny_llama(), rf"cannot read {victim} as a pyreft weights file.*copy it again")
+    torch.save([torch.zeros(3)], victim)
+    check_fails(tmp_path / "py", tiny_llama(), r"intkey_layer_0.*holds a list, expected a state dict")
+    victim.write_bytes(good)
+    cfg = tmp_path / "py" / "config.json"
+    text = cfg.read_text()
+    cfg.write_text(text[: len(text) // 2])
+    check_fails(tmp_path / "py", tiny_llama(), rf"{cfg} is not valid JSON.*copy it again")
+    for broken, what in (({"representations": []}, "'representations' must be a non-empty list"),
+                         ({**json.loads(text), "intervention_types": None}, "'intervention_types' must give one class"),
+                         ({**json.loads(text), "representations": [["x", "block_output"]]}, "cannot read the representations"),
+                         ({**json.loads(text), "sorted_keys": "k"}, "'sorted_keys' must list one key")):
+        cfg.write_text(json.dumps(broken))
+        check_fails(tmp_path / "py", tiny_llama(), rf"{cfg}: .*{what}.*export the checkpoint again")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    ck_dir = saved(tmp_path, trainable_norm=True)
+    key = "layer_1_comp_block_output_unit_pos_nunit_1#0.proj_layer.weight"
+    flat = load_file(ck_dir / "adapter.safetensors")
+    flat[key][1, 2] = bad
+    save_file(flat, ck_dir / "adapter.safetensors")
+    kind = "NaN" if bad != bad else "Inf"
+    check_fails(ck_dir, tiny_llama(), rf"{ck_dir}/adapter.safetensors: tensor '{re.escape(key)}' holds 1 "
+                                      rf"non-finite values \({kind}\) of {R * D}")
+    other = build(["LoreftIntervention", "NoreftIntervention"])  # load_weights refuses too
+    snap = snapshot(other)
+    with pytest.raises(ck.CheckpointError, match="non-finite"):
+        ck.load_weights(other, ck_dir)
+    assert_unchanged(other, snap)
+    # the base-model file is checked as well
+    flat[key][1, 2] = 0.0
+    save_file(flat, ck_dir / "adapter.safetensors")
+    base = load_file(ck_dir / "base_model.safetensors")
+    base["model.norm.weight"][3] = bad
+    save_file(base, ck_dir / "base_model.safetensors")
+    check_fails(ck_dir, tiny_llama(), r"base_model.safetensors: tensor 'model.norm.weight' holds 1 non-finite")
+
+
+def test_non_finite_pyreft_weights_are_refused(tmp_path):
+    write_pyreft_dir(tmp_path / "py", ["LoreftIntervention", "DireftIntervention"], "new", torch.bfloat16,
+                     model_bin={"model.norm.weight": torch.ones(D)})
+    victim = tmp_path / "py" / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin"
+    sd = torch.load(victim, weights_only=True)
+    sd["rotate_layer.parametrizations.weight.original"][0, 0] = float("nan")
+    torch.save(sd, victim)
+    check_fails(tmp_path / "py", tiny_llama(torch.bfloat16),
+                rf"{re.escape(str(victim))}: tensor 'rotate_layer.parametrizations.weight.original' holds 1 "
+                r"non-finite values \(NaN\).*Load an earlier checkpoint")
+    os.remove(victim)
+    write_pyreft_dir(tmp_path / "py2", ["LoreftIntervention"], "new", torch.float32,
+                     model_bin={"model.norm.weight": torch.full((D,), float("inf"))})
+    check_fails(tmp_path / "py2", tiny_llama(), r"pytorch_model.bin: tensor 'model.norm.weight' holds 64 non-finite")
+
+
+def test_read_for_model_returns_plain_pieces_and_wrap_is_passed_in(tmp_path):
+    """The checkpoint code builds no ReftModel itself: read_for_model leaves the model untouched,
+    and load_reft_model wraps with whatever ``wrap`` it is given (default get_reft_model)."""
+    rm = build(["LoreftIntervention", "NodireftIntervention"])
+    rm.model.model.norm.weight.requires_grad_(True)
+    expected = run(rm)
+    rm.save(tmp_path / "ck")
+    model = tiny_llama()
+    snap = snapshot(model)
+    loaded = ck.read_for_model(tmp_path / "ck", model)
+    assert_unchanged(model, snap)
+    assert isinstance(loaded.config, rk.ReftConfig) and loaded.format == "reft_kernels"
+    assert sorted(loaded.base_state) == ["model.norm.weight"]
+    wrapped = rk.get_reft_model(model, loaded.config)
+    ck.load_base_state(wrapped.model, loaded.base_state)
+    assert torch.equal(run(wrapped.eval()), expected)
+
+    calls = []
+
+    def wrap(model, config, **kwargs):
+        calls.append(kwargs)
+        return rk.get_reft_model(model, config, **kwargs)
+
+    again = ck.load_reft_model(tmp_path / "ck", tiny_llama(), wrap=wrap, backend="torch")
+    assert calls == [{"backend": "torch"}] and again.backend == "torch"
+    # another op backend: same math, not the same rounding
+    torch.testing.assert_close(run(again.eval()), expected, atol=1e-5, rtol=0)

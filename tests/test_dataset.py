@@ -17,7 +17,8 @@ def data():
     return prompts, outputs, build_word_tokenizer(prompts + outputs)
 
 
-@pytest.mark.parametrize("spec,expected", [("f7+l7", (7, 7)), ("f3", (3, 0)), ("l1", (0, 1)), ("f0+l2", (0, 2))])
+@pytest.mark.parametrize("spec,expected", [("f7+l7", (7, 7)), ("f3", (3, 0)), ("l1", (0, 1)), ("f0+l2", (0, 2)),
+                                           ("f3+l0", (3, 0)), ("f1", (1, 0))])
 def test_parse_positions(spec, expected):
     assert parse_positions(spec) == expected
 
@@ -41,6 +42,40 @@ def test_parse_positions_rejects(bad):
 ])
 def test_intervention_locations_match_pyreft(kw, expected):
     assert get_intervention_locations(**kw) == expected
+
+
+@pytest.mark.parametrize("spec", ["f0+l0", "f0", "l0", " f0 + l0 "])
+def test_positions_that_select_nothing_are_refused(spec):
+    """pyreft parses these to (0, 0) and trains an adapter that edits no token (grad norm 0)."""
+    with pytest.raises(ValueError, match=r"selects no token.*e\.g\. 'l1'"):
+        parse_positions(spec)
+    with pytest.raises(ValueError, match="selects no token"):
+        get_intervention_locations(last_position=10, positions=spec, num_interventions=2)
+
+
+def test_first_n_last_n_that_select_nothing_are_refused():
+    with pytest.raises(ValueError, match="first_n=0 and last_n=0: selects no token"):
+        get_intervention_locations(last_position=10, first_n=0, last_n=0, num_interventions=1)
+    for bad in (dict(first_n=-1, last_n=2), dict(first_n=1, last_n=1.5), dict(first_n="1", last_n=1)):
+        with pytest.raises(ValueError, match="must be a non-negative int"):
+            get_intervention_locations(last_position=10, num_interventions=1, **bad)
+    # one side 0 is fine (that is what "f3" / "l2" mean)
+    assert get_intervention_locations(last_position=10, first_n=0, last_n=2, num_interventions=1) == [[8, 9]]
+
+
+def test_data_modules_and_cli_refuse_empty_positions(data, tmp_path, capsys):
+    prompts, outputs, tok = data
+    with pytest.raises(ValueError, match="selects no token"):
+        make_multiple_position_supervised_data_module(tok, None, prompts, outputs, positions="f0+l0")
+    with pytest.raises(ValueError, match="selects no token"):
+        make_generation_inputs(tok, prompts[:2], positions="l0")
+    from reft_kernels.cli import main
+    code = main(["train", "--model", str(tmp_path / "unused"), "--data", "builtin", "--output",
+                 str(tmp_path / "out"), "--positions", "f0+l0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--positions" in err and "selects no token" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_untied_needs_even_interventions():
@@ -182,3 +217,15 @@ def test_pyreft_dataset_classes_sink_layout(data):
     batch = rk.make_data_collator(tok, model)([gen[i] for i in range(4)])
     assert batch["intervention_locations"].shape == (4, 1, 3)
     assert torch.isfinite(reft(**{k: v for k, v in batch.items() if k != "id"}).loss)
+
+
+def test_public_names_after_the_split():
+    """reft_kernels.dataset keeps every public name (positions re-exported), and the top level too."""
+    from reft_kernels import dataset, dataset_positions
+    for name in dataset.__all__:
+        assert getattr(dataset, name) is not None, name
+    for name in dataset_positions.__all__:
+        assert getattr(dataset, name) is getattr(dataset_positions, name), name
+    for name in ("parse_positions", "get_intervention_locations", "ReftDataCollator", "make_data_collator",
+                 "make_generation_inputs", "ReftDataset", "make_classification_data_module"):
+        assert getattr(rk, name) is getattr(dataset, name), name

@@ -283,19 +283,23 @@ def test_gradient_checkpointing_reapplies_same_edit_and_dropout(reentrant):
 def test_unsupported_model_and_component_errors_list_alternatives():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=H, n_layer=2, n_head=4, vocab_size=100)).eval()
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*Llama.*RoBERTa"):
-        pyreft.get_reft_model(gpt2, pyreft.ReftConfig(representations=rep(0, "block_output")))
+    reft = pyreft.get_reft_model(gpt2, pyreft.ReftConfig(representations=rep(0, "block_output")))
+    assert reft._sites[0].module is gpt2.transformer.h[0]                   # GPT-2 is a known family now
+    reft.unload()
     reft = pyreft.get_reft_model(gpt2, pyreft.ReftConfig(representations=rep(0, "transformer.h[0].output")))
     assert list(reft.interventions) == ["comp_transformer_h[0]_output_unit_pos_nunit_1#0"]
     reft.unload()
+    with pytest.raises(ValueError, match=r"_AliasingModel.*string component.*such as"):   # no block list
+        pyreft.get_reft_model(_AliasingModel(), pyreft.ReftConfig(representations=rep(0, "block_output")))
     model = llama()
     for bad, match in [(rep(0, "mlp_activation"), "mlp_activation.*block_output"),
                        (rep(5, "block_output"), "layer=5.*0..1"),
+                       (rep("1", "block_output"), "layer='1'.*must be an int"),
                        (rep(0, "model.layers[0].nothing.output"), "has no 'nothing'"),
                        (rep(0, "model.layers[0].outputs"), "'.output' or"),
                        (rep(0, "block_output", pyreft.LoreftIntervention(embed_dim=32, low_rank_dimension=2)),
                         "embed_dim=32.*64")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((ValueError, TypeError), match=match):
             pyreft.get_reft_model(model, pyreft.ReftConfig(representations=bad))
 
 

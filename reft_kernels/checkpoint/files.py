@@ -1,0 +1,118 @@
+"""The file I/O both formats share: atomic directory writes and readers that never unpickle.
+
+Every reader raises :class:`~.spec.CheckpointError` naming the file, what is wrong with it and
+what to do, instead of the bare json/safetensors/torch error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict
+
+import torch
+
+from .spec import CheckpointError
+
+_CORRUPT_FIX = ("the file is corrupt or truncated (an interrupted copy or download?): copy it "
+                "again from its source, or save the checkpoint again")
+
+
+def resolve_dir(path, local_directory=None, from_huggingface_hub=False) -> str:
+    """A local directory, or (like pyvene) a Hugging Face Hub repo id downloaded first."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not from_huggingface_hub:
+        return path
+    if not from_huggingface_hub and (os.path.exists(path) or path.count("/") != 1):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id=path, local_dir=local_directory)
+
+
+def read_json(path) -> dict:
+    """A JSON object from ``path``; a CheckpointError naming the file if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint directory is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}; line {e.lineno}, column "
+                              f"{e.colno}); {_CORRUPT_FIX}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              f"{_CORRUPT_FIX}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, expected an object "
+                              f"({{...}}); {_CORRUPT_FIX}")
+    return data
+
+
+def read_safetensors(path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, on the CPU (no pickle)."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing; the checkpoint directory is incomplete (was the "
+                              "save interrupted?): save it again or restore the file")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError/OSError
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                              f"{e}); {_CORRUPT_FIX}") from None
+
+
+def read_torch_bin(path) -> dict:
+    """A pyreft ``.bin`` state dict, read with ``torch.load(weights_only=True)`` (no arbitrary code)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report which file, whatever torch raised
+        raise CheckpointError(f"cannot read {path} as a pyreft weights file "
+                              f"(torch.load(weights_only=True) failed: {e}); {_CORRUPT_FIX}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a state dict "
+                              f"(name -> tensor); {_CORRUPT_FIX}")
+    return data
+
+
+def atomic_write_dir(path, write: Callable[[str], None],
+                     replaceable: Callable[[str], bool]) -> str:
+    """Run ``write(tmp_dir)`` in a temp dir beside ``path``, then rename it to ``path``.
+
+    An existing directory at ``path`` is replaced only if ``replaceable(path)`` (else
+    FileExistsError) and only after the new one is complete; any failure leaves it intact (and
+    removes the temp dir). Returns the absolute path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or not replaceable(path)):
+        raise FileExistsError(f"{path} exists and is not a ReFT checkpoint directory; refusing to "
+                              f"replace it: choose a new or empty directory")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        if os.path.exists(path):
+            old = tmp + ".old"
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def write_json(path, data, sort_keys: bool = False) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
