@@ -83,6 +83,11 @@ class AdapterMixin:
             raise ValueError("no adapter is active; call set_adapter(name)")
         return self._active[0]
 
+    @property
+    def _sites(self) -> list:
+        """The primary adapter's sites, in config order (one per intervention)."""
+        return self._adapter_sites.get(self._primary, [])
+
     def adapter_interventions(self, name: str) -> nn.ModuleDict:
         """Adapter ``name``'s intervention modules, keyed like ``reft_model.interventions``."""
         self._check_name(name)
