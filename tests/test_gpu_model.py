@@ -13,24 +13,24 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import reft_kernels
-from reft_kernels.ops import VARIANTS, reft_edit
-from reft_kernels.ops.family import canonical_rows, dropout_keep_mask
-from test_ops import available_backends, check_against_oracle, make_params, make_positions, run
-
-ON_CPU = os.environ.get("REFT_GPU_CHECK_ON_CPU") == "1"
 if torch.cuda.is_available():
     DEVICE = torch.device("cuda")
-elif ON_CPU:
+elif os.environ.get("REFT_GPU_CHECK_ON_CPU") == "1":
     DEVICE = torch.device("cpu")
-else:
-    DEVICE = None
-CUDA = DEVICE is not None and DEVICE.type == "cuda"
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU (REFT_GPU_CHECK_ON_CPU=1 runs "
-                                                      "these on CPU, as benchmarks/gpu_check.sh --dry-run does)")
-BACKENDS = available_backends(DEVICE) if DEVICE is not None else ["torch"]
+else:  # skip before the imports below (they build the native backend, import triton, transformers)
+    pytest.skip("needs a CUDA GPU (REFT_GPU_CHECK_ON_CPU=1 runs these on CPU, as "
+                "benchmarks/gpu_check.sh --dry-run does)", allow_module_level=True)
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import reft_kernels  # noqa: E402
+from reft_kernels.ops import reft_edit  # noqa: E402
+from reft_kernels.ops.family import canonical_rows, dropout_keep_mask  # noqa: E402
+from test_ops import available_backends, check_against_oracle, make_params, make_positions  # noqa: E402
+
+CUDA = DEVICE.type == "cuda"
+BACKENDS = available_backends(DEVICE)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
 
 
