@@ -31,6 +31,8 @@ import time
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from gpu_pytest_budget import BUDGET_REASON  # noqa: E402
 ROOT = os.path.dirname(HERE)
 
 CUDA_TESTS = ["tests/test_ops.py::test_variants_match_oracle_on_cuda", "tests/test_gpu_model.py"]
@@ -38,11 +40,27 @@ FULL_ONLY_TESTS = ["tests/test_triton_backend.py", "tests/test_native_build.py"]
 # HOOK: the per-row multi-adapter op (being added to reft_kernels.ops on another branch). Its test
 # files join the selection as soon as they exist; they must run on CUDA when a GPU is present.
 MULTI_ADAPTER_TESTS = ["tests/test_*multi*.py", "tests/test_*per_row*.py", "tests/test_*row_op*.py"]
-# the dry run: the same files, few tests of the interpreted-triton file (it takes minutes on CPU)
-DRY_RUN_K = "not test_triton_backend or (test_variants_match_torch_backend and loreft and fp32)"
+# the dry run: the same files, but few tests of the interpreted-triton file (minutes on CPU) and
+# not the nvcc compile check (the main suite runs it)
+DRY_RUN_K = ("not (test_triton_backend or test_native_build) or "
+             "(test_variants_match_torch_backend and loreft and fp32)")
 
-BUDGETS = {  # seconds per step: full, quick, dry-run
-    "tests": (300, 150, 900), "ops": (150, 60, 600), "model": (100, 45, 600), "launch": (30, 20, 300)}
+# Time budgets in seconds, after the environment step (install, one-time native CUDA build):
+# per step (cap, floor) and in all. A step gets its cap, less whatever would eat into the later
+# steps' floors; past its budget a step starts nothing new (tests left are skipped, counted).
+BUDGETS = {
+    "full": dict(total=400, tests=(180, 120), ops=(110, 50), model=(75, 30), launch=(25, 10)),
+    "quick": dict(total=150, tests=(60, 45), ops=(40, 20), model=(35, 15), launch=(15, 8)),
+    "dry-run": dict(total=3000, tests=(900, 900), ops=(600, 600), model=(600, 600), launch=(300, 300)),
+}
+STEPS = ("tests", "ops", "model", "launch")
+
+
+def step_budget(mode, step, deadline):
+    """Seconds for ``step``: its cap, within what the overall deadline leaves after later floors."""
+    b = BUDGETS[mode]
+    later = sum(b[s][1] for s in STEPS[STEPS.index(step) + 1:])
+    return max(b[step][1] if step == "tests" else 5.0, min(b[step][0], deadline - time.time() - later))
 
 
 def test_selection(mode):
@@ -58,15 +76,18 @@ def run_tests(mode, out, timeout):
     """pytest over the selection; counts and failures from its JUnit XML."""
     xml = os.path.join(out, "pytest.xml")
     cmd = [sys.executable, "-m", "pytest", *test_selection(mode), "-q", "-rfE", "-p", "no:cacheprovider",
-           f"--junitxml={xml}"]
-    env = dict(os.environ)
+           "-p", "gpu_pytest_budget", f"--junitxml={xml}"]
+    # past the budget the remaining tests are skipped (and counted as not run); the hard timeout
+    # below only guards against a hang
+    env = dict(os.environ, REFT_GPU_CHECK_DEADLINE=str(time.time() + timeout),
+               PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
     if mode == "dry-run":
         cmd += ["-k", DRY_RUN_K]
         env.update(REFT_GPU_CHECK_ON_CPU="1", TRITON_INTERPRET="1")
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
     try:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout + 300).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     result = dict(command=cmd, returncode=rc, wall_s=time.time() - start, **parse_junit(xml))
@@ -76,7 +97,7 @@ def run_tests(mode, out, timeout):
 
 
 def parse_junit(path):
-    counts = dict(passed=0, failed=0, errors=0, skipped=0, failures=[])
+    counts = dict(passed=0, failed=0, errors=0, skipped=0, not_run=0, failures=[])
     if not os.path.exists(path):
         counts["failures"].append(dict(test="pytest", message="no JUnit XML written (pytest crashed?)"))
         return counts
@@ -86,7 +107,7 @@ def parse_junit(path):
         if outcome is None:
             counts["passed"] += 1
         elif outcome.tag == "skipped":
-            counts["skipped"] += 1
+            counts["not_run" if BUDGET_REASON in (outcome.get("message") or "") else "skipped"] += 1
         else:
             counts["failed" if outcome.tag == "failure" else "errors"] += 1
             counts["failures"].append(dict(test=name, message=(outcome.get("message") or "")[:500]))
@@ -155,7 +176,6 @@ def main(argv=None):
     mode = "dry-run" if args.dry_run else "quick" if args.quick else "full"
     if mode == "dry-run":
         os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton
-    budget = {k: v[("full", "quick", "dry-run").index(mode)] for k, v in BUDGETS.items()}
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
     start = time.time()
@@ -167,22 +187,29 @@ def main(argv=None):
     for key in ("gpu", "driver", "torch", "torch_cuda", "triton", "nvcc"):
         print(f"  {key:<11} {result['env'].get(key)}", flush=True)
     bench_errors = []
+    deadline = time.time() + BUDGETS[mode]["total"]
+    budget = {}
     if not failures or mode == "dry-run":
         print("\n== correctness tests", flush=True)
+        budget["tests"] = step_budget(mode, "tests", deadline)
         result["tests"] = run_tests(mode, out, budget["tests"])
         result["meta"]["steps_s"]["tests"] = result["tests"]["wall_s"]
         t = result["tests"]
         if t["failed"] or t["errors"] or t["returncode"] not in (0, 5) or not t["passed"]:
             failures.append(f"tests: {t['failed']} failed, {t['errors']} errors, {t['passed']} passed "
                             f"(pytest exit {t['returncode']})")
+        if t["not_run"]:
+            failures.append(f"tests: {t['not_run']} not run, the time budget of {budget['tests']} s was spent")
         if not args.skip_bench:
             for key, script in (("ops", "gpu_bench_ops.py"), ("model", "gpu_bench_model.py"),
                                 ("launch", "gpu_launch.py")):
                 print(f"\n== benchmark: {key}", flush=True)
+                budget[key] = step_budget(mode, key, deadline)
                 result[key] = run_section(script, out, mode, budget[key])
                 result["meta"]["steps_s"][key] = result[key]["wall_s"]
                 bench_errors += [f"{key}: {e}" for e in result[key].get("errors", [])
                                  if "time budget" not in e]
+    result["meta"]["budgets_s"] = budget
     result.update(failures=failures, bench_errors=bench_errors)
     code = 3 if any(f.startswith("no usable GPU") for f in failures) else 1 if failures else 2 if bench_errors else 0
     result["meta"].update(wall_s=time.time() - start, exit_code=code)

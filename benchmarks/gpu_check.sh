@@ -46,7 +46,7 @@ if [ "$INSTALL" = 1 ]; then
   start=$SECONDS
   pip_install() {   # a failed install is reported, not fatal: the check says what it could not do
     say "pip install $*"
-    timeout "$INSTALL_TIMEOUT" "$PYTHON" -m pip install -q "$@" 2>&1 | tee -a "$LOG" \
+    timeout "$INSTALL_TIMEOUT" "$PYTHON" -m pip install -q --retries 2 --timeout 30 "$@" 2>&1 | tee -a "$LOG" \
       || say "WARNING: 'pip install $*' failed or timed out; going on with what is installed"
   }
   # The package index's plain torch wheel for Linux x86_64 is the CUDA build.

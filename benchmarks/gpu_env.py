@@ -23,14 +23,15 @@ from pathlib import Path
 
 
 def find_cuda_home():
-    """The first CUDA_HOME candidate with an executable bin/nvcc, or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    """The first CUDA_HOME candidate with an executable bin/nvcc and include/cuda_runtime.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
     nvcc = shutil.which("nvcc")
-    if nvcc:
+    if nvcc:   # may be a wrapper script elsewhere (then the folders above usually hold the toolkit)
         candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
     for home in candidates:
-        if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+        if (home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK)
+                and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))):
             return home
     return None
 
@@ -93,7 +94,7 @@ def ensure_cuda_home(dest=None, install=True, timeout=240):
     if home or not install:
         return home, "nvcc assembled from installed NVIDIA wheels" if home else "no nvcc and no nvcc wheel installed"
     specs = nvcc_wheels(torch.version.cuda)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", *specs]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--retries", "2", "--timeout", "30", *specs]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -141,7 +142,8 @@ def report(device):
                     gpu_memory_GiB=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
     home = find_cuda_home()
     info["cuda_home"] = home
-    info["nvcc"] = (_run([os.path.join(home, "bin", "nvcc"), "--version"]) or "").splitlines()[-1:] if home else None
+    version = _run([os.path.join(home, "bin", "nvcc"), "--version"]) if home else None
+    info["nvcc"] = version.splitlines()[-1] if version else None
     return info
 
 

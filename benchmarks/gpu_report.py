@@ -30,7 +30,8 @@ def env_lines(env):
 
 def tests_lines(tests):
     out = [f"**{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
-           f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped** "
+           f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped, "
+           f"{tests.get('not_run', 0)} not run (time budget)** "
            f"({_fmt(tests.get('wall_s'), '.0f')} s; pytest exit {tests.get('returncode')})", ""]
     for f in tests.get("failures", [])[:30]:
         out.append(f"- FAILED `{f['test']}`: {f['message'][:200]}")
