@@ -37,12 +37,13 @@ ROOT = os.path.dirname(HERE)
 
 CUDA_TESTS = ["tests/test_ops.py::test_variants_match_oracle_on_cuda", "tests/test_gpu_model.py"]
 FULL_ONLY_TESTS = ["tests/test_triton_backend.py", "tests/test_native_build.py"]
-# HOOK: the per-row multi-adapter op (being added to reft_kernels.ops on another branch). Its test
-# files join the selection as soon as they exist; they must run on CUDA when a GPU is present.
-MULTI_ADAPTER_TESTS = ["tests/test_*multi*.py", "tests/test_*per_row*.py", "tests/test_*row_op*.py"]
-# the dry run: the same files, but few tests of the interpreted-triton file (minutes on CPU) and
-# not the nvcc compile check (the main suite runs it)
-DRY_RUN_K = ("not (test_triton_backend or test_native_build) or "
+# HOOK: the per-row multi-adapter op (reft_kernels.ops.reft_edit_multi, tests/test_rowop.py on
+# the branch that adds it). Its test files join the selection as soon as they exist in the
+# checkout; their CUDA-parametrised tests then run on the GPU.
+MULTI_ADAPTER_TESTS = ["tests/test_rowop.py", "tests/test_*multi*.py", "tests/test_*per_row*.py"]
+# the dry run: the same files, but few tests of the interpreted-triton file (minutes on CPU), not
+# the nvcc compile check and not the multi-adapter tests (the main suite runs both)
+DRY_RUN_K = ("not (test_triton_backend or test_native_build or test_rowop or multi or per_row) or "
              "(test_variants_match_torch_backend and loreft and fp32)")
 
 # Time budgets in seconds, after the environment step (install, one-time native CUDA build):

@@ -76,9 +76,9 @@ def test_selection_has_the_cuda_tests_and_the_multi_adapter_hook(tmp_path, monke
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for f in full:
         assert os.path.exists(os.path.join(root, f.split("::")[0])), f
-    _touch(tmp_path / "tests" / "test_multi_adapter.py")
+    _touch(tmp_path / "tests" / "test_rowop.py")
     monkeypatch.setattr(gpu_check, "ROOT", str(tmp_path))
-    assert "tests/test_multi_adapter.py" in gpu_check.test_selection("quick")
+    assert "tests/test_rowop.py" in gpu_check.test_selection("quick")
 
 
 def test_markdown_names_failures_and_renders_every_section():

@@ -173,7 +173,8 @@ def test_llama_train_step_matches_torch_backend(llama, backend, dtype):
     ref_loss, ref_grads = train_step(reft_llama(llama, "torch", dtype), ids, locs)
     reft = reft_llama(llama, backend, dtype)
     loss, grads = train_step(reft, ids, locs)
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    # bf16: the two backends round differently and the difference goes through a bf16 backward
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, **tol)
     assert len(grads) == len(ref_grads) == 6                       # R, W, b of two interventions
     for g, rg in zip(grads, ref_grads):
