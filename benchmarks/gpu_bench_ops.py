@@ -128,12 +128,17 @@ def bench_shape(name, shape, provs, dtype, device, min_run_time, deadline):
             row["fwd_frac_copy"] = t_copy / (row["fwd_ms"] / 1e3)
         rows.append(row)
         print(format_row(row), flush=True)
-    ref = next((r for r in rows if r["provider"] == "pyvene"), None)
+    return rows
+
+
+def add_speedups(rows):
+    """``<mode>_speedup_vs_pyvene`` on every row whose shape has a pyvene row."""
+    ref = {r["shape"]: r for r in rows if r["provider"] == "pyvene"}
     for row in rows:
         for mode in MODES:
-            if ref and f"{mode}_ms" in row and f"{mode}_ms" in ref:
-                row[f"{mode}_speedup_vs_pyvene"] = ref[f"{mode}_ms"] / row[f"{mode}_ms"]
-    return rows
+            pv = ref.get(row["shape"], {})
+            if f"{mode}_ms" in row and f"{mode}_ms" in pv:
+                row[f"{mode}_speedup_vs_pyvene"] = pv[f"{mode}_ms"] / row[f"{mode}_ms"]
 
 
 def format_row(r):
@@ -148,23 +153,27 @@ def format_row(r):
 
 
 def run(device, dtype, shapes, min_run_time, deadline, compile_backend="inductor", interpreted_triton=False):
-    """All shapes; returns (rows, errors). Providers that fail to construct are reported, not fatal."""
+    """All shapes; returns (rows, errors). Two passes over the shapes: ours and pyvene first, then
+    eager and compile (whose compiles are slow), so a spent time budget costs baselines first."""
     provs = providers(device, compile_backend=compile_backend, interpreted_triton=interpreted_triton)
-    # ours first: if the time budget runs out, the baselines (compile is the slowest) go first
-    order = ["triton", "native", "torch", "pyvene", "eager", "compile"]
-    provs = {k: provs[k] for k in sorted(provs, key=lambda k: order.index(k) if k in order else len(order))}
+    passes = [["triton", "native", "torch", "pyvene"], ["eager", "compile"]]
     rows, errors = [], []
-    for name, shape in shapes.items():
-        if time.time() > deadline:
-            errors.append(f"{name}: skipped, time budget spent")
-            continue
-        try:
-            rows += bench_shape(name, shape, provs, dtype, device, min_run_time, deadline)
-        except Exception as err:  # noqa: BLE001 - e.g. out of memory; the next shape may still run
-            errors.append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
-            print(f"  {errors[-1]}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for names in passes:
+        subset = {k: provs[k] for k in names if k in provs}
+        for name, shape in shapes.items():
+            if time.time() > deadline:
+                errors.append(f"{name} {'/'.join(subset)}: skipped, time budget spent")
+                continue
+            try:
+                rows += bench_shape(name, shape, subset, dtype, device, min_run_time, deadline)
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory; the next shape may still run
+                errors.append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
+                print(f"  {errors[-1]}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    order = {k: i for i, k in enumerate(sum(passes, []))}
+    rows.sort(key=lambda r: (list(shapes).index(r["shape"]), order.get(r["provider"], len(order))))
+    add_speedups(rows)
     errors += [f"{r['shape']} {r['provider']} {m}: {r[m + '_error']}" for r in rows for m in MODES
                if f"{m}_error" in r and not r[f"{m}_error"].startswith("skipped")]
     return rows, errors
