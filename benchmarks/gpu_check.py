@@ -155,6 +155,10 @@ def environment(mode):
                         f"CUDA {torch.version.cuda}); a CPU torch build or a driver problem")
         return env, failures, device
     env["backends"] = {}
+    # the tests also build the native CPU extension (tests/test_ops.py lists CPU backends on
+    # import): build it now, in parallel with the CUDA one
+    cpu_build = subprocess.Popen([sys.executable, "-c", "import torch; from reft_kernels.ops import native_backend "
+                                  "as nb; nb.is_available(torch.device('cpu'))"], cwd=ROOT) if cuda else None
     for name in ("triton", "native"):
         start = time.time()
         mod = get_backend_safely(name)
@@ -164,6 +168,8 @@ def environment(mode):
         print(f"backend {name} on {device}: {reason} ({env['backends'][name]['first_use_s']} s)", flush=True)
         if not ok and cuda:
             failures.append(f"the {name} backend is unavailable on the GPU: {reason}")
+    if cpu_build is not None:
+        cpu_build.wait()
     return env, failures, device
 
 

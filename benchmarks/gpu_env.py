@@ -37,12 +37,19 @@ def find_cuda_home():
 
 
 def nvcc_wheels(cuda_version: str):
-    """pip specs of the compiler, runtime headers and CCCL for torch's CUDA ("12.8", "13.0")."""
+    """pip specs of the compiler, runtime headers and CCCL for torch's CUDA ("12.8", "13.0").
+
+    CUDA 13's nvcc wheel depends on nvidia-nvvm and nvidia-cuda-crt without a version: left
+    alone, pip takes the newest, whose cicc writes PTX that the older ptxas rejects
+    ("Unsupported .version"); they are pinned to the same release.
+    """
     major, minor = cuda_version.split(".")[:2]
-    suffix = "-cu12" if major == "12" else ""   # CUDA 13 wheels dropped the -cuXX suffix
     if major not in ("12", "13"):
         raise ValueError(f"torch was built for CUDA {cuda_version}; only 12.x and 13.x wheels are known")
-    return [f"nvidia-cuda-{part}{suffix}=={major}.{minor}.*" for part in ("nvcc", "runtime", "cccl")]
+    if major == "12":
+        return [f"nvidia-cuda-{part}-cu12=={major}.{minor}.*" for part in ("nvcc", "runtime", "cccl")]
+    return [f"nvidia-{part}=={major}.{minor}.*"
+            for part in ("cuda-nvcc", "cuda-runtime", "cuda-cccl", "nvvm", "cuda-crt")]
 
 
 def assemble_cuda_home(nvidia_dirs, dest):

@@ -50,7 +50,10 @@ def test_cuda_home_assembled_from_wheel_layouts(tmp_path, layout):
 def test_nvcc_wheel_specs_follow_torch_cuda_version():
     assert gpu_env.nvcc_wheels("12.8") == ["nvidia-cuda-nvcc-cu12==12.8.*", "nvidia-cuda-runtime-cu12==12.8.*",
                                            "nvidia-cuda-cccl-cu12==12.8.*"]
-    assert gpu_env.nvcc_wheels("13.0")[0] == "nvidia-cuda-nvcc==13.0.*"
+    # CUDA 13: nvvm and crt pinned too (unpinned, pip takes a newer cicc than the ptxas)
+    assert gpu_env.nvcc_wheels("13.0") == ["nvidia-cuda-nvcc==13.0.*", "nvidia-cuda-runtime==13.0.*",
+                                           "nvidia-cuda-cccl==13.0.*", "nvidia-nvvm==13.0.*",
+                                           "nvidia-cuda-crt==13.0.*"]
     with pytest.raises(ValueError, match="CUDA 11.8"):
         gpu_env.nvcc_wheels("11.8")
 
