@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def find_cuda_home():
                 and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))):
             return home
     return None
+
+
+def nvcc_release(home):
+    """"13.0" from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88"), or None."""
+    match = re.search(r"release (\d+\.\d+)", _run([os.path.join(home, "bin", "nvcc"), "--version"]) or "")
+    return match.group(1) if match else None
 
 
 def nvcc_wheels(cuda_version: str):
@@ -90,16 +97,24 @@ def nvidia_site_dirs():
 
 def ensure_cuda_home(dest=None, install=True, timeout=240):
     """(CUDA_HOME or None, note). Installs the nvcc wheels matching torch's CUDA when none is found."""
-    home = find_cuda_home()
-    if home:
-        return home, f"nvcc found at {home}/bin/nvcc"
     import torch
+    home = find_cuda_home()
+    if home and not torch.version.cuda:
+        return home, f"nvcc found at {home}/bin/nvcc"
     if not torch.version.cuda:
         return None, "torch is a CPU build: no CUDA toolkit to look for"
+    note = ""
+    if home:   # torch.utils.cpp_extension refuses an nvcc of another major version than torch's
+        found = nvcc_release(home)
+        if found and found.split(".")[0] == torch.version.cuda.split(".")[0]:
+            return home, f"nvcc {found} found at {home}/bin/nvcc"
+        note = f"nvcc {found} at {home} does not match torch's CUDA {torch.version.cuda}; "
     dest = Path(dest or Path.home() / ".cache" / "reft_kernels" / f"cuda_home_{torch.version.cuda}")
     home = assemble_cuda_home(nvidia_site_dirs(), dest) if nvidia_site_dirs() else None
+    if home and (nvcc_release(home) or "").split(".")[0] != torch.version.cuda.split(".")[0]:
+        home = None
     if home or not install:
-        return home, "nvcc assembled from installed NVIDIA wheels" if home else "no nvcc and no nvcc wheel installed"
+        return home, note + ("nvcc assembled from installed NVIDIA wheels" if home else "no matching nvcc installed")
     specs = nvcc_wheels(torch.version.cuda)
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--retries", "2", "--timeout", "30", *specs]
     try:

@@ -96,3 +96,27 @@ def test_markdown_names_failures_and_renders_every_section():
     md = markdown(result)
     assert "**FAILED**" in md and "t::x" in md and "NVIDIA H100" in md
     assert "| s | triton | 0.010 |" in md and "+10.0%" in md and "| decode | native |" in md
+
+
+def test_nvcc_of_another_major_than_torch_is_replaced_by_matching_wheels(tmp_path, monkeypatch):
+    """torch.utils.cpp_extension refuses an nvcc whose major version differs from torch's CUDA."""
+    import torch
+
+    def fake_toolkit(root, release):
+        nvcc = _touch(root / "bin" / "nvcc", f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+        nvcc.chmod(0o755)
+        _touch(root / "include" / "cuda_runtime.h")
+        return root
+
+    system = fake_toolkit(tmp_path / "system", "13.0")
+    wheel = fake_toolkit(tmp_path / "site" / "nvidia" / "cuda_nvcc", "12.8")
+    monkeypatch.setenv("CUDA_HOME", str(system))
+    monkeypatch.setattr(gpu_env, "nvidia_site_dirs", lambda: [wheel.parent])
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert gpu_env.ensure_cuda_home(dest=tmp_path / "a", install=False)[0] == str(system)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    home, note = gpu_env.ensure_cuda_home(dest=tmp_path / "b", install=False)
+    assert home == str(tmp_path / "b") and "does not match torch's CUDA 12.8" in note
+    assert gpu_env.nvcc_release(home) == "12.8"
+    monkeypatch.setattr(torch.version, "cuda", "11.8")   # neither matches: no CUDA_HOME, no install
+    assert gpu_env.ensure_cuda_home(dest=tmp_path / "c", install=False)[0] is None
