@@ -50,8 +50,8 @@ DRY_RUN_K = ("not (test_triton_backend or test_native_build or test_rowop or mul
 # per step (cap, floor) and in all. A step gets its cap, less whatever would eat into the later
 # steps' floors; past its budget a step starts nothing new (tests left are skipped, counted).
 BUDGETS = {
-    "full": dict(total=400, tests=(180, 120), ops=(110, 50), model=(75, 30), launch=(25, 10)),
-    "quick": dict(total=150, tests=(60, 45), ops=(40, 20), model=(35, 15), launch=(15, 8)),
+    "full": dict(total=420, tests=(240, 150), ops=(100, 40), model=(60, 25), launch=(20, 8)),
+    "quick": dict(total=170, tests=(100, 60), ops=(35, 15), model=(25, 10), launch=(10, 5)),
     "dry-run": dict(total=3000, tests=(900, 900), ops=(600, 600), model=(600, 600), launch=(300, 300)),
 }
 STEPS = ("tests", "ops", "model", "launch")
@@ -205,8 +205,8 @@ def main(argv=None):
         if t["failed"] or t["errors"] or t["returncode"] not in (0, 5) or not t["passed"]:
             failures.append(f"tests: {t['failed']} failed, {t['errors']} errors, {t['passed']} passed "
                             f"(pytest exit {t['returncode']})")
-        if t["not_run"]:
-            failures.append(f"tests: {t['not_run']} not run, the time budget of {budget['tests']} s was spent")
+        if t["not_run"] and mode != "quick":   # --quick is a partial check by design: reported only
+            failures.append(f"tests: {t['not_run']} not run, the time budget of {budget['tests']:.0f} s was spent")
         if not args.skip_bench:
             for key, script in (("ops", "gpu_bench_ops.py"), ("model", "gpu_bench_model.py"),
                                 ("launch", "gpu_launch.py")):

@@ -120,3 +120,17 @@ def test_nvcc_of_another_major_than_torch_is_replaced_by_matching_wheels(tmp_pat
     assert gpu_env.nvcc_release(home) == "12.8"
     monkeypatch.setattr(torch.version, "cuda", "11.8")   # neither matches: no CUDA_HOME, no install
     assert gpu_env.ensure_cuda_home(dest=tmp_path / "c", install=False)[0] is None
+
+
+def test_tests_past_the_budget_are_skipped_and_counted_as_not_run(tmp_path):
+    """The budget plugin skips every test once the deadline has passed; the JUnit parse counts them."""
+    import subprocess
+    test = _touch(tmp_path / "test_two.py", "def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    xml = tmp_path / "out.xml"
+    env = dict(os.environ, REFT_GPU_CHECK_DEADLINE="0", PYTHONPATH=os.path.dirname(gpu_check.__file__))
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(test), "-q", "-p", "no:cacheprovider",
+                           "-p", "gpu_pytest_budget", f"--junitxml={xml}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    got = gpu_check.parse_junit(str(xml))
+    assert (got["not_run"], got["passed"], got["skipped"]) == (2, 0, 0)
