@@ -165,7 +165,7 @@ def report(device):
     home = find_cuda_home()
     info["cuda_home"] = home
     version = _run([os.path.join(home, "bin", "nvcc"), "--version"]) if home else None
-    info["nvcc"] = version.splitlines()[-1] if version else None
+    info["nvcc"] = next((ln for ln in version.splitlines() if "release" in ln), version.splitlines()[-1]) if version else None
     return info
 
 

@@ -25,7 +25,10 @@ def _table(header, rows):
 def env_lines(env):
     keys = ["gpu", "capability", "driver", "torch", "torch_cuda", "triton", "transformers", "nvcc",
             "cuda_home", "python", "device", "TRITON_INTERPRET"]
-    return _table(["what", "found"], [(k, env.get(k)) for k in keys if k in env])
+    rows = [(k, env.get(k)) for k in keys if k in env]
+    rows += [(f"{name} backend", f"{b['reason']} (first use {b['first_use_s']} s)")
+             for name, b in env.get("backends", {}).items()]
+    return _table(["what", "found"], rows)
 
 
 def tests_lines(tests):
