@@ -173,3 +173,150 @@ def test_variants_match_oracle_on_cuda(backend, variant, dtype):
                 wdtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     check_multi(variant, backend, dtype, ranks=[16] * 3, ids=[0, 1, 2, 1], d=1024, T=40,
                 act=act, dropout=dropout, device=CUDA)
+
+
+# ------------------------------------------------------------------------------------------
+def _stack(variant="loreft", ranks=(3, 2, 3), d=16, seed=0):
+    return make_stack(variant, list(ranks), d, torch.float32, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, T, P, ids", [
+    (0, 5, 2, []),                   # no batch rows
+    (2, 0, 3, [0, 1]),               # no tokens (positions all -1)
+    (2, 5, 0, [1, 2]),               # no positions
+    (3, 5, 2, [-1, -1, -1]),         # no row has an adapter
+])
+def test_empty_inputs_are_identity(backend, B, T, P, ids):
+    params = [p.requires_grad_(True) for p in _stack(d=16)[:3]]
+    hidden = torch.randn(B, T, 16, requires_grad=True)
+    positions = torch.full((B, P), -1) if T == 0 else torch.arange(P).repeat(B, 1).reshape(B, P)
+    out = reft_edit_multi(hidden * 1.0, positions, torch.tensor(ids, dtype=torch.long), *params,
+                          dropout=0.3, seed=1, backend=backend)
+    assert out.shape == hidden.shape and torch.equal(out, hidden)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [hidden] + params, grad_out)
+    assert torch.equal(grads[0], grad_out)
+    assert all(g.shape == p.shape and not g.any() for g, p in zip(grads[1:], params))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_adapter_per_row_equals_single_adapter_op(backend):
+    """All rows on adapter a == reft_edit with adapter a's slice (same positions, dups, pads)."""
+    gen = torch.Generator().manual_seed(4)
+    P, W, b, _ = make_stack("loreft", [4, 4, 4], 33, torch.float32, gen)
+    hidden = torch.randn(3, 9, 33, generator=gen)
+    positions = make_positions(3, 9, [4, 2, 5], gen=gen)
+    for a in range(3):
+        multi = reft_edit_multi(hidden, positions, torch.full((3,), a), P, W, b, act="tanh",
+                                dropout=0.1, seed=5, backend=backend)
+        single = reft_edit(hidden, positions, P[a], W[a], b[a], act="tanh", dropout=0.1, seed=5,
+                           backend=backend)
+        torch.testing.assert_close(multi, single, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_training_step_updates_each_adapter_from_its_own_rows(backend):
+    """One SGD step on a mixed batch == for each adapter, a step on its own rows only."""
+    gen = torch.Generator().manual_seed(8)
+    stack = make_stack("noreft", [2, 4, 3], 24, torch.float32, gen)
+    hidden = torch.randn(6, 7, 24, generator=gen)
+    positions = make_positions(6, 7, [3, 2, 4, 1, 3, 2], gen=gen)
+    ids = torch.tensor([2, 0, 2, -1, 1, 0])
+    target = torch.randn(6, 7, 24, generator=gen)
+
+    def step(rows):
+        ps = [p.clone().requires_grad_(True) for p in stack]
+        out = reft_edit_multi(hidden[rows], positions[rows], ids[rows], *ps, variant="noreft",
+                              act="relu", ranks=torch.tensor([2, 4, 3]), backend=backend)
+        ((out - target[rows]) ** 2).sum().backward()
+        return [p.detach() - 0.1 * p.grad for p in ps]
+
+    mixed = step(torch.arange(6))
+    for a in range(3):
+        own = step((ids == a).nonzero().flatten())
+        for m, o, p in zip(mixed, own, stack):
+            torch.testing.assert_close(m[a], o[a], rtol=1e-5, atol=1e-6)
+            others = [x for x in range(3) if x != a]
+            assert torch.equal(o[others], p[others])   # other adapters' slices untouched
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_deterministic(backend):
+    gen = torch.Generator().manual_seed(2)
+    stack = [p.requires_grad_(True) for p in make_stack("loreft", [4, 2, 3, 4, 1], 40, torch.float32, gen)[:3]]
+    hidden = torch.randn(8, 6, 40, generator=gen)
+    positions = make_positions(8, 6, [3] * 8, gen=gen)
+    ids = torch.tensor([0, 4, 4, 1, 2, 3, 0, 4])
+    results = []
+    for _ in range(2):
+        out = reft_edit_multi(hidden, positions, ids, *stack, backend=backend)
+        results.append([out] + list(torch.autograd.grad(out.square().sum(), stack)))
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_gradcheck_torch_backend():
+    gen = torch.Generator().manual_seed(5)
+    positions = torch.tensor([[0, 3, 3, -1], [4, 1, -1, -1], [2, 2, 0, 1]])
+    hidden = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    stack = [p.double().requires_grad_(True) for p in make_stack("noreft", [3, 2], 7, torch.float64, gen)]
+    ids = torch.tensor([1, -1, 0])
+    fn = lambda h, *ps: reft_edit_multi(h * 1.0, positions, ids, *ps, variant="noreft", act="tanh",  # noqa: E731
+                                        dropout=0.3, seed=11, backend="torch", inplace=True)
+    assert torch.autograd.gradcheck(fn, (hidden, *stack))
+
+
+def test_compiles_without_graph_breaks():
+    stack = _stack(d=32)[:3]
+    hidden = torch.randn(3, 6, 32)
+    positions = torch.tensor([[0, 5], [1, -1], [2, 2]])
+    ids = torch.tensor([2, -1, 0])
+
+    def step(h, R, W, b):
+        return reft_edit_multi(h, positions, ids, R, W, b, backend="torch", dropout=0.1,
+                               seed=4).square().sum()
+
+    ps = [p.clone().requires_grad_(True) for p in stack]
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, *ps)
+    grads = torch.autograd.grad(loss, ps)
+    ref_ps = [p.clone().requires_grad_(True) for p in stack]
+    for g, rg in zip(grads, torch.autograd.grad(step(hidden, *ref_ps), ref_ps)):
+        torch.testing.assert_close(g, rg)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(adapter_ids=torch.tensor([0, 3])), r"adapter_ids contains 3, outside \[-1, 3\)"),
+    (dict(adapter_ids=torch.tensor([0, -2])), r"adapter_ids contains -2"),
+    (dict(adapter_ids=torch.tensor([0])), r"adapter_ids must have shape \(B,\) = \(2,\)"),
+    (dict(adapter_ids=torch.tensor([0.0, 1.0])), r"adapter_ids has dtype torch.float32"),
+    (dict(adapter_ids=[0, 1]), r"adapter_ids must be an integer torch.Tensor"),
+    (dict(proj=torch.zeros(3, 16)), r"rotation/proj must be the stacked \(A, r_max, d\)"),
+    (dict(proj=torch.zeros(0, 3, 16)), r"A=0 adapters"),
+    (dict(proj=torch.zeros(3, 3, 15)), r"rotation/proj must have shape \(A, r_max, d\) = \(3, 3, 16\)"),
+    (dict(weight=torch.zeros(2, 3, 16)), r"weight must have shape \(3, 3, 16\)"),
+    (dict(bias=torch.zeros(3, 2)), r"bias must have shape \(3, 3\)"),
+    (dict(weight=None), r"weight is required"),
+    (dict(ranks=torch.tensor([3, 4, 1])), r"ranks contains 4.*r_max=3"),
+    (dict(ranks=torch.tensor([3, 1])), r"ranks must be an integer tensor of shape \(A,\) = \(3,\)"),
+])
+def test_bad_input_errors(bad, match):
+    R, W, b, _ = _stack(d=16)
+    kw = dict(hidden=torch.randn(2, 5, 16), positions=torch.tensor([[0, 1], [2, -1]]),
+              adapter_ids=torch.tensor([0, 2]), proj=R, weight=W, bias=b)
+    kw.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        reft_edit_multi(**kw, backend="torch")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable here")
+def test_triton_several_parts_per_adapter(monkeypatch):
+    """Force K > 1 row parts per adapter in the column kernel: still the oracle, and deterministic."""
+    from reft_kernels.ops import triton_common
+    monkeypatch.setattr(triton_common, "MIN_SPLIT_TILES", 1)
+    monkeypatch.setattr(triton_common, "TARGET_PROGRAMS", 8)   # d=40: 2 column chunks x 2 x 2 parts
+    ids = [0, 1] * 9
+    errors, first, *_ = check_multi("noreft", "triton", torch.float32, ranks=[3, 2], ids=ids, d=40,
+                                    T=10, act="sigmoid", dropout=0.25)
+    _, second, *_ = check_multi("noreft", "triton", torch.float32, ranks=[3, 2], ids=ids, d=40,
+                                T=10, act="sigmoid", dropout=0.25)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

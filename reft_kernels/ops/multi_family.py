@@ -88,8 +88,13 @@ def check_multi_inputs(spec: EditSpec, hidden, positions, adapter_ids, proj, wei
                              f" true rank), got {ranks!r}")
         if ranks.device != hidden.device:
             raise ValueError(f"ranks is on {ranks.device} but hidden is on {hidden.device}")
-        if ranks.numel():
-            _check_range("ranks", ranks - 1, r, f"each rank must be in [0, r_max={r}]")
+        if ranks.device.type == "cpu" and not torch.compiler.is_compiling():
+            bad = ranks[(ranks < 0) | (ranks > r)]
+            if bad.numel():
+                raise ValueError(f"ranks contains {int(bad[0])}; each adapter's rank must be in"
+                                 f" [0, r_max={r}] (r_max = proj.shape[1])")
+        else:
+            torch._assert_async(((ranks >= 0) & (ranks <= r)).all(), "reft_kernels: ranks out of range")
     return A
 
 

@@ -56,8 +56,8 @@ import torch
 from .family import ACT_IDS, compute_dtype, dropout_threshold
 
 from . import triton_common
-from .triton_common import (  # noqa: F401 - re-exported: tests and tuning refer to them here
-    COLS_BLOCK_N, MAX_RANK, MIN_SPLIT_TILES, TARGET_PROGRAMS, _activation, _activation_grad,
+from .triton_common import (  # noqa: F401 - re-exported: tests refer to them here
+    COLS_BLOCK_N, MAX_RANK, _activation, _activation_grad,
     _add_column, _as_compute_dtype, _column, _dropout_scale, _jit, _load_rank_row, _load_rk,
     row_tiles as _row_tiles, tl, triton)
 from .triton_multi import backward_rows_multi, forward_rows_multi  # noqa: F401 - per-row adapters
@@ -297,8 +297,8 @@ def backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias, spec, act,
     # column chunks and 8 warps keep its fp32 FMA-dot operands in registers
     block_d = max(16, min(32 if r_pad == 16 else 16, triton.next_power_of_2(d)))
     d_blocks = triton.cdiv(d, block_d)
-    min_rows = max(MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
-    rows_per_split = max(min_rows, triton.cdiv(N, max(1, TARGET_PROGRAMS // d_blocks)))
+    min_rows = max(triton_common.MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
+    rows_per_split = max(min_rows, triton.cdiv(N, max(1, triton_common.TARGET_PROGRAMS // d_blocks)))
     rows_per_split = triton.cdiv(rows_per_split, COLS_BLOCK_N) * COLS_BLOCK_N
     n_splits = max(1, triton.cdiv(N, rows_per_split))
     alloc = grad2d.new_empty if N else grad2d.new_zeros       # the kernel writes every entry

@@ -23,6 +23,8 @@ COLS_BLOCK_N = 16        # rows per tile of the backward column kernel (tl.dot n
 MAX_RANK = 256           # larger r would spill the column kernel's (R_PAD, BLOCK_D) accumulators
 TARGET_PROGRAMS = 256    # grids grow (smaller row tiles, more row splits) to about this many
 MIN_SPLIT_TILES = 4      # row tiles per split at least (tests lower it to exercise splitting)
+# (the launchers read TARGET_PROGRAMS and MIN_SPLIT_TILES from this module at call time: patch
+# them here, e.g. monkeypatch.setattr(triton_common, "TARGET_PROGRAMS", 8))
 
 
 def _jit(**options):

@@ -24,7 +24,8 @@ import torch
 
 from .family import ACT_IDS, compute_dtype, dropout_threshold
 from .multi_family import adapter_segments
-from .triton_common import (COLS_BLOCK_N, MAX_RANK, MIN_SPLIT_TILES, TARGET_PROGRAMS, _activation,
+from . import triton_common
+from .triton_common import (COLS_BLOCK_N, MAX_RANK, _activation,
                             _activation_grad, _add_column, _as_compute_dtype, _column,
                             _dropout_scale, _jit, row_tiles, tl, triton)
 
@@ -285,8 +286,8 @@ def backward_rows_multi(grad2d, rows, adapter, saved, proj, weight, bias, proj_b
     block_d = max(16, min(32 if r_pad == 16 else 16, triton.next_power_of_2(d)))
     d_blocks = triton.cdiv(d, block_d)
     # K parts per adapter: about TARGET_PROGRAMS programs, each part >= min_rows entries on average
-    min_rows = max(MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
-    n_parts = max(1, min(triton.cdiv(N, A * min_rows), TARGET_PROGRAMS // (d_blocks * A)))
+    min_rows = max(triton_common.MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
+    n_parts = max(1, min(triton.cdiv(N, A * min_rows), triton_common.TARGET_PROGRAMS // (d_blocks * A)))
     gp = grad2d.new_empty((A * n_parts, r, d), dtype=cd)
     gb = grad2d.new_empty((A * n_parts, r), dtype=cd)
     gw = grad2d.new_empty((A * n_parts, r, d), dtype=cd) if spec.has_weight else None
