@@ -16,17 +16,6 @@
 namespace reft {
 namespace {
 
-// Adapter a's slice of the stacked weights, as a single-adapter RowParams.
-template <typename A> REFT_INLINE RowParams<A> slice(const RowParams<A>& p, int64_t a) {
-  RowParams<A> q = p;
-  const int64_t rd = static_cast<int64_t>(p.r) * p.d;
-  q.P = p.P + a * rd;
-  if (p.W) q.W = p.W + a * rd;
-  q.b = p.b + a * p.r;
-  if (p.c) q.c = p.c + a * p.r;
-  return q;
-}
-
 template <typename T, typename A>
 void forward_multi_cpu(T* x, const int64_t* rows, const int64_t* adapter, T* saved, int64_t N,
                        const RowParams<A>& p) {
@@ -43,7 +32,7 @@ void forward_multi_cpu(T* x, const int64_t* rows, const int64_t* adapter, T* sav
       const int64_t row = rows[n];
       T* sv = saved + n * d;
       if (row < 0) std::fill(sv, sv + d, T(0));
-      else row_fn(x + row * d, sv, row, slice(p, adapter[n]), hbuf.data(), obuf.data(), sbuf.data());
+      else row_fn(x + row * d, sv, row, reft::slice(p, adapter[n]), hbuf.data(), obuf.data(), sbuf.data());
     }
   }
 }
@@ -95,7 +84,7 @@ void backward_multi_cpu(T* g2d, const int64_t* rows, const int64_t* adapter, con
           sums.resize(sums.size() + E, A(0));
         }
         A* gP = sums.data() + sums.size() - E;
-        row_fn(g2d + rows[n] * d, saved + n * d, rows[n], slice(p, a), gbuf.data(), hbuf.data(),
+        row_fn(g2d + rows[n] * d, saved + n * d, rows[n], reft::slice(p, a), gbuf.data(), hbuf.data(),
                coef.data(), gP, gP + rd, gP + 2 * rd, gP + 2 * rd + r);
       }
     }
@@ -119,20 +108,6 @@ void backward_multi_cpu(T* g2d, const int64_t* rows, const int64_t* adapter, con
   }
 }
 
-void check_multi_args(const at::Tensor& x2d, const at::Tensor& rows, const at::Tensor& adapter,
-                      const at::Tensor& proj, const std::optional<at::Tensor>& weight,
-                      const at::Tensor& bias, bool has_weight) {
-  TORCH_CHECK(x2d.device().is_cpu(), "reft native cpu: x2d must be on the CPU");
-  TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous(), "reft native: x2d must be a contiguous (M, d) tensor");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "reft native: rows must be an int64 (N,) tensor");
-  TORCH_CHECK(adapter.sizes() == rows.sizes() && adapter.scalar_type() == at::kLong,
-              "reft native: adapter must be an int64 (N,) tensor like rows");
-  TORCH_CHECK(proj.dim() == 3 && proj.size(2) == x2d.size(1), "reft native: proj must be (A, r, d)");
-  TORCH_CHECK(!has_weight || (weight.has_value() && weight->sizes() == proj.sizes()),
-              "reft native: weight must be (A, r, d) for variants with a learned source");
-  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == proj.size(0) && bias.size(1) == proj.size(1),
-              "reft native: bias must be (A, r)");
-}
 
 }  // namespace
 
@@ -140,6 +115,7 @@ at::Tensor forward_rows_multi(at::Tensor x2d, at::Tensor rows, at::Tensor adapte
                               std::optional<at::Tensor> weight, at::Tensor bias,
                               std::optional<at::Tensor> proj_bias, bool has_weight,
                               bool subtract_proj, int64_t act, double p, int64_t seed) {
+  TORCH_CHECK(x2d.device().is_cpu(), "reft native cpu: x2d must be on the CPU");
   check_multi_args(x2d, rows, adapter, proj, weight, bias, has_weight);
   rows = rows.contiguous();
   adapter = adapter.contiguous();
@@ -161,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_rows_multi(
     at::Tensor grad2d, at::Tensor rows, at::Tensor adapter, at::Tensor saved, at::Tensor proj,
     std::optional<at::Tensor> weight, at::Tensor bias, std::optional<at::Tensor> proj_bias,
     bool has_weight, bool subtract_proj, int64_t act, double p, int64_t seed) {
+  TORCH_CHECK(grad2d.device().is_cpu(), "reft native cpu: grad2d must be on the CPU");
   check_multi_args(grad2d, rows, adapter, proj, weight, bias, has_weight);
   rows = rows.contiguous();
   adapter = adapter.contiguous();
