@@ -320,3 +320,34 @@ def test_triton_several_parts_per_adapter(monkeypatch):
     _, second, *_ = check_multi("noreft", "triton", torch.float32, ranks=[3, 2], ids=ids, d=40,
                                 T=10, act="sigmoid", dropout=0.25)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stack_adapters_trains_each_adapters_own_parameters(backend):
+    """stack_adapters + reft_edit_multi == each adapter applied alone (reft_edit) on its rows,
+    outputs and the gradients of each adapter's unpadded parameters."""
+    from reft_kernels.ops import stack_adapters
+    gen = torch.Generator().manual_seed(12)
+    adapters = [[p.requires_grad_(True) for p in make_params("loreft", r, 20, torch.float32, gen)[:3]]
+                for r in (3, 1, 2)]
+    hidden = torch.randn(4, 6, 20, generator=gen)
+    positions = make_positions(4, 6, [2, 3, 1, 2], gen=gen)
+    ids = torch.tensor([2, 0, -1, 0])
+    R, W, b, c, ranks = stack_adapters([(*a, None) for a in adapters])
+    assert R.shape == (3, 3, 20) and c is None and ranks.tolist() == [3, 1, 2]
+    out = reft_edit_multi(hidden, positions, ids, R, W, b, ranks=ranks, act="relu", backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), [p for a in adapters for p in a])
+    for i, a in enumerate(ids.tolist()):
+        expect = hidden[i] if a < 0 else reft_edit(hidden[i:i + 1], positions[i:i + 1], *adapters[a],
+                                                   act="relu", backend="torch")[0]
+        torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
+    rows_of = {a: (ids == a).nonzero().flatten() for a in range(3)}
+    for a, adapter in enumerate(adapters):
+        sel = rows_of[a]
+        if not len(sel):
+            continue
+        ref_out = reft_edit(hidden[sel], positions[sel], *adapter, act="relu", backend="torch")
+        ref = torch.autograd.grad(ref_out.square().sum(), adapter)
+        for g, rg in zip(grads[3 * a: 3 * a + 3], ref):
+            torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
+    assert not any(g.any() for g in grads[3:6])   # adapter 1 has no rows

@@ -33,8 +33,9 @@ import torch
 from .autograd import BACKENDS, ReftEditFunction, resolve_backend
 from .family import ACTIVATIONS, VARIANTS, check_inputs, new_seed
 from .multi import reft_edit_multi
+from .multi_family import stack_adapters
 
-__all__ = ["reft_edit", "reft_edit_multi", "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
+__all__ = ["reft_edit", "reft_edit_multi", "stack_adapters", "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
            "VARIANTS", "ACTIVATIONS", "BACKENDS", "resolve_backend"]
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .family import EditSpec, check_inputs
 
-__all__ = ["check_multi_inputs", "entry_adapters", "adapter_segments", "rank_mask"]
+__all__ = ["check_multi_inputs", "entry_adapters", "adapter_segments", "rank_mask", "stack_adapters"]
 
 
 def _check_stack(name, t, shape, hidden, required=True):
@@ -137,3 +137,43 @@ def adapter_segments(rows: torch.Tensor, adapter: torch.Tensor, n_adapters: int)
 def rank_mask(ranks: torch.Tensor, r_max: int, dtype) -> torch.Tensor:
     """(A, r_max) mask, 1 on each adapter's first ``ranks[a]`` rows, 0 on its padding."""
     return (torch.arange(r_max, device=ranks.device)[None, :] < ranks[:, None]).to(dtype)
+
+
+def _pad_rows(t: torch.Tensor, r_max: int) -> torch.Tensor:
+    pad = r_max - t.shape[0]
+    if pad == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, 0, 0, pad) if t.dim() == 2 else (0, pad))
+
+
+def stack_adapters(adapters):
+    """Stack per-adapter weights for ``reft_edit_multi``, zero-padding every rank to r_max.
+
+    ``adapters``: a sequence of ``(proj, weight, bias, proj_bias)`` tuples, one per adapter
+    (proj, weight (r_a, d); bias, proj_bias (r_a,); weight / proj_bias None for every adapter or
+    for none). Returns ``(proj, weight, bias, proj_bias, ranks)`` with proj, weight
+    (A, r_max, d), bias, proj_bias (A, r_max) and ranks (A,) int64. Differentiable
+    (``torch.stack`` of zero-padded tensors): a loss on the op's output trains each adapter's own
+    parameters, and the padding's gradient is discarded by the stacking. Weights keep their
+    dtype (all adapters must share it per tensor kind) and device.
+    """
+    adapters = [tuple(a) for a in adapters]
+    if not adapters:
+        raise ValueError("stack_adapters needs at least one adapter")
+    if any(len(a) != 4 for a in adapters):
+        raise ValueError("each adapter must be a (proj, weight, bias, proj_bias) tuple")
+    ranks = [a[0].shape[0] for a in adapters]
+    r_max = max(ranks)
+    out = []
+    for i, name in enumerate(("proj", "weight", "bias", "proj_bias")):
+        parts = [a[i] for a in adapters]
+        present = [p is not None for p in parts]
+        if not any(present):
+            out.append(None)
+            continue
+        if not all(present):
+            raise ValueError(f"{name} is None for some adapters and not for others; adapters"
+                             " stacked together must be of the same variant")
+        out.append(torch.stack([_pad_rows(p, r_max) for p in parts]))
+    device = adapters[0][0].device
+    return (*out, torch.tensor(ranks, dtype=torch.int64, device=device))
