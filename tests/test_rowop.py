@@ -351,3 +351,13 @@ def test_stack_adapters_trains_each_adapters_own_parameters(backend):
         for g, rg in zip(grads[3 * a: 3 * a + 3], ref):
             torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
     assert not any(g.any() for g in grads[3:6])   # adapter 1 has no rows
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_torch_backend_gather_path_for_wide_stacks(monkeypatch, variant):
+    """Stacks wider than DENSE_MAX_WIDTH take the gathered-slices path: same oracle."""
+    from reft_kernels.ops import torch_backend
+    monkeypatch.setattr(torch_backend, "DENSE_MAX_WIDTH", 0)
+    act = "gelu" if VARIANTS[variant].has_weight else None
+    check_multi(variant, "torch", torch.float32, ranks=[4, 2, 3], ids=[2, 0, -1, 1, 2], d=41,
+                act=act, dropout=0.0 if variant == "consreft" else 0.2)
