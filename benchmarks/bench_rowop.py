@@ -11,7 +11,8 @@ For each backend (CPU: native and torch; triton on a GPU only) and shape, the sa
 timed forward (no_grad) and forward+backward (gradients of hidden and of every weight). The
 target of issue 10 is multi_a16 <= 1.15 x single. Configurations are timed round-robin, several
 rounds, and the median per configuration is kept, so that load changes on a shared machine hit
-every configuration alike; ratios are the meaningful numbers, not the absolute times.
+every configuration alike; a ratio is the median over rounds of the per-round ratio (the cases
+of one round run back to back). Ratios are the meaningful numbers, not the absolute times.
 
     python benchmarks/bench_rowop.py                       # writes benchmarks/results/rowop_cpu.json
     python benchmarks/bench_rowop.py --rounds 3 --quick    # one small shape, fast
@@ -74,7 +75,7 @@ def step(fn, hidden, weights, mode):
 
 
 def time_round_robin(cases, rounds, min_time):
-    """{name: median seconds per call}; each round times every case for >= min_time in turn."""
+    """{name: [seconds per call, one per round]}; each round times every case for >= min_time in turn."""
     samples = {name: [] for name in cases}
     for name, run in cases.items():   # warm-up (builds, allocator)
         run(), run()
@@ -88,7 +89,12 @@ def time_round_robin(cases, rounds, min_time):
                 if elapsed >= min_time:
                     break
             samples[name].append(elapsed / n)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
+
+
+def median_ratio(samples, num, den):
+    """Median over rounds of the per-round ratio: robust to load drifting between rounds."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
 
 
 def main():
@@ -117,12 +123,14 @@ def main():
             for mode in ("fwd", "fwd_bwd"):
                 provs, hidden = providers(shape, backend, device)
                 cases = {name: (lambda f=f, w=w: step(f, hidden, w, mode)) for name, (f, w) in provs.items()}
-                t = time_round_robin(cases, args.rounds, args.min_time)
+                samples = time_round_robin(cases, args.rounds, args.min_time)
+                t = {k: statistics.median(v) for k, v in samples.items()}
                 row = dict(shape=dict(zip("BTPdr", shape)), backend=backend, mode=mode,
                            seconds={k: round(v, 7) for k, v in t.items()},
-                           ratio_a16_vs_single=round(t["multi_a16"] / t["single"], 3),
-                           ratio_a16_vs_a1=round(t["multi_a16"] / t["multi_a1"], 3),
-                           ratio_a1_vs_single=round(t["multi_a1"] / t["single"], 3))
+                           ratio_a16_vs_single=round(median_ratio(samples, "multi_a16", "single"), 3),
+                           ratio_a16_vs_a1=round(median_ratio(samples, "multi_a16", "multi_a1"), 3),
+                           ratio_a1_vs_single=round(median_ratio(samples, "multi_a1", "single"), 3),
+                           samples={k: [round(x, 7) for x in v] for k, v in samples.items()})
                 results.append(row)
                 print(f"{shape} {backend:6s} {mode:7s} single {t['single']*1e3:8.3f} ms  a1 "
                       f"{t['multi_a1']*1e3:8.3f} ms  a16 {t['multi_a16']*1e3:8.3f} ms  "
