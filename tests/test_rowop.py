@@ -361,3 +361,21 @@ def test_torch_backend_gather_path_for_wide_stacks(monkeypatch, variant):
     act = "gelu" if VARIANTS[variant].has_weight else None
     check_multi(variant, "torch", torch.float32, ranks=[4, 2, 3], ids=[2, 0, -1, 1, 2], d=41,
                 act=act, dropout=0.0 if variant == "consreft" else 0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_grads_without_hidden_grad(backend):
+    """A hidden state that needs no gradient takes the gathered-rows backward: same weight grads."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 7, 33, generator=gen)
+    positions = make_positions(4, 7, [3, 2, 4, 1], gen=gen)
+    ids = torch.tensor([1, 0, -1, 1])
+    grad_out = torch.randn(4, 7, 33, generator=gen)
+    stack = make_stack("noreft", [4, 2], 33, torch.float32, gen)
+    with_h = run(reft_edit_multi, hidden, positions, ids, stack, grad_out, variant="noreft",
+                 act="silu", backend=backend)
+    ps = [p.clone().requires_grad_(True) for p in stack]
+    out = reft_edit_multi(hidden.clone(), positions, ids, *ps, variant="noreft", act="silu",
+                          backend=backend, inplace=True)
+    for g, ref in zip(torch.autograd.grad(out, ps, grad_out), with_h[2:]):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
