@@ -138,6 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_rows_multi(
   // K parts per adapter: the single-adapter chunk count spread over the adapters
   const int K0 = reft_cuda::backward_chunks(N, d, sm_count);
   const int K = static_cast<int>(std::max<int64_t>(1, (K0 + nA - 1) / nA));
+  TORCH_CHECK(nA * K <= 65535, "reft native cuda: ", nA, " stacked adapters exceed the column kernel's",
+              " grid limit of 65535; split the stack into groups of at most 65535 adapters");
   // live entries ordered by adapter (stable), skipped ones last: no host sync
   const auto key = at::where(rows >= 0, adapter, at::full_like(adapter, nA));
   const auto order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();

@@ -288,6 +288,9 @@ def backward_rows_multi(grad2d, rows, adapter, saved, proj, weight, bias, proj_b
     # K parts per adapter: about TARGET_PROGRAMS programs, each part >= min_rows entries on average
     min_rows = max(triton_common.MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
     n_parts = max(1, min(triton.cdiv(N, A * min_rows), triton_common.TARGET_PROGRAMS // (d_blocks * A)))
+    if A * n_parts > 65535:
+        raise ValueError(f"{A} stacked adapters exceed the triton column kernel's grid limit of"
+                         " 65535; split the stack into groups of at most 65535 adapters")
     gp = grad2d.new_empty((A * n_parts, r, d), dtype=cd)
     gb = grad2d.new_empty((A * n_parts, r), dtype=cd)
     gw = grad2d.new_empty((A * n_parts, r, d), dtype=cd) if spec.has_weight else None
