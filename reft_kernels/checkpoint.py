@@ -16,9 +16,11 @@ Formats
 
 Internally one intervention's weights are a dict with the tensor names of our format:
 ``rotate_layer.weight`` R (r, d) fp32 with orthonormal rows (Lo/Cons/Lobi/DiReFT) and, in our
-format, ``rotate_layer.basis`` (the trainable tensor R is computed from, for bit-exact resume),
+format, the rotation's state for bit-exact resume (``rotate_layer.reflectors``, ``.signs``,
+``.base_householder`` and, loaded from pyreft's full state, the d x d ``.base``; or
+``rotate_layer.basis`` for the Cholesky-QR map and checkpoints older than the Householder map),
 ``proj_layer.weight``/``proj_layer.bias`` (No/NodiReFT), ``learned_source.weight``/``.bias``
-(Lo/No/Di/NodiReFT) or ``learned_source`` (r,) (Cons/LobiReFT).
+(Lo/No/Di/NodiReFT) or ``learned_source`` (r,) (Cons/LobiReFT); see :mod:`reft_kernels.pyreft_keys`.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ import torch
 from torch import nn
 
 from .interventions import as_dtype, dtype_name
+from .pyreft_keys import from_pyreft, to_pyreft
+from .rotation import rotation_from_pyreft, rotation_to_pyreft  # noqa: F401 - public helpers
 
 __all__ = ["save_reft_model", "load_reft_model", "load_weights", "export_pyreft",
            "intervention_key", "CONFIG_NAME", "WEIGHTS_NAME", "BASE_WEIGHTS_NAME"]
@@ -53,8 +57,6 @@ CLASSES = ("LoreftIntervention", "NoreftIntervention", "ConsreftIntervention",
 ROTATED = {"LoreftIntervention", "ConsreftIntervention", "LobireftIntervention", "DireftIntervention"}
 PROJECTED = {"NoreftIntervention", "NodireftIntervention"}
 VECTOR_SOURCE = {"ConsreftIntervention", "LobireftIntervention"}
-_ORIG = "rotate_layer.parametrizations.weight.original"
-_BASE = "rotate_layer.parametrizations.weight.0.base"
 
 
 class CheckpointError(ValueError):
@@ -129,90 +131,29 @@ def _model_device(model) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------
-# rotations: pyreft's orthogonal parametrization <-> our R (r, d)
-
-def _orthogonal_holder(weight: torch.Tensor) -> nn.Module:
-    """A module whose ``weight`` (d, r) is wrapped exactly as pyreft wraps its rotate_layer."""
-    holder = nn.Module()
-    holder.weight = nn.Parameter(weight.detach().clone())
-    with torch.random.fork_rng(devices=[]):  # right_inverse draws randn: keep the caller's RNG
-        torch.manual_seed(0)
-        torch.nn.utils.parametrizations.orthogonal(holder)
-    return holder
-
-
-def rotation_from_pyreft(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """R (r, d) fp32 from pyreft's ``original`` (d, r) and ``base`` (d, d), via torch's own map."""
-    orth = _orthogonal_holder(torch.eye(2, 1)).parametrizations.weight[0]
-    orth.base = base.detach().float()
-    with torch.no_grad():
-        return orth(original.detach().float()).T.contiguous()
-
-
-def rotation_to_pyreft(R: torch.Tensor):
-    """(original (d, r), base (d, d)) fp32 such that pyreft's materialized weight is exactly R^T."""
-    Rt = R.detach().float().T.contiguous()
-    holder = _orthogonal_holder(Rt)  # base = orthonormal completion of R^T, original = -I
-    p = holder.parametrizations.weight
-    with torch.no_grad():
-        p[0].base[:, : Rt.shape[1]] = Rt  # exact, not just up to QR round-off
-        if not torch.equal(holder.weight, Rt):
-            raise RuntimeError("internal error: pyreft rotation does not reproduce R exactly")
-    return p.original.detach().clone(), p[0].base.detach().clone()
+# rotations: rotation_from_pyreft / rotation_to_pyreft live in reft_kernels.rotation
 
 
 # --------------------------------------------------------------------------------------------
 # pyreft state dicts <-> canonical tensors
 
 def canonical_from_pyreft(sd: Dict[str, torch.Tensor], cls: str, where: str) -> Dict[str, torch.Tensor]:
-    """Canonical tensors from a pyreft ``intkey_*.bin`` state dict (slim LoReFT or full)."""
-    out: Dict[str, torch.Tensor] = {}
-    if "rotate_layer" in sd:  # LoReFT's slim format: rotate_layer is R (d, r)
-        out["rotate_layer.weight"] = sd["rotate_layer"].float().T.contiguous()
-    elif _ORIG in sd and _BASE in sd:
-        out["rotate_layer.weight"] = rotation_from_pyreft(sd[_ORIG], sd[_BASE])
-    elif "rotate_layer.weight" in sd:  # an unparametrized (d, r) rotate_layer
-        out["rotate_layer.weight"] = sd["rotate_layer.weight"].float().T.contiguous()
-    for name in ("proj_layer.weight", "proj_layer.bias", "learned_source.weight",
-                 "learned_source.bias"):
-        if name in sd:
-            out[name] = sd[name]
-    if "learned_source" in sd and torch.is_tensor(sd["learned_source"]):
-        out["learned_source"] = sd["learned_source"]
-    if cls == "LoreftIntervention" and "weight" in sd:
-        out["learned_source.weight"] = sd["weight"]
-        if "bias" in sd:
-            out["learned_source.bias"] = sd["bias"]
+    """Canonical tensors from a pyreft ``intkey_*.bin`` state dict (slim LoReFT or full).
+
+    A full rotation state (original + d x d base) is kept as our Householder state, so training
+    resumed from it follows pyreft's trajectory.
+    """
+    try:
+        out = from_pyreft(sd, cls)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from e
     _check_tensor_set(out, cls, where)
-    if "embed_dim" in sd and int(sd["embed_dim"]) != _dims(out, cls)[0]:
-        raise CheckpointError(f"{where}: buffer embed_dim={int(sd['embed_dim'])} does not match "
-                              f"the tensors' dimension {_dims(out, cls)[0]}")
     return out
 
 
 def canonical_to_pyreft(t: Dict[str, torch.Tensor], cls: str) -> "OrderedDict[str, torch.Tensor]":
     """Exactly the state dict pyreft's ``cls.state_dict()`` would hold (keys, order, dtypes)."""
-    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    d, _ = _dims(t, cls)
-    if cls == "LoreftIntervention":
-        sd["weight"] = t["learned_source.weight"].detach().clone()
-        sd["bias"] = t["learned_source.bias"].detach().clone()
-        sd["rotate_layer"] = t["rotate_layer.weight"].detach().float().T.contiguous()
-        return sd
-    if cls in VECTOR_SOURCE:
-        sd["learned_source"] = t["learned_source"].detach().clone()
-    sd["embed_dim"] = torch.tensor(d)
-    sd["interchange_dim"] = torch.tensor(d)
-    if cls in PROJECTED:
-        sd["proj_layer.weight"] = t["proj_layer.weight"].detach().clone()
-        if "proj_layer.bias" in t:
-            sd["proj_layer.bias"] = t["proj_layer.bias"].detach().clone()
-    else:
-        sd[_ORIG], sd[_BASE] = rotation_to_pyreft(t["rotate_layer.weight"])
-    if cls not in VECTOR_SOURCE:
-        sd["learned_source.weight"] = t["learned_source.weight"].detach().clone()
-        sd["learned_source.bias"] = t["learned_source.bias"].detach().clone()
-    return sd
+    return to_pyreft(t, cls)
 
 
 def _required(cls: str):
@@ -234,6 +175,8 @@ def _check_tensor_set(t: Dict[str, torch.Tensor], cls: str, where: str):
         raise CheckpointError(f"{where}: a {cls} needs tensors {missing}; found {sorted(t)}")
     d, r = _dims(t, cls)
     shapes = {"rotate_layer.weight": (r, d), "rotate_layer.basis": (r, d), "proj_layer.weight": (r, d),
+              "rotate_layer.reflectors": (d, r), "rotate_layer.signs": (r,),
+              "rotate_layer.base_householder": (d, r), "rotate_layer.base": (d, d),
               "proj_layer.bias": (r,), "learned_source.weight": (r, d),
               "learned_source.bias": (r,), "learned_source": (r,)}
     for name, v in t.items():
@@ -480,12 +423,12 @@ def _spec_from_module(iv) -> Dict[str, Any]:
 
 
 def _tensors_from_module(iv, cls) -> Dict[str, torch.Tensor]:
+    """Canonical tensors of our module: R plus the rotation's own state (either map)."""
     t: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if cls in ROTATED:
             t["rotate_layer.weight"] = iv.rotate_layer.weight.detach().float()
-            if isinstance(getattr(iv.rotate_layer, "basis", None), torch.Tensor):
-                t["rotate_layer.basis"] = iv.rotate_layer.basis.detach()
+            t.update({f"rotate_layer.{k}": v.detach() for k, v in iv.rotate_layer.state_dict().items()})
         else:
             t["proj_layer.weight"] = iv.proj_layer.weight.detach()
             if iv.proj_layer.bias is not None:
@@ -504,8 +447,8 @@ def _check_fits_module(iv, t, cls, where):
         raise CheckpointError(f"{where}: checkpoint holds a {cls}, the config a {_class_name(iv)}")
     have = _tensors_from_module(iv, cls)
     for name, v in t.items():
-        if name == "rotate_layer.basis" and name not in have:
-            continue
+        if name.startswith("rotate_layer.") and name not in have:
+            continue  # another parametrisation's state: the rotation converts it on load
         if name not in have:
             raise CheckpointError(f"{where}: the checkpoint has {name!r} but the {cls} has no such "
                                   f"tensor (add_bias={getattr(iv, 'add_bias', None)})")
@@ -521,9 +464,10 @@ def _check_fits_module(iv, t, cls, where):
 def _load_into_module(iv, t, cls):
     """Copy canonical tensors into our module (dtype-casting copies; R set exactly if possible)."""
     if cls in ROTATED:
-        basis = getattr(iv.rotate_layer, "basis", None)
-        if "rotate_layer.basis" in t and isinstance(basis, torch.Tensor):
-            basis.copy_(t["rotate_layer.basis"])
+        state = {k[len("rotate_layer."):]: v for k, v in t.items()
+                 if k.startswith("rotate_layer.") and k != "rotate_layer.weight"}
+        if state:  # the rotation converts between parametrisations (e.g. an old basis)
+            iv.rotate_layer.load_state_dict(state)
         else:
             iv.rotate_layer.set_weight(t["rotate_layer.weight"])
     else:
@@ -543,6 +487,8 @@ def _build_module(spec: InterventionSpec, t, dtype):
     d, r = _dims(t, spec.cls)
     kw = {"embed_dim": d, "low_rank_dimension": r, "dtype": dtype, "dropout": spec.dropout,
           "act_fn": spec.act_fn}
+    if "rotate_layer.basis" in t:  # saved with the Cholesky-QR map: resume with it, exactly
+        kw["orthogonal_map"] = "cholesky_qr"
     if spec.cls in PROJECTED:
         kw["add_bias"] = "proj_layer.bias" in t if spec.add_bias is None else bool(spec.add_bias)
     with torch.random.fork_rng(devices=[]):  # construction draws init values we overwrite
@@ -794,9 +740,9 @@ def export_pyreft(reft_model, save_directory, key_format: str = "new",
     for key, (_, layer, comp, unit, n, iv) in zip(keys, entries):
         cls = _class_name(iv)
         t = _tensors_from_module(iv, cls)
-        t.pop("rotate_layer.basis", None)
         d, r = _dims(t, cls)
-        files[f"intkey_{key}.bin"] = canonical_to_pyreft({k: v.cpu() for k, v in t.items()}, cls)
+        sd = iv.pyreft_state_dict() if hasattr(iv, "pyreft_state_dict") else canonical_to_pyreft(t, cls)
+        files[f"intkey_{key}.bin"] = OrderedDict((k, v.detach().cpu()) for k, v in sd.items())
         reps.append([layer, comp, unit, n, r] + [None] * 9)
         types.append(f"<class 'pyreft.interventions.{cls}'>")
         dims.append(d)
