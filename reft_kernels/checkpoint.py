@@ -467,7 +467,10 @@ def _load_into_module(iv, t, cls):
         state = {k[len("rotate_layer."):]: v for k, v in t.items()
                  if k.startswith("rotate_layer.") and k != "rotate_layer.weight"}
         if state:  # the rotation converts between parametrisations (e.g. an old basis)
-            iv.rotate_layer.load_state_dict(state)
+            try:
+                iv.rotate_layer.load_state_dict(state)
+            except (RuntimeError, ValueError) as e:  # e.g. a rank-deficient basis
+                raise CheckpointError(f"{cls}: {e}") from e
         else:
             iv.rotate_layer.set_weight(t["rotate_layer.weight"])
     else:

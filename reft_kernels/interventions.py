@@ -188,9 +188,9 @@ class ReftIntervention(nn.Module):
             sd = {k[len(prefix):]: state_dict.pop(k) for k in local}
             try:
                 ours = from_pyreft(sd, type(self)._pyreft_name(), self.embed_dim)
-            except ValueError as e:
-                error_msgs.append(f"{prefix or type(self).__name__ + '.'}: {e}")
-                return
+            except ValueError as e:   # raised at once: torch's aggregate would add missing keys
+                raise ValueError(f"loading {prefix[:-1] or type(self).__name__} from a pyreft "
+                                 f"state dict: {e}") from None
             if "rotate_layer.reflectors" in ours:   # R is implied by the state
                 ours.pop("rotate_layer.weight", None)
             state_dict.update({prefix + k: v for k, v in ours.items()})

@@ -48,6 +48,7 @@ Cholesky factor's diagonal) raises instead of giving NaN or non-orthonormal rows
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -315,9 +316,16 @@ class OrthonormalRotation(nn.Module):
             R = (full @ q if full is not None else apply_householder_base(state["base_householder"], q)).mT
             _check_orthonormal(R, "the loaded rotation R")
             if full is not None and not _base_is_orthogonal(full):
-                state = None   # e.g. after pyreft's LoReFT load_state_dict: keep R, re-anchor
+                # e.g. after pyreft's own LoReFT load_state_dict, which writes R into base[:, :r]
+                warnings.warn("the loaded d x d rotation base is not orthogonal (pyreft leaves it so "
+                              "after its LoReFT load_state_dict): R is kept, the parametrisation is "
+                              "re-anchored at R, so training will not follow pyreft's (non-"
+                              "orthonormal) path", stacklevel=4)
+                state = None
         elif "basis" in get:
-            R = self._cholesky_qr(get["basis"].float())
+            R = self._cholesky_qr(get["basis"].float())   # raises if rank-deficient
+            if self.orthogonal_map == CHOLESKY_QR and tuple(get["basis"].shape) == (r, d):
+                return {"basis": get["basis"]}            # same map: verbatim (exact resume)
         elif "weight" in get:
             R = get["weight"].float()
             R = R.mT if tuple(R.shape) == (d, r) and d != r else R
@@ -340,9 +348,8 @@ class OrthonormalRotation(nn.Module):
         if incoming:
             try:
                 converted = self._convert(incoming)
-            except ValueError as e:
-                error_msgs.append(f"{prefix or 'rotation.'}: {e}")
-                return
+            except ValueError as e:   # raised at once: torch's aggregate would add noise
+                raise ValueError(f"loading {prefix[:-1] or type(self).__name__}: {e}") from None
             if self.orthogonal_map == HOUSEHOLDER:
                 full = converted.get("base")
                 self.base = None if full is None else torch.empty_like(full)

@@ -257,7 +257,7 @@ def test_cholesky_basis_rank_deficient_raises(bad):
     with pytest.raises(ValueError, match="rank-deficient"):
         rot.weight
     good = OrthonormalRotation(D, R)                                   # and as a loaded state
-    with pytest.raises(RuntimeError, match="rank-deficient"):
+    with pytest.raises(ValueError, match="rank-deficient"):
         good.load_state_dict(rot.state_dict())
 
 
@@ -314,13 +314,13 @@ def test_loreft_both_pyreft_key_generations_and_errors():
     iv2.load_state_dict(slim)
     torch.testing.assert_close(iv2.rotate_layer.weight, iv.rotate_layer.weight, atol=1e-6, rtol=0)
     assert torch.equal(iv2.learned_source.weight, src.learned_source.weight)
-    with pytest.raises(RuntimeError, match="embed_dim=48 does not match embed_dim=32"):
+    with pytest.raises(ValueError, match="embed_dim=48 does not match embed_dim=32"):
         iv2.load_state_dict({**full, "embed_dim": torch.tensor(48)})
     decayed = original.clone()
     decayed.diagonal().mul_(0.999)
-    with pytest.raises(RuntimeError, match="weight-decayed pyreft rotation"):
+    with pytest.raises(ValueError, match="weight-decayed pyreft rotation"):
         iv2.load_state_dict({**full, "rotate_layer.parametrizations.weight.original": decayed})
-    with pytest.raises(RuntimeError, match="not orthonormal"):
+    with pytest.raises(ValueError, match="rotate_layer: the loaded rotation weight is not orthonormal"):
         iv2.load_state_dict({**slim, "rotate_layer": torch.zeros(D, R)})
     with pytest.raises(RuntimeError, match="Unexpected key"):
         iv2.load_state_dict({**slim, "typo": torch.zeros(1)})
@@ -408,3 +408,18 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="unit"):
         ReftConfig(representations={"layer": 1, "component": "block_output", "unit": "h.pos",
                                     "intervention_type": "LoreftIntervention"})
+
+
+def test_non_orthogonal_pyreft_base_keeps_R_and_warns():
+    """pyreft's LoReFT load_state_dict writes R into base[:, :r] of a random completion, leaving
+    base non-orthogonal; such a state loads with R kept (re-anchored), with a warning."""
+    original, base = random_pyreft_rotation()
+    original = original.triu()                                         # A = 0: R = base[:, :r]
+    q, _ = torch.linalg.qr(torch.randn(D, R))
+    base[:, :R] = q
+    rot = OrthonormalRotation(D, R)
+    with pytest.warns(UserWarning, match="not orthogonal"):
+        rot.load_state_dict({"parametrizations.weight.original": original,
+                             "parametrizations.weight.0.base": base})
+    assert rot.base is None
+    torch.testing.assert_close(rot.weight, q.T, atol=1e-6, rtol=0)
