@@ -424,6 +424,8 @@ def _spec_from_module(iv) -> Dict[str, Any]:
 
 def _tensors_from_module(iv, cls) -> Dict[str, torch.Tensor]:
     """Canonical tensors of our module: R plus the rotation's own state (either map)."""
+    if hasattr(iv, "canonical_tensors"):
+        return iv.canonical_tensors()
     t: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if cls in ROTATED:

@@ -214,10 +214,11 @@ class OrthonormalRotation(nn.Module):
         """R (r, d), fp32, orthonormal rows; differentiable in the trainable parameter."""
         if self.orthogonal_map == CHOLESKY_QR:
             return self._cholesky_qr(self.basis)
-        q = householder_columns(self.reflectors, self.signs)
+        # fp32 even if the module was cast (``.half()``): pyreft's R is fp32 too
+        q = householder_columns(self.reflectors.float(), self.signs.float())
         if self.base is not None:
-            return _FullBaseProduct.apply(self.base, q)
-        return apply_householder_base(self.base_householder, q).mT.contiguous()
+            return _FullBaseProduct.apply(self.base.float(), q)
+        return apply_householder_base(self.base_householder.float(), q).mT.contiguous()
 
     @staticmethod
     def _cholesky_qr(basis: torch.Tensor) -> torch.Tensor:
