@@ -211,7 +211,15 @@ class OrthonormalRotation(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """R (r, d), fp32, orthonormal rows; differentiable in the trainable parameter."""
+        """R (r, d), fp32, orthonormal rows; differentiable in the trainable parameter.
+
+        Computed with autocast off: under ``torch.autocast(bf16)`` (HF ``--bf16``) pyreft's
+        ``base @ Q`` runs in bf16 (|R R^T - I| ~ 7e-4); ours stays fp32-orthonormal.
+        """
+        with torch.autocast(self._device.type, enabled=False):
+            return self._weight()
+
+    def _weight(self) -> torch.Tensor:
         if self.orthogonal_map == CHOLESKY_QR:
             return self._cholesky_qr(self.basis)
         # fp32 even if the module was cast (``.half()``): pyreft's R is fp32 too

@@ -423,3 +423,16 @@ def test_non_orthogonal_pyreft_base_keeps_R_and_warns():
                              "parametrizations.weight.0.base": base})
     assert rot.base is None
     torch.testing.assert_close(rot.weight, q.T, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("orthogonal_map", ["householder", "cholesky_qr"])
+def test_rotation_is_fp32_orthonormal_under_bf16_autocast(orthogonal_map):
+    rot = OrthonormalRotation(D, R, orthogonal_map)
+    trainable = next(rot.parameters())                                # reflectors or basis
+    with torch.no_grad():
+        trainable.add_(0.3 * torch.randn_like(trainable))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        W = rot.weight
+        (W.sum()).backward()
+    assert W.dtype == torch.float32
+    torch.testing.assert_close(W @ W.T, torch.eye(R), atol=1e-6, rtol=0)
