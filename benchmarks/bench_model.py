@@ -15,6 +15,9 @@ environment: pyreft 0.1.0 needs transformers 4.45).
 
     python benchmarks/bench_model.py                      # hidden 512, 4 layers, seq 256, batch 4
     python benchmarks/bench_model.py --repeats 3 --hidden 128 --seq 64   # a smoke run
+
+The pieces take an argparse-like namespace; ``device`` and ``dtype`` attributes (default CPU,
+float32) place the model, inputs and interventions (benchmarks/gpu_bench_model.py uses them).
 """
 from __future__ import annotations
 
@@ -44,7 +47,9 @@ def build_model(a):
     cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4, num_hidden_layers=a.layers,
                       num_attention_heads=a.hidden // 64, num_key_value_heads=a.hidden // 64,
                       vocab_size=a.vocab, max_position_embeddings=4096, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    with torch.device(getattr(a, "device", "cpu")):  # initialised where it runs (fast for 1B on a GPU)
+        model = LlamaForCausalLM(cfg).eval()
+    return model.to(getattr(a, "dtype", torch.float32))
 
 
 def plan(a, setting, length):
@@ -59,7 +64,8 @@ def plan(a, setting, length):
 def representations(lib, a, sites):
     return [{"layer": layer, "component": "block_output", "low_rank_dimension": a.rank,
              "intervention": lib.LoreftIntervention(embed_dim=a.hidden, low_rank_dimension=a.rank,
-                                                    dtype=torch.float32)} for layer, _ in sites]
+                                                    dtype=getattr(a, "dtype", torch.float32))}
+            for layer, _ in sites]
 
 
 def grad_from_layer(model, layer):
@@ -104,9 +110,10 @@ def compare(fns: dict, repeats: int, warmup: int = 2):
 def train_fns(a, base_model, setting):
     sites = plan(a, setting, a.seq)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, a.vocab, (a.batch, a.seq), generator=g)
+    device = getattr(a, "device", "cpu")
+    ids = torch.randint(1, a.vocab, (a.batch, a.seq), generator=g).to(device)
     mask = torch.ones_like(ids)
-    locs = torch.tensor([[pos for _, pos in sites]] * a.batch)                 # (B, n_int, P)
+    locs = torch.tensor([[pos for _, pos in sites]] * a.batch).to(device)     # (B, n_int, P)
 
     base = copy.deepcopy(base_model)
     base.requires_grad_(False)
@@ -136,6 +143,7 @@ def train_fns(a, base_model, setting):
 def generate_fns(a, base_model, setting):
     sites = plan(a, setting, a.prompt)
     ids = torch.randint(1, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(getattr(a, "device", "cpu"))
     kw = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
     base = copy.deepcopy(base_model)
     ours = reft_kernels.get_reft_model(copy.deepcopy(base_model), reft_kernels.ReftConfig(

@@ -52,12 +52,14 @@ def eager(hidden, positions, R, W, b):
     return flat.index_copy(0, rows, new).view(B, T, d)
 
 
-def providers(device):
+def providers(device, compile_backend="inductor", interpreted_triton=False):
+    """name -> fn(hidden, positions, R, W, b). ``interpreted_triton``: include triton on CPU too
+    (under TRITON_INTERPRET=1; for smoke runs, its times mean nothing)."""
     torch._dynamo.config.recompile_limit = 256  # one graph per shape and grad mode
     out = {
         "pyvene": lambda h, p, R, W, b: pyvene_style(h, p, R, W, b),
         "eager": eager,
-        "compile": torch.compile(eager, dynamic=False),
+        "compile": torch.compile(eager, dynamic=False, backend=compile_backend),
         "torch": lambda h, p, R, W, b: loreft(h, p, R, W, b, inplace=True, backend="torch"),
     }
     for name in ("native", "triton"):
@@ -65,7 +67,7 @@ def providers(device):
             ok = get_backend(name).is_available(device)
         except Exception:  # noqa: BLE001
             ok = False
-        if ok and not (name == "triton" and device.type != "cuda"):
+        if ok and not (name == "triton" and device.type != "cuda" and not interpreted_triton):
             out[name] = (lambda n: lambda h, p, R, W, b: loreft(h, p, R, W, b, inplace=True, backend=n))(name)
     return out
 

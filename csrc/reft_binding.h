@@ -34,6 +34,21 @@ inline void check_rows_args(const at::Tensor& x2d, const at::Tensor& rows, const
   TORCH_CHECK(bias.numel() == proj.size(0), "reft native: bias must be (r,)");
 }
 
+// Per-row adapters: stacked proj/weight (A, r, d), bias (A, r), adapter (N,) like rows.
+inline void check_multi_args(const at::Tensor& x2d, const at::Tensor& rows, const at::Tensor& adapter,
+                      const at::Tensor& proj, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& bias, bool has_weight) {
+  TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous(), "reft native: x2d must be a contiguous (M, d) tensor");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "reft native: rows must be an int64 (N,) tensor");
+  TORCH_CHECK(adapter.sizes() == rows.sizes() && adapter.scalar_type() == at::kLong,
+              "reft native: adapter must be an int64 (N,) tensor like rows");
+  TORCH_CHECK(proj.dim() == 3 && proj.size(2) == x2d.size(1), "reft native: proj must be (A, r, d)");
+  TORCH_CHECK(!has_weight || (weight.has_value() && weight->sizes() == proj.sizes()),
+              "reft native: weight must be (A, r, d) for variants with a learned source");
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == proj.size(0) && bias.size(1) == proj.size(1),
+              "reft native: bias must be (A, r)");
+}
+
 inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType cd, const at::Device& dev) {
   return t.to(dev, cd).contiguous();
 }

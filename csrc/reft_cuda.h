@@ -31,4 +31,24 @@ cudaError_t backward(DType dtype, void* grad, const int64_t* rows, const void* s
                      const reft::RowParams<double>& p, double* coef, double* partial, int K,
                      double* out, cudaStream_t stream);
 
+// Per-row adapters (reft_kernels/ops/multi.py): p points at the stacked P, W (A, r, d) and b, c
+// (A, r); entry n uses adapter[n]'s slice. The backward also takes the live entries ordered by
+// adapter (order (N,), adapter a's entries at order[starts[a] .. starts[a+1])) and writes
+// out = (A, E) (each adapter's E block laid out as above). Workspace: partial (A x K x E).
+cudaError_t forward_multi(DType dtype, void* x, const int64_t* rows, const int64_t* adapter,
+                          void* saved, int64_t N, const reft::RowParams<float>& p,
+                          cudaStream_t stream);
+cudaError_t forward_multi(DType dtype, void* x, const int64_t* rows, const int64_t* adapter,
+                          void* saved, int64_t N, const reft::RowParams<double>& p,
+                          cudaStream_t stream);
+cudaError_t backward_multi(DType dtype, void* grad, const int64_t* rows, const int64_t* adapter,
+                           const int64_t* order, const int64_t* starts, int64_t n_adapters,
+                           const void* saved, int64_t N, const reft::RowParams<float>& p,
+                           float* coef, float* partial, int K, float* out, cudaStream_t stream);
+cudaError_t backward_multi(DType dtype, void* grad, const int64_t* rows, const int64_t* adapter,
+                           const int64_t* order, const int64_t* starts, int64_t n_adapters,
+                           const void* saved, int64_t N, const reft::RowParams<double>& p,
+                           double* coef, double* partial, int K, double* out,
+                           cudaStream_t stream);
+
 }  // namespace reft_cuda

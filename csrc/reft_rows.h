@@ -136,6 +136,18 @@ template <typename A> struct RowParams {
   A scale;             // 1 / (1 - p)
 };
 
+// Per-row adapters (reft_kernels/ops/multi.py): A adapters stacked as P, W (A, r, d) and b, c
+// (A, r); adapter a's slice, as a single-adapter RowParams (p points at adapter 0).
+template <typename A> REFT_HD RowParams<A> slice(const RowParams<A>& p, int64_t a) {
+  RowParams<A> q = p;
+  const int64_t rd = static_cast<int64_t>(p.r) * p.d;
+  q.P = p.P + a * rd;
+  if (p.W) q.W = p.W + a * rd;
+  q.b = p.b + a * p.r;
+  if (p.c) q.c = p.c + a * p.r;
+  return q;
+}
+
 // keep / (1 - p) for the Philox offset row * d + col: scale if (philox >> 8) >= threshold, else 0.
 template <typename A>
 REFT_HD A dropout_factor(uint64_t seed, uint64_t offset, uint32_t threshold, A scale) {

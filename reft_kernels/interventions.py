@@ -12,12 +12,19 @@ Each class keeps pyreft 0.1.0's name, constructor keywords, attribute layout and
 
 Attributes: ``learned_source`` is W, b (an ``nn.Linear(d, r)`` in ``dtype``) or, for Cons/Lobi, the
 fp32 vector b (``torch.rand(r)`` init); ``proj_layer`` is P, c (No/Nodi; Nodi never uses c, as in
-pyreft); ``rotate_layer`` is an :class:`OrthonormalRotation` whose ``.weight`` is R (r, d).
+pyreft); ``rotate_layer`` is an :class:`OrthonormalRotation` whose ``.weight`` is R (r, d),
+parametrised as pyreft's (same optimisation trajectory) unless ``orthogonal_map="cholesky_qr"``.
+
+``load_state_dict`` also takes pyreft 0.1.0's state dicts (LoReFT's slim ``{weight, bias,
+rotate_layer}`` and every class's ``nn.Module`` dict with ``embed_dim``, ``interchange_dim`` and
+``rotate_layer.parametrizations.weight.*``), also under a parent's prefix;
+:meth:`ReftIntervention.pyreft_state_dict` gives pyreft's keys back.
 
 Differences from pyreft, all deliberate: ``train()``/``eval()`` switch dropout (pyreft's stay in
 training mode); weights of another dtype than the hidden states are accepted (the math runs in
 fp32); ``state_dict()`` is the ordinary one (pyreft's LoReFT override drops the prefix, so its
-weights vanish from the parent's state dict); R is parametrised without a d x d buffer.
+weights vanish from the parent's state dict); R needs no d x d buffer (unless loaded from
+pyreft's full state, to keep its trajectory).
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from torch import nn
 
 from .ops import reft_edit
 from .ops.family import VARIANTS, resolve_activation
+from .pyreft_keys import from_pyreft, is_pyreft_state, to_pyreft
+from .rotation import ORTHOGONAL_MAPS, OrthonormalRotation
 
 __all__ = [
     "OrthonormalRotation", "ReftIntervention", "LoreftIntervention", "NoreftIntervention",
@@ -38,6 +47,8 @@ __all__ = [
 ]
 
 INTERVENTION_CLASSES: dict = {}
+_PYREFT_NAMES = ("LoreftIntervention", "NoreftIntervention", "DireftIntervention",
+                 "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention")
 
 
 def intervention_class(name) -> type:
@@ -72,62 +83,6 @@ def as_dtype(dtype) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16" (the JSON form of a dtype)."""
     return str(dtype).replace("torch.", "")
-
-
-class OrthonormalRotation(nn.Module):
-    """R (r, d) with orthonormal rows, parametrised by an unconstrained fp32 ``basis`` (r, d):
-
-        L = cholesky(basis basis^T)         (r x r, lower-triangular, positive diagonal)
-        R = L^{-1} basis                    (a triangular solve)
-
-    This is the Q factor of the QR decomposition ``basis^T = Q U`` with ``U = L^T`` (so with the
-    sign convention diag(U) > 0), computed in fp64 and returned in fp32: one orthogonalisation of
-    a d x r matrix per ``.weight`` access, nothing of size d x d, and no host sync on GPUs
-    (``cholesky_ex`` does not check errors). R is orthonormal to fp32 rounding for any full-rank
-    basis, whatever the optimiser does to ``basis``; the map is scale-invariant, so weight decay
-    only rescales ``basis``. It is the identity on matrices with orthonormal rows, so
-    :meth:`set_weight` sets R (to fp32 rounding) by copying it into ``basis``.
-
-    pyreft instead wraps a (d, r) weight in ``torch.nn.utils.parametrizations.orthogonal``:
-    ``R^T = base @ householder_product(original)`` with a d x d fp32 ``base`` buffer (64 MiB at
-    d = 4096), recomputed three times per forward, and a diagonal cast with ``.int()`` that weight
-    decay turns into R = 0. Both reach every orthonormal R, and the initial R is the same for the
-    same seed: ``orthogonal_`` on a (d, r) matrix, then the (d, d - r) draw pyreft's
-    parametrisation makes, so the RNG stream after construction matches pyreft's too.
-    """
-
-    def __init__(self, embed_dim: int, low_rank_dimension: int):
-        super().__init__()
-        init = torch.empty(embed_dim, low_rank_dimension)
-        nn.init.orthogonal_(init)
-        torch.randn(embed_dim, embed_dim - low_rank_dimension)  # pyreft's completion draw (RNG parity)
-        self.basis = nn.Parameter(init.t().contiguous())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """R (r, d), fp32, orthonormal rows; differentiable with respect to ``basis``."""
-        basis = self.basis.double()
-        chol, _ = torch.linalg.cholesky_ex(basis @ basis.t())
-        return torch.linalg.solve_triangular(chol, basis, upper=False).float()
-
-    @torch.no_grad()
-    def set_weight(self, matrix: torch.Tensor, atol: float = 1e-4) -> None:
-        """Set R from an orthonormal (r, d) matrix or pyreft's (d, r) ``rotate_layer`` weight."""
-        r, d = self.basis.shape
-        if tuple(matrix.shape) == (d, r) and d != r:
-            matrix = matrix.t()
-        if tuple(matrix.shape) != (r, d):
-            raise ValueError(f"matrix has shape {tuple(matrix.shape)}; pass R as ({r}, {d}) or pyreft's ({d}, {r})")
-        matrix = matrix.to(device=self.basis.device, dtype=torch.float32)
-        err = (matrix @ matrix.t() - torch.eye(r, device=matrix.device)).abs().max().item()
-        if err > atol:
-            raise ValueError(f"matrix is not orthonormal (max |R R^T - I| = {err:.2e} > {atol}); "
-                             "pass a matrix with orthonormal rows (or columns for pyreft's (d, r))")
-        self.basis.copy_(matrix)
-
-    def extra_repr(self) -> str:
-        r, d = self.basis.shape
-        return f"embed_dim={d}, low_rank_dimension={r}"
 
 
 class ReftIntervention(nn.Module):
@@ -205,19 +160,66 @@ class ReftIntervention(nn.Module):
             positions = torch.arange(n, device=base.device).expand(B, n)
         return self.edit(base, positions, inplace=inplace, backend=backend, seed=seed)
 
+    def canonical_tensors(self) -> dict:
+        """Our tensors: ``state_dict()`` plus ``rotate_layer.weight`` (R, fp32) where there is a
+        rotation (see :mod:`reft_kernels.pyreft_keys`); detached."""
+        t = {k: v.detach() for k, v in self.state_dict().items()}
+        if isinstance(getattr(self, "rotate_layer", None), OrthonormalRotation):
+            with torch.no_grad():
+                t["rotate_layer.weight"] = self.rotate_layer.weight.detach()
+        return t
+
+    def pyreft_state_dict(self) -> dict:
+        """Exactly what pyreft 0.1.0's ``state_dict()`` of this class holds (keys, order, dtypes):
+        LoReFT ``{weight, bias, rotate_layer (d, r) fp32}``, the others the full module dict with
+        ``embed_dim``/``interchange_dim`` and, for a rotation, ``original`` + the d x d ``base``
+        (our Householder state verbatim, so pyreft continues the same trajectory)."""
+        return to_pyreft(self.canonical_tensors(), type(self)._pyreft_name())
+
+    @classmethod
+    def _pyreft_name(cls) -> str:
+        return next(c.__name__ for c in cls.__mro__ if c.__name__ in _PYREFT_NAMES)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Accept pyreft's keys (both generations) by converting them to ours first."""
+        local = [k for k in state_dict if k.startswith(prefix)]
+        if is_pyreft_state(k[len(prefix):] for k in local):
+            sd = {k[len(prefix):]: state_dict.pop(k) for k in local}
+            try:
+                ours = from_pyreft(sd, type(self)._pyreft_name(), self.embed_dim)
+            except ValueError as e:   # raised at once: torch's aggregate would add missing keys
+                raise ValueError(f"loading {prefix[:-1] or type(self).__name__} from a pyreft "
+                                 f"state dict: {e}") from None
+            if "rotate_layer.reflectors" in ours:   # R is implied by the state
+                ours.pop("rotate_layer.weight", None)
+            state_dict.update({prefix + k: v for k, v in ours.items()})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, low_rank_dimension={self.low_rank_dimension}, "
                 f"dropout={self.dropout_p}, act_fn={self.act_fn}")
+
+
+def _check_map(orthogonal_map) -> str:
+    if orthogonal_map not in ORTHOGONAL_MAPS:
+        raise ValueError(f"orthogonal_map={orthogonal_map!r} is unknown; use one of {ORTHOGONAL_MAPS} "
+                         "('householder' follows pyreft's training trajectory)")
+    return orthogonal_map
 
 
 class _RotatedWithSource(ReftIntervention):
     """R plus ``learned_source = nn.Linear(d, r)`` in ``dtype`` (LoReFT, DiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
-        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension)
+        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map))
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
+
+    def config_kwargs(self) -> dict:
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
 
     def op_tensors(self):
         return self.rotate_layer.weight, self.learned_source.weight, self.learned_source.bias, None
@@ -241,10 +243,13 @@ class _RotatedConstant(ReftIntervention):
     """R plus a constant fp32 ``learned_source`` vector b (ConsReFT, LobiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
-        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension)
+        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map))
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))
+
+    def config_kwargs(self) -> dict:
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
 
     def op_tensors(self):
         return self.rotate_layer.weight, None, self.learned_source, None

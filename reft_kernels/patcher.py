@@ -1,11 +1,13 @@
 """Install ReFT edits into a Hugging Face model, once (the hook mechanics).
 
-Mechanism. :class:`ModelPatch` registers, at ``get_reft_model`` time and never again:
+Mechanism. :class:`ModelPatch` registers, at ``get_reft_model`` time (and when adapters are
+added or deleted, never per call):
 
 * one forward hook (``.output`` sites) or forward pre-hook (``.input`` sites) per hooked module,
-  shared by every intervention on that module, which apply them in config order (so two
-  interventions on one module compose, ``I_2(I_1(h))``, as in pyvene); modules without an
-  intervention get no hook and run at base speed;
+  shared by every intervention of every adapter on that module, which apply the call's plan for
+  it in order (so two interventions on one module compose, ``I_2(I_1(h))``, as in pyvene; see
+  :mod:`reft_kernels.adapter_plan`); modules without an intervention get no hook and run at
+  base speed;
 * one forward pre-hook on the wrapped model, which turns the call's absolute positions into
   positions inside the window of tokens this forward covers (see :class:`EditState`).
 
@@ -27,57 +29,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .adapter_plan import SingleEdit, reft_edit_multi
+from .edit_state import EditState, GeneratedPositions
 from .families import Site, get_submodule, hidden_size, resolve_site  # noqa: F401 (re-exported)
-from .ops.family import new_seed
 
-__all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState"]
-
-
-# --------------------------------------------------------------------------------------------
-# per-call state
-# --------------------------------------------------------------------------------------------
-class EditState:
-    """What the hooks apply in the current forward, set per call and kept until the next call.
-
-    ``positions[i]`` (B, P_i) holds intervention i's absolute token indices (-1 = none) in the
-    (padded) input; ``None`` means "every position of the window" (each call edits all the tokens it
-    processes; ``ReftModel.generate`` turns ``None`` into every *prompt* position first). A forward
-    covering tokens [offset, offset + T) (offset = the KV cache length) edits the listed positions
-    inside that window: ``local[i] = where(offset <= p < offset + T, p - offset, -1)``, repeated
-    along the batch when generate expands it (beam search). So a prefill edits the prompt, cached
-    decode steps edit nothing (skipped on the host when ``max_position`` is known) and a
-    ``use_cache=False`` recompute re-applies the edit.
-
-    ``local`` and ``seeds`` stay set after the call returns, so gradient-checkpointing
-    recomputation during backward re-applies exactly the same edits and dropout masks. A call to
-    the wrapped model outside ``ReftModel`` (``armed`` False) edits nothing.
-    """
-
-    def __init__(self, n: int):
-        self.armed = False
-        self.positions: list = [None] * n
-        self.max_position: Optional[int] = None
-        self.seeds = [0] * n
-        self.local: Optional[list] = None
-
-    def window(self, batch: int, seq_len: int, offset, device) -> Optional[list]:
-        """Window-local positions for a forward over ``seq_len`` tokens after ``offset`` cached ones."""
-        if self.max_position is not None and offset > self.max_position:
-            return None
-        local = []
-        for p in self.positions:
-            if p is None:   # already window-local: every token of this call
-                local.append(torch.arange(seq_len, device=device).expand(batch, seq_len))
-                continue
-            if p.shape[0] != batch:
-                if batch % p.shape[0]:
-                    raise ValueError(f"the model was called with batch {batch} but positions were given for "
-                                     f"{p.shape[0]} rows; pass one position row per input row")
-                p = p.repeat_interleave(batch // p.shape[0], dim=0)
-            if not (offset == 0 and self.max_position is not None and self.max_position < seq_len):
-                p = torch.where((p >= offset) & (p < offset + seq_len), p - offset, torch.full_like(p, -1))
-            local.append(p)
-        return local
+__all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState", "GeneratedPositions"]
 
 
 # Caches whose ``get_seq_length()`` is not the number of tokens seen (transformers < 4.54 counts
@@ -176,32 +132,47 @@ def _may_edit_inplace(hidden: torch.Tensor, inputs) -> bool:
 
 
 class ModelPatch:
-    """The hooks of one ReftModel on its HF model; see the module docstring."""
+    """The hooks of one ReftModel on its HF model; see the module docstring.
 
-    def __init__(self, model: nn.Module, sites: Sequence[Site], interventions: Sequence[nn.Module],
-                 backend: str = "auto"):
+    ``sync(sites)`` keeps exactly one hook per hooked (module, kind): hooks are added for new
+    sites and removed for sites no adapter uses any more. Each hook applies the edits that the
+    current call's plan (``state.plan``, see :mod:`reft_kernels.adapter_plan`) lists for its site.
+    """
+
+    def __init__(self, model: nn.Module, backend: str = "auto"):
         self.model = model
-        self.interventions = list(interventions)
         self.backend = backend
-        self.state = EditState(len(self.interventions))
-        groups: dict = {}
-        for i, site in enumerate(sites):
-            groups.setdefault((id(site.module), site.kind), (site, []))[1].append(i)
+        self.state = EditState()
         self.handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
-        for site, indices in groups.values():
+        self.site_hooks: dict = {}
+
+    @staticmethod
+    def site_key(site: Site) -> tuple:
+        return (id(site.module), site.kind)
+
+    def sync(self, sites: Sequence[Site]) -> None:
+        """Hook every site in ``sites`` (once per module and kind); unhook sites not listed."""
+        wanted = {self.site_key(s): s for s in sites}
+        for key in [k for k in self.site_hooks if k not in wanted]:
+            self.site_hooks.pop(key).remove()
+        for key, site in wanted.items():
+            if key in self.site_hooks:
+                continue
             if site.kind == "output":
-                hook = site.module.register_forward_hook(self._output_hook(indices, site.path), with_kwargs=True)
+                hook = site.module.register_forward_hook(self._output_hook(key, site.path), with_kwargs=True)
             else:
-                hook = site.module.register_forward_pre_hook(self._input_hook(indices, site.path), with_kwargs=True)
-            self.handles.append(hook)
+                hook = site.module.register_forward_pre_hook(self._input_hook(key, site.path), with_kwargs=True)
+            self.site_hooks[key] = hook
 
     # -- per-call state ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def activate(self, positions: Sequence[Optional[torch.Tensor]], max_position: Optional[int]):
-        """Arm the hooks for calls made inside the block, with fresh dropout seeds."""
+    def activate(self, plan: dict, positions: Sequence[Optional[torch.Tensor]], max_position: Optional[int],
+                 seeds: dict, generated=None, prompt_length: Optional[int] = None):
+        """Arm the hooks for calls made inside the block (``seeds``: dropout seed per edit key)."""
         state = self.state
         state.positions, state.max_position = list(positions), max_position
-        state.seeds = [new_seed() if iv.training and iv.dropout_p else 0 for iv in self.interventions]
+        state.plan, state.seeds = plan, seeds
+        state.generated, state.prompt_length = generated, prompt_length
         state.armed = True
         try:
             yield
@@ -220,26 +191,58 @@ class ModelPatch:
         return None
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _apply(self, indices, hidden: torch.Tensor, inplace: bool, path: str) -> torch.Tensor:
+    def _step_positions(self, step, local, batch):
+        if isinstance(step, SingleEdit):
+            pos = local[step.location]
+            if pos is not None and step.rows is not None:
+                rows = _expand_rows(step.rows, batch)
+                pos = torch.where(rows[:, None], pos, torch.full_like(pos, -1))
+            return pos
+        if step.single_location is not None:
+            return local[step.single_location]
+        if any(p is None for p in local):
+            return None
+        width = max(p.shape[1] for p in local)
+        padded = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in local])
+        rows = torch.arange(batch, device=padded.device)
+        return padded[_expand_rows(step.locations, batch), rows]
+
+    def _apply(self, steps, hidden: torch.Tensor, inplace: bool, path: str) -> torch.Tensor:
         local = self.state.local
         if hidden.dim() != 3:
             raise ValueError(f"the hidden states at {path!r} have shape {tuple(hidden.shape)}; ReFT edits "
                              "(batch, seq, hidden) tensors, so pick another component")
-        for i in indices:
-            if local[i] is None:
+        for step in steps:
+            positions = self._step_positions(step, local, hidden.shape[0])
+            if positions is None:
                 continue
-            new = self.interventions[i](hidden, positions=local[i], inplace=inplace, backend=self.backend,
-                                        seed=self.state.seeds[i])   # via __call__: FSDP/ZeRO hooks run
+            seed = self.state.seeds.get(step.seed_key, 0)
+            if isinstance(step, SingleEdit):
+                new = step.intervention(hidden, positions=positions, inplace=inplace, backend=self.backend,
+                                        seed=seed)   # via __call__: FSDP/ZeRO hooks run
+            else:
+                proj, weight, bias, proj_bias, ranks = step.weights()
+                first = step.interventions[0]
+                new = reft_edit_multi(hidden, positions, _expand_rows(step.ids, hidden.shape[0]), proj, weight,
+                                      bias, proj_bias, variant=first.variant, act=first.act_fn,
+                                      dropout=first.dropout_p if first.training else 0.0, seed=seed,
+                                      inplace=inplace, ranks=ranks, backend=self.backend)
             inplace = inplace or new is not hidden   # our own copy is fresh: edit it in place next
             hidden = new
         return hidden
 
-    def _output_hook(self, indices, path):
+    def _steps(self, key):
+        if self.state.local is None:
+            return None
+        return self.state.plan.get(key)
+
+    def _output_hook(self, key, path):
         def hook(module, args, kwargs, output):
-            if self.state.local is None:
+            steps = self._steps(key)
+            if not steps:
                 return None
             hidden = _first_tensor(output)
-            new = self._apply(indices, hidden, _may_edit_inplace(hidden, (*args, *kwargs.values())), path)
+            new = self._apply(steps, hidden, _may_edit_inplace(hidden, (*args, *kwargs.values())), path)
             if new is hidden:
                 return None
             if isinstance(output, torch.Tensor):
@@ -250,22 +253,32 @@ class ModelPatch:
                             "intervene on a submodule that returns a tensor or a tuple")
         return hook
 
-    def _input_hook(self, indices, path):
+    def _input_hook(self, key, path):
         def hook(module, args, kwargs):
-            if self.state.local is None:
+            steps = self._steps(key)
+            if not steps:
                 return None
             if args:
-                return (self._apply(indices, args[0], False, path), *args[1:]), kwargs
+                return (self._apply(steps, args[0], False, path), *args[1:]), kwargs
             name = "hidden_states" if "hidden_states" in kwargs else next(
                 (k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
             if name is None:
                 raise ValueError(f"no tensor input found at {path!r} to intervene on")
-            return args, {**kwargs, name: self._apply(indices, kwargs[name], False, path)}
+            return args, {**kwargs, name: self._apply(steps, kwargs[name], False, path)}
         return hook
 
     def remove(self) -> None:
         """Remove exactly the hooks this patch registered."""
-        for handle in self.handles:
+        for handle in (*self.handles, *self.site_hooks.values()):
             handle.remove()
-        self.handles = []
+        self.handles, self.site_hooks = [], {}
         self.state.local = None
+
+
+def _expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-row data for the call's batch (generate repeats each input row for beams/return sequences)."""
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"the model was called with batch {batch} but adapters were given for {t.shape[0]} rows")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)

@@ -22,8 +22,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .adapters import AdapterMixin
 from .checkpoint import load_reft_model, save_reft_model, set_default_wrapper
 from .config import ReftConfig
+from .edit_state import GeneratedPositions
 from .interventions import ReftIntervention, intervention_class
 from .patcher import ModelPatch, hidden_size, resolve_site
 
@@ -81,10 +83,11 @@ def _depth(x) -> int:
 
 
 @contextlib.contextmanager
-def _interventions_in_eval(interventions: nn.ModuleDict):
+def _interventions_in_eval(adapters):
     """Generation never applies intervention dropout: eval mode inside, each module's mode restored after."""
-    modes = [(m, m.training) for m in interventions.modules()]
-    interventions.eval()
+    modes = [(m, m.training) for interventions in adapters for m in interventions.modules()]
+    for interventions in adapters:
+        interventions.eval()
     try:
         yield
     finally:
@@ -92,12 +95,13 @@ def _interventions_in_eval(interventions: nn.ModuleDict):
             module.training = mode
 
 
-class ReftModel(nn.Module):
+class ReftModel(AdapterMixin, nn.Module):
     """A HF model with ReFT interventions installed (pyreft's ``ReftModel(config, model)``).
 
     ``interventions`` is an ``nn.ModuleDict`` keyed like pyvene >= 0.1.7, so ``state_dict()`` and
     ``named_parameters()`` contain ``interventions.<key>.<param>``. ``train()``/``eval()`` reach the
-    interventions (dropout is off in eval). See the module docstring for the calling conventions.
+    interventions (dropout is off in eval). See the module docstring for the calling conventions
+    and :mod:`reft_kernels.adapters` for named adapters (``add_adapter``, ``adapter_ids=``, ...).
     """
 
     def __init__(self, config: ReftConfig, model: nn.Module, backend: str = "auto"):
@@ -113,8 +117,11 @@ class ReftModel(nn.Module):
             key: self._build(rep, width) for key, rep in zip(config.keys, config.representations)})
         self._base_state = ({n: p.requires_grad for n, p in model.named_parameters()},
                             {n: m.training for n, m in model.named_modules()})
-        self._patch: Optional[ModelPatch] = ModelPatch(model, sites, list(self.interventions.values()), backend)
-        self._sites = sites
+        self._patch: Optional[ModelPatch] = ModelPatch(model, backend)
+        self._init_adapters(self.interventions, sites)
+
+    def _hidden_width(self) -> Optional[int]:
+        return hidden_size(self.model)
 
     @staticmethod
     def _build(rep, width: Optional[int]) -> ReftIntervention:
@@ -134,13 +141,12 @@ class ReftModel(nn.Module):
 
     # -- pyvene / pyreft helpers ----------------------------------------------------------------
     def set_device(self, device=None) -> None:
-        """Move each intervention next to its hooked module (or to ``device``); dtypes are kept."""
-        for iv, site in zip(self.interventions.values(), self._sites):
-            target = device
-            if target is None:
-                tensor = next(site.module.parameters(), None)
-                target = tensor.device if tensor is not None else self._model_device()
-            iv.to(target)
+        """Move each adapter's interventions next to their hooked modules (or to ``device``); dtypes are kept."""
+        for name in self.adapter_names:
+            if device is None:
+                self._move_to_sites(name)
+            else:
+                self.adapter_interventions(name).to(device)
 
     def _model_device(self) -> torch.device:
         tensor = next(self.model.parameters(), None)
@@ -166,9 +172,8 @@ class ReftModel(nn.Module):
               f"model params: {total_model:,d} || trainable%: {100 * (iv + trainable_model) / total_model}")
 
     # -- positions ------------------------------------------------------------------------------
-    def _locations_from_units(self, unit_locations, batch: int, seq_len: int, device):
-        """pyvene ``unit_locations`` -> ([(B, P_i) tensor | None] per intervention, max position)."""
-        n = len(self.interventions)
+    def _locations_from_units(self, unit_locations, batch: int, seq_len: int, device, n: int):
+        """pyvene ``unit_locations`` -> ([(B, P_i) tensor | None] per location, max position)."""
         if unit_locations is None:
             return [None] * n, None
         if not isinstance(unit_locations, Mapping) or not ({"sources->base", "base"} & set(unit_locations)):
@@ -182,7 +187,8 @@ class ReftModel(nn.Module):
                 raise (ValueError if locs.dtype in (torch.int32, torch.int64) else TypeError)(
                     f"a unit_locations tensor must be int32/int64 of shape (n_interventions, B, P) = ({n}, {batch}, P), "
                     f"got {locs.dtype} {tuple(locs.shape)}")
-            return self._locations_from_tensor(locs.transpose(0, 1), batch, seq_len, device, "unit_locations"), None
+            return self._locations_from_tensor(locs.transpose(0, 1), batch, seq_len, device, n,
+                                               "unit_locations"), None
         if isinstance(locs, int):
             locs = [locs]
         if _depth(locs) == 1:
@@ -195,32 +201,46 @@ class ReftModel(nn.Module):
             raise ValueError("unit_locations must be nested as LOCS[intervention][batch_row] = [positions], "
                              f"an int, or a flat list of positions; got depth {_depth(locs)}")
         if len(locs) != n:
-            raise ValueError(f"unit_locations has {len(locs)} intervention entries but the config has {n} "
-                             f"({list(self.interventions)}); give one [batch][positions] list per intervention")
+            raise ValueError(f"unit_locations has {len(locs)} intervention entries but the adapters of this call "
+                             f"have {n} interventions ({self._location_names()}); give one [batch][positions] "
+                             "list per intervention")
         rows = [_rows_tensor(r, i, batch, seq_len) for i, r in enumerate(locs)]
         max_position = max((int(r.max()) for r in rows if r.numel()), default=-1)
         return [r.to(device, non_blocking=True) for r in rows], max_position
 
-    def _locations_from_tensor(self, locs, batch: int, seq_len: int, device, name="intervention_locations"):
+    def _locations_from_tensor(self, locs, batch: int, seq_len: int, device, n: int, name="intervention_locations"):
         """(B, n_interventions, P) integer tensor -> per-intervention (B, P) views, checked without sync."""
-        n = len(self.interventions)
         if not isinstance(locs, torch.Tensor) or locs.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be an int32/int64 tensor of shape (B, n_interventions={n}, P), "
                             f"got {type(locs).__name__} {getattr(locs, 'dtype', '')}")
         if locs.dim() != 3 or locs.shape[0] != batch or locs.shape[1] != n:
             raise ValueError(f"{name} has shape {tuple(locs.shape)} but must be (B, n_interventions, P) = "
-                             f"({batch}, {n}, P) for this batch and config ({list(self.interventions)})")
+                             f"({batch}, {n}, P) for this batch and its adapters ({self._location_names()})")
         locs = locs.to(device, non_blocking=True)
         _check_range(locs, seq_len, name)
         return [locs[:, i] for i in range(n)]
 
-    def _positions(self, inputs, unit_locations, intervention_locations):
+    def _location_names(self):
+        return list(self.interventions) if self._active == [self._primary] else self.adapter_names
+
+    def _positions(self, inputs, unit_locations, intervention_locations, n: int):
         batch, seq_len, device = _input_shape(inputs)
         if intervention_locations is not None:
             if unit_locations is not None:
                 raise ValueError("pass either unit_locations or intervention_locations, not both")
-            return self._locations_from_tensor(intervention_locations, batch, seq_len, device), None
-        return self._locations_from_units(unit_locations, batch, seq_len, device)
+            return self._locations_from_tensor(intervention_locations, batch, seq_len, device, n), None
+        return self._locations_from_units(unit_locations, batch, seq_len, device, n)
+
+    def _prepare_call(self, inputs, unit_locations, intervention_locations, adapter_ids):
+        """(plan, seeds, positions, max_position) of one call (see :mod:`reft_kernels.adapters`)."""
+        batch, _, device = _input_shape(inputs)
+        chains = self._row_chains(adapter_ids, batch)
+        n = self._location_count(chains)
+        if n == 0:   # no adapter edits this call (disabled, or no row has one): positions are not used
+            return {}, {}, [], None
+        positions, max_position = self._positions(inputs, unit_locations, intervention_locations, n)
+        plan, seeds = self._edit_plan(chains, device)
+        return plan, seeds, positions, max_position
 
     def _check_live(self, sources, source_representations):
         if self._patch is None:
@@ -232,11 +252,12 @@ class ReftModel(nn.Module):
     def forward(self, base: Optional[Mapping] = None, sources=None, unit_locations=None,
                 source_representations=None, subspaces=None, labels=None,
                 output_original_output: bool = False, use_cache=None, *,
-                intervention_locations: Optional[torch.Tensor] = None, **model_kwargs):
+                intervention_locations: Optional[torch.Tensor] = None, adapter_ids=None, **model_kwargs):
         """Run the model with the interventions; see the module docstring for both conventions.
 
         ``subspaces`` is accepted and ignored, as by every pyreft intervention. With
         ``output_original_output`` the pyvene form returns ``(base_outputs, outputs)``.
+        ``adapter_ids``: one adapter (name, index, list = composition, None = none) per row.
         """
         self._check_live(sources, source_representations)
         pyvene_style = base is not None
@@ -249,42 +270,54 @@ class ReftModel(nn.Module):
         for name, value in (("labels", labels), ("use_cache", use_cache)):
             if value is not None:
                 inputs[name] = value
-        positions, max_position = self._positions(inputs, unit_locations, intervention_locations)
+        plan, seeds, positions, max_position = self._prepare_call(
+            inputs, unit_locations, intervention_locations, adapter_ids)
         original = self.model(**inputs) if output_original_output else None
-        with self._patch.activate(positions, max_position):
+        with self._patch.activate(plan, positions, max_position, seeds):
             outputs = self.model(**inputs)
         return (original, outputs) if pyvene_style else outputs
 
     def generate(self, base: Optional[Mapping] = None, sources=None, unit_locations=None,
                  source_representations=None, intervene_on_prompt: bool = True, subspaces=None,
                  output_original_output: bool = False, *,
-                 intervention_locations: Optional[torch.Tensor] = None, **generate_kwargs):
-        """``self.model.generate`` with the prompt positions edited.
+                 intervention_locations: Optional[torch.Tensor] = None, adapter_ids=None,
+                 generated_positions=None, **generate_kwargs):
+        """``self.model.generate`` with the prompt positions (and optionally generated tokens) edited.
 
         Positions index the (left-padded) prompt; ``unit_locations=None`` means every prompt position.
-        The prefill edits them; cached decode steps edit nothing; without a cache every full
-        recompute re-applies the edit to the same prompt tokens (never to generated ones). Beam search and
-        ``num_return_sequences`` expand the positions with the batch. pyvene form: returns
-        ``(None or base_output, output)``; tensor form (``input_ids=..., intervention_locations=...``):
-        the output.
+        The prefill edits them; cached decode steps edit no prompt token; without a cache every full
+        recompute re-applies the edit to the same prompt tokens. ``generated_positions`` (``"all"``,
+        an int k = every k-th, a list of token indices = midfixes, or a
+        :class:`~reft_kernels.edit_state.GeneratedPositions`) also edits generated tokens, at the
+        same absolute positions with or without a cache. ``intervene_on_prompt=False`` edits no
+        prompt token and, by default, every generated token (pyvene's meaning). Beam search and
+        ``num_return_sequences`` expand positions and ``adapter_ids`` with the batch. pyvene form:
+        returns ``(None or base_output, output)``; tensor form: the output.
         """
         self._check_live(sources, source_representations)
-        if not intervene_on_prompt:
-            raise ValueError("intervene_on_prompt=False (editing each generated token) is not supported; "
-                             "pass intervene_on_prompt=True to edit the prompt positions")
+        generated = GeneratedPositions.parse(generated_positions)
         pyvene_style = base is not None
         inputs = dict(base) if pyvene_style else {
             k: generate_kwargs.pop(k) for k in ("input_ids", "inputs_embeds", "attention_mask") if k in generate_kwargs}
-        positions, max_position = self._positions(inputs, unit_locations, intervention_locations)
+        batch, seq_len, device = _input_shape(inputs)
+        if not intervene_on_prompt:
+            if unit_locations is not None or intervention_locations is not None:
+                raise ValueError("intervene_on_prompt=False edits generated tokens only; drop unit_locations/"
+                                 "intervention_locations, or pass intervene_on_prompt=True to edit them too")
+            generated = generated or GeneratedPositions(every=1)
+        plan, seeds, positions, max_position = self._prepare_call(
+            inputs, unit_locations, intervention_locations, adapter_ids)
+        if not intervene_on_prompt:   # no prompt position at any location
+            positions, max_position = [torch.empty(batch, 0, dtype=torch.int64, device=device)] * len(positions), -1
         if intervention_locations is not None and intervention_locations.numel():
             max_position = int(intervention_locations.max())   # one sync per generate: lets decode steps skip
         if any(p is None for p in positions):   # unit_locations=None: every prompt position (pyreft's meaning)
-            batch, seq_len, device = _input_shape(inputs)
             every = torch.arange(seq_len, device=device).expand(batch, seq_len)
             positions = [every if p is None else p for p in positions]
             max_position = seq_len - 1 if max_position is None else max(max_position, seq_len - 1)
         original = self.model.generate(**inputs, **generate_kwargs) if output_original_output else None
-        with self._patch.activate(positions, max_position), _interventions_in_eval(self.interventions):
+        with self._patch.activate(plan, positions, max_position, seeds, generated, seq_len), \
+                _interventions_in_eval(self.all_adapter_modules()):
             output = self.model.generate(**inputs, **generate_kwargs)
         return (original, output) if pyvene_style else output
 
@@ -301,8 +334,10 @@ class ReftModel(nn.Module):
                 m.training = modes.get(name, m.training)
         return self.model
 
-    def save(self, save_directory, **kwargs):
-        """Write a checkpoint (see :mod:`reft_kernels.checkpoint`)."""
+    def save(self, save_directory, adapter_name: Optional[str] = None, **kwargs):
+        """Write a checkpoint (see :mod:`reft_kernels.checkpoint`); ``adapter_name``: that adapter alone."""
+        if adapter_name is not None:
+            return self.save_adapter(save_directory, adapter_name, **kwargs)
         return save_reft_model(self, save_directory, **kwargs)
 
     @staticmethod

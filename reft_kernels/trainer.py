@@ -12,8 +12,9 @@ What differs from pyreft, deliberately:
   (:func:`reft_kernels.checkpoint.save_reft_model`), so ``resume_from_checkpoint`` restores
   them in place and continues exactly, and ``load_best_model_at_end`` works;
 * evaluation runs the interventions in eval mode (no dropout);
-* the rotation parameters are never weight-decayed (R is scale-invariant in them; decay would
-  only shrink them towards a badly conditioned basis);
+* the rotation parameters are never weight-decayed (pyreft's are not either, so the trajectory
+  stays pyreft's; decay would pull a Householder R back towards its initial value and shrink a
+  Cholesky-QR basis towards a badly conditioned one);
 * ``ReftTrainerForSequenceClassification`` uses the standard evaluation loop and computes MSE in
   the logits' dtype (pyreft casts regression labels to bf16).
 """
@@ -44,8 +45,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def no_decay_parameter_names(model: nn.Module) -> set:
     """Names of parameters that must not be weight-decayed: the rotations' parametrisations.
 
-    Covers :class:`reft_kernels.OrthonormalRotation` (``rotate_layer.basis``) and torch's
-    ``parametrizations.orthogonal`` (``...original``, where decay zeroes pyreft's R).
+    Covers :class:`reft_kernels.OrthonormalRotation` (``rotate_layer.reflectors``, or ``.basis``
+    for the Cholesky-QR map) and torch's ``parametrizations.orthogonal`` (``...original``, where
+    decay zeroes pyreft's R). pyreft's Trainer never decays them either (by a name mismatch).
     """
     names = set()
     for mname, module in model.named_modules():

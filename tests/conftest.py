@@ -1,12 +1,11 @@
 """Shared test setup. Triton must see TRITON_INTERPRET before it is first imported."""
 import os
-import shutil
 
-if not shutil.which("nvidia-smi"):
+import pytest
+import torch   # importing torch does not import triton
+
+if not torch.cuda.is_available():   # no GPU: Triton kernels run in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -81,11 +81,12 @@ def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
     init = {k: v.clone() for k, v in single.interventions.state_dict().items()}
     _train(single, [_global_batch()] * STEPS)
     ref = single.interventions.state_dict()
+    trained = dict(single.interventions.named_parameters())        # (buffers stay fixed)
     assert r0.keys() == r1.keys() == ref.keys()
     for k in ref:
         assert torch.equal(r0[k], r1[k]), k                        # ranks agree exactly
         torch.testing.assert_close(r0[k], ref[k], atol=2e-6, rtol=1e-5, msg=k)   # = one big batch
-        assert not torch.equal(ref[k], init[k]), k                 # and training changed it
+        assert k not in trained or not torch.equal(ref[k], init[k]), k   # and training changed it
 
 
 TRAINER_SCRIPT = textwrap.dedent('''

@@ -191,7 +191,7 @@ def test_unavailable_reason_when_csrc_missing(monkeypatch, tmp_path):
 def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     bad = tmp_path / "csrc"
     bad.mkdir()
-    for name in ("reft_rows.h", "reft_binding.h"):
+    for name in nb._SOURCES["cpu"] + nb._HEADERS["cpu"]:
         (bad / name).write_text((nb.CSRC / name).read_text())
     (bad / "reft_cpu.cpp").write_text("this is not C++;\n")  # fails before any torch header
     monkeypatch.setattr(nb, "CSRC", bad)

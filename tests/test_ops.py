@@ -332,3 +332,24 @@ def test_weight_grads_without_hidden_grad(backend):
     without_h = torch.autograd.grad(out, ps, grad_out)
     for g, ref in zip(without_h, with_h[2:]):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["loreft", "noreft", "lobireft"])
+@pytest.mark.parametrize("B, T, P", [(2, 0, 3), (0, 5, 2), (2, 5, 0), (0, 0, 0)])
+def test_empty_inputs_behave_alike_on_every_backend(backend, variant, B, T, P):
+    """No rows, no tokens or no positions: the input back unchanged, its gradient passed through,
+    zero weight gradients, on every backend (the torch backend used to raise on T = 0)."""
+    params = [None if p is None else p.requires_grad_(True)
+              for p in make_params(variant, 4, 16, torch.float32, torch.Generator().manual_seed(0))]
+    hidden = torch.randn(B, T, 16, requires_grad=True)
+    positions = torch.full((B, P), -1) if T == 0 else torch.arange(P).repeat(B, 1).reshape(B, P)
+    dropout = 0.0 if variant == "consreft" else 0.2
+    out = reft_edit(hidden * 1.0, positions, *params, variant=variant, dropout=dropout, seed=2,
+                    backend=backend)
+    assert out.shape == (B, T, 16) and torch.equal(out, hidden)
+    grad_out = torch.randn_like(out)
+    live = [p for p in params if p is not None]
+    grads = torch.autograd.grad(out, [hidden] + live, grad_out)
+    assert torch.equal(grads[0], grad_out)
+    assert all(g.shape == p.shape and not g.any() for g, p in zip(grads[1:], live))

@@ -124,7 +124,7 @@ def test_weight_decay_keeps_rotation_orthonormal(corpus, tmp_path):
                                 **data_module(corpus, reft.model, n))
     tr.train()
     banned = no_decay_parameter_names(reft)
-    assert banned and all(name.endswith("rotate_layer.basis") for name in banned)
+    assert banned and all(name.endswith("rotate_layer.reflectors") for name in banned)
     decayed = {id(p) for g in tr.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     params = dict(reft.named_parameters())
     assert all(id(params[name]) not in decayed for name in banned)

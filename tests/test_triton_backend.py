@@ -16,6 +16,7 @@ from reft_kernels.ops import torch_backend
 from reft_kernels.ops.family import ACT_IDS, VARIANTS, dropout_keep_mask
 
 triton_backend = pytest.importorskip("reft_kernels.ops.triton_backend")
+from reft_kernels.ops import triton_common, triton_multi  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not triton_backend.is_available(DEVICE):
     pytest.skip(triton_backend.unavailable_reason(DEVICE), allow_module_level=True)
@@ -98,7 +99,7 @@ def test_ranks_with_odd_width(r, variant):
 
 def test_rows_wider_than_one_chunk(monkeypatch):
     """8-row tiles make 128-column chunks, so d = 150 takes a full and a masked chunk."""
-    monkeypatch.setattr(triton_backend, "TARGET_PROGRAMS", 2)
+    monkeypatch.setattr(triton_common, "TARGET_PROGRAMS", 2)
     assert triton_backend._row_tiles(14, 150)[1]["BLOCK_D"] == 128
     assert_matches_torch("noreft", "gelu", 0.3, *FP32, r=3, d=150)
 
@@ -138,8 +139,8 @@ def test_dropout_mask_is_exactly_the_philox_mask():
 
 def test_weight_grads_are_bit_reproducible_across_row_splits(monkeypatch):
     """Force several row splits; results are deterministic and still match the torch backend."""
-    monkeypatch.setattr(triton_backend, "MIN_SPLIT_TILES", 1)
-    monkeypatch.setattr(triton_backend, "TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(triton_common, "MIN_SPLIT_TILES", 1)
+    monkeypatch.setattr(triton_common, "TARGET_PROGRAMS", 8)
     kw = dict(r=5, d=40, M=60, N=40)  # 2 splits of <= 32 rows; row kernels get BLOCK_N = 8
     x, grad, rows, params = make_case("noreft", **kw)
     args = (x, grad, rows, params, "noreft", "sigmoid", 0.25, 7, torch.float32, [torch.float32] * 4)
@@ -182,6 +183,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from reft_kernels.ops import triton_backend as tb
+from reft_kernels.ops import triton_multi as tm
 
 cpu = torch.device("cpu")
 print(tb.is_available(cpu), tb.unavailable_reason(cpu))
@@ -192,6 +194,8 @@ print(tb.is_available(torch.device("meta")), flush=True)
 TYPES = dict(rows_ptr="*i64", p_ptr="*fp32", w_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16",
              n_rows="i32", rows_per_split="i32", d="i32", r="i32", stride_p0="i32",
              stride_p1="i32", stride_w0="i32", stride_w1="i32", seed="i64", threshold="i32",
+             ad_ptr="*i64", order_ptr="*i64", starts_ptr="*i64", n_parts="i32", stride_pa="i32",
+             stride_wa="i32", stride_ba="i32", stride_ca="i32",
              scale="fp64", **{k: "*bf16" for k in ("x_ptr", "g_ptr", "saved_ptr")},
              **{k: "*fp32" for k in ("s_ptr", "u_ptr", "v_ptr", "gp_ptr", "gw_ptr", "gb_ptr", "gc_ptr")})
 SWITCHES = dict(ACT=3, HAS_WEIGHT=True, SUBTRACT_PROJ=True, HAS_PROJ_BIAS=True, HAS_DROPOUT=True,
@@ -199,7 +203,10 @@ SWITCHES = dict(ACT=3, HAS_WEIGHT=True, SUBTRACT_PROJ=True, HAS_PROJ_BIAS=True, 
 for cap in (80, 90):
     for fn, tiles, warps in ((tb._forward_kernel, dict(BLOCK_N=2, BLOCK_D=512), 4),
                              (tb._backward_rows_kernel, dict(BLOCK_N=8, BLOCK_D=128), 4),
-                             (tb._backward_cols_kernel, dict(BLOCK_N=16, BLOCK_D=32), 8)):
+                             (tb._backward_cols_kernel, dict(BLOCK_N=16, BLOCK_D=32), 8),
+                             (tm._forward_multi_kernel, dict(BLOCK_N=2, BLOCK_D=512), 4),
+                             (tm._backward_rows_multi_kernel, dict(BLOCK_N=8, BLOCK_D=128), 4),
+                             (tm._backward_cols_multi_kernel, dict(BLOCK_N=16, BLOCK_D=32), 8)):
         consts = {k: v for k, v in {**SWITCHES, **tiles}.items() if k in fn.arg_names}
         sig = {k: "constexpr" if k in consts else TYPES[k] for k in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),

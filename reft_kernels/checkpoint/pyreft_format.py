@@ -10,6 +10,8 @@ generations are read (pyvene <= 0.1.6 ``layer.15.comp.block_output.unit.pos.nuni
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import os
 
 import torch
@@ -101,9 +103,9 @@ def pyreft_layout(entries, key_format: str = "new"):
     for key, (_, layer, comp, unit, n, iv) in zip(keys, entries):
         cls = _class_name(iv)
         t = _tensors_from_module(iv, cls)
-        t.pop("rotate_layer.basis", None)
         d, r = _dims(t, cls)
-        files[f"intkey_{key}.bin"] = canonical_to_pyreft({k: v.cpu() for k, v in t.items()}, cls)
+        sd = iv.pyreft_state_dict() if hasattr(iv, "pyreft_state_dict") else canonical_to_pyreft(t, cls)
+        files[f"intkey_{key}.bin"] = OrderedDict((k, v.detach().cpu()) for k, v in sd.items())
         reps.append([layer, comp, unit, n, r] + [None] * 9)
         types.append(f"<class 'pyreft.interventions.{cls}'>")
         dims.append(d)

@@ -5,7 +5,9 @@
 * pyvene's intervention keys in both generations (:func:`intervention_key`), pyreft class names.
 * Canonical tensors: one intervention's weights as a dict with the tensor names of our format:
   ``rotate_layer.weight`` R (r, d) fp32 with orthonormal rows (Lo/Cons/Lobi/DiReFT) and, in our
-  format, ``rotate_layer.basis`` (the trainable tensor R is computed from, for bit-exact resume),
+  format, the rotation's own state for bit-exact resume (``rotate_layer.reflectors``/``.signs``/
+  ``.base_householder``, pyreft's d x d ``.base`` when loaded from it, or the Cholesky-QR map's
+  ``rotate_layer.basis``; see :mod:`reft_kernels.rotation`),
   ``proj_layer.weight``/``proj_layer.bias`` (No/NodiReFT), ``learned_source.weight``/``.bias``
   (Lo/No/Di/NodiReFT) or ``learned_source`` (r,) (Cons/LobiReFT). :func:`_check_tensor_set`
   checks that a set is complete and consistent, :func:`check_finite` that it holds no NaN/Inf.
@@ -175,6 +177,8 @@ def _check_tensor_set(t: Dict[str, torch.Tensor], cls: str, where: str):
         raise CheckpointError(f"{where}: a {cls} needs tensors {missing}; found {sorted(t)}")
     d, r = _dims(t, cls)
     shapes = {"rotate_layer.weight": (r, d), "rotate_layer.basis": (r, d), "proj_layer.weight": (r, d),
+              "rotate_layer.reflectors": (d, r), "rotate_layer.signs": (r,),
+              "rotate_layer.base_householder": (d, r), "rotate_layer.base": (d, d),
               "proj_layer.bias": (r,), "learned_source.weight": (r, d),
               "learned_source.bias": (r,), "learned_source": (r,)}
     for name, v in t.items():

@@ -2,13 +2,15 @@
 
 pyreft's rotated classes hold R through torch's orthogonal parametrization: the materialized
 ``rotate_layer.weight`` is R^T = base @ householder_product(original), with ``base`` (d, d) fixed
-at initialisation and ``original`` (d, r) trained. LoReFT's slim save keeps R^T (d, r) directly.
-:func:`rotation_from_pyreft` evaluates that map with torch's own code; :func:`rotation_to_pyreft`
-finds (original, base) that reproduce a given R exactly.
+at initialisation and ``original`` (d, r) trained; LoReFT's slim save keeps R^T (d, r) directly.
+The key conversion lives in :mod:`reft_kernels.pyreft_keys` and the rotation maps in
+:mod:`reft_kernels.rotation` (``rotation_from_pyreft`` / ``rotation_to_pyreft`` are re-exported here).
 
-Our modules hold R as ``rotate_layer.weight`` (computed) and, where the parametrisation has one, the
-trainable ``rotate_layer.basis``; :func:`_tensors_from_module` / :func:`_load_into_module` read and
-write them.
+Our modules hold R as ``rotate_layer.weight`` (computed) plus the rotation's own state for
+bit-exact resume (``rotate_layer.reflectors``, ``.signs``, ``.base_householder`` and, loaded from
+pyreft's full state, the d x d ``.base``; or ``rotate_layer.basis`` for the Cholesky-QR map and
+checkpoints older than the Householder map); :func:`_tensors_from_module` /
+:func:`_load_into_module` read and write them.
 """
 from __future__ import annotations
 
@@ -16,112 +18,46 @@ from collections import OrderedDict
 from typing import Dict
 
 import torch
-from torch import nn
 
-from .spec import (PROJECTED, ROTATED, VECTOR_SOURCE, CheckpointError, _check_tensor_set,
-                   _dims)
-
-_ORIG = "rotate_layer.parametrizations.weight.original"
-_BASE = "rotate_layer.parametrizations.weight.0.base"
-
-
-# --------------------------------------------------------------------------------------------
-# rotations: pyreft's orthogonal parametrization <-> our R (r, d)
-
-def _orthogonal_holder(weight: torch.Tensor) -> nn.Module:
-    """A module whose ``weight`` (d, r) is wrapped exactly as pyreft wraps its rotate_layer."""
-    holder = nn.Module()
-    holder.weight = nn.Parameter(weight.detach().clone())
-    with torch.random.fork_rng(devices=[]):  # right_inverse draws randn: keep the caller's RNG
-        torch.manual_seed(0)
-        torch.nn.utils.parametrizations.orthogonal(holder)
-    return holder
-
-
-def rotation_from_pyreft(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """R (r, d) fp32 from pyreft's ``original`` (d, r) and ``base`` (d, d), via torch's own map."""
-    orth = _orthogonal_holder(torch.eye(2, 1)).parametrizations.weight[0]
-    orth.base = base.detach().float()
-    with torch.no_grad():
-        return orth(original.detach().float()).T.contiguous()
-
-
-def rotation_to_pyreft(R: torch.Tensor):
-    """(original (d, r), base (d, d)) fp32 such that pyreft's materialized weight is exactly R^T."""
-    Rt = R.detach().float().T.contiguous()
-    holder = _orthogonal_holder(Rt)  # base = orthonormal completion of R^T, original = -I
-    p = holder.parametrizations.weight
-    with torch.no_grad():
-        p[0].base[:, : Rt.shape[1]] = Rt  # exact, not just up to QR round-off
-        if not torch.equal(holder.weight, Rt):
-            raise RuntimeError("internal error: pyreft rotation does not reproduce R exactly")
-    return p.original.detach().clone(), p[0].base.detach().clone()
+from ..pyreft_keys import from_pyreft, to_pyreft
+from ..rotation import rotation_from_pyreft, rotation_to_pyreft  # noqa: F401 - public helpers
+from .spec import ROTATED, VECTOR_SOURCE, CheckpointError, _check_tensor_set
 
 
 # --------------------------------------------------------------------------------------------
 # pyreft state dicts <-> canonical tensors
 
 def canonical_from_pyreft(sd: Dict[str, torch.Tensor], cls: str, where: str) -> Dict[str, torch.Tensor]:
-    """Canonical tensors from a pyreft ``intkey_*.bin`` state dict (slim LoReFT or full)."""
-    out: Dict[str, torch.Tensor] = {}
-    if "rotate_layer" in sd:  # LoReFT's slim format: rotate_layer is R (d, r)
-        out["rotate_layer.weight"] = sd["rotate_layer"].float().T.contiguous()
-    elif _ORIG in sd and _BASE in sd:
-        out["rotate_layer.weight"] = rotation_from_pyreft(sd[_ORIG], sd[_BASE])
-    elif "rotate_layer.weight" in sd:  # an unparametrized (d, r) rotate_layer
-        out["rotate_layer.weight"] = sd["rotate_layer.weight"].float().T.contiguous()
-    for name in ("proj_layer.weight", "proj_layer.bias", "learned_source.weight",
-                 "learned_source.bias"):
-        if name in sd:
-            out[name] = sd[name]
-    if "learned_source" in sd and torch.is_tensor(sd["learned_source"]):
-        out["learned_source"] = sd["learned_source"]
-    if cls == "LoreftIntervention" and "weight" in sd:
-        out["learned_source.weight"] = sd["weight"]
-        if "bias" in sd:
-            out["learned_source.bias"] = sd["bias"]
+    """Canonical tensors from a pyreft ``intkey_*.bin`` state dict (slim LoReFT or full).
+
+    A full rotation state (original + d x d base) is kept as our Householder state, so training
+    resumed from it follows pyreft's trajectory.
+    """
+    try:
+        out = from_pyreft(sd, cls)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from e
     _check_tensor_set(out, cls, where)
-    if "embed_dim" in sd and int(sd["embed_dim"]) != _dims(out, cls)[0]:
-        raise CheckpointError(f"{where}: buffer embed_dim={int(sd['embed_dim'])} does not match "
-                              f"the tensors' dimension {_dims(out, cls)[0]}")
     return out
 
 
 def canonical_to_pyreft(t: Dict[str, torch.Tensor], cls: str) -> "OrderedDict[str, torch.Tensor]":
     """Exactly the state dict pyreft's ``cls.state_dict()`` would hold (keys, order, dtypes)."""
-    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    d, _ = _dims(t, cls)
-    if cls == "LoreftIntervention":
-        sd["weight"] = t["learned_source.weight"].detach().clone()
-        sd["bias"] = t["learned_source.bias"].detach().clone()
-        sd["rotate_layer"] = t["rotate_layer.weight"].detach().float().T.contiguous()
-        return sd
-    if cls in VECTOR_SOURCE:
-        sd["learned_source"] = t["learned_source"].detach().clone()
-    sd["embed_dim"] = torch.tensor(d)
-    sd["interchange_dim"] = torch.tensor(d)
-    if cls in PROJECTED:
-        sd["proj_layer.weight"] = t["proj_layer.weight"].detach().clone()
-        if "proj_layer.bias" in t:
-            sd["proj_layer.bias"] = t["proj_layer.bias"].detach().clone()
-    else:
-        sd[_ORIG], sd[_BASE] = rotation_to_pyreft(t["rotate_layer.weight"])
-    if cls not in VECTOR_SOURCE:
-        sd["learned_source.weight"] = t["learned_source.weight"].detach().clone()
-        sd["learned_source.bias"] = t["learned_source.bias"].detach().clone()
-    return sd
+    return to_pyreft(t, cls)
 
 
 # --------------------------------------------------------------------------------------------
 # our intervention modules <-> canonical tensors
 
 def _tensors_from_module(iv, cls) -> Dict[str, torch.Tensor]:
+    """Canonical tensors of our module: R plus the rotation's own state (either map)."""
+    if hasattr(iv, "canonical_tensors"):
+        return iv.canonical_tensors()
     t: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if cls in ROTATED:
             t["rotate_layer.weight"] = iv.rotate_layer.weight.detach().float()
-            if isinstance(getattr(iv.rotate_layer, "basis", None), torch.Tensor):
-                t["rotate_layer.basis"] = iv.rotate_layer.basis.detach()
+            t.update({f"rotate_layer.{k}": v.detach() for k, v in iv.rotate_layer.state_dict().items()})
         else:
             t["proj_layer.weight"] = iv.proj_layer.weight.detach()
             if iv.proj_layer.bias is not None:
@@ -138,9 +74,13 @@ def _tensors_from_module(iv, cls) -> Dict[str, torch.Tensor]:
 def _load_into_module(iv, t, cls):
     """Copy canonical tensors into our module (dtype-casting copies; R set exactly if possible)."""
     if cls in ROTATED:
-        basis = getattr(iv.rotate_layer, "basis", None)
-        if "rotate_layer.basis" in t and isinstance(basis, torch.Tensor):
-            basis.copy_(t["rotate_layer.basis"])
+        state = {k[len("rotate_layer."):]: v for k, v in t.items()
+                 if k.startswith("rotate_layer.") and k != "rotate_layer.weight"}
+        if state:  # the rotation converts between parametrisations (e.g. an old basis)
+            try:
+                iv.rotate_layer.load_state_dict(state)
+            except (RuntimeError, ValueError) as e:  # e.g. a rank-deficient basis
+                raise CheckpointError(f"{cls}: {e}") from e
         else:
             iv.rotate_layer.set_weight(t["rotate_layer.weight"])
     else:

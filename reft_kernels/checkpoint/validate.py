@@ -76,8 +76,8 @@ def check_module_fits(iv, t, cls, where):
         raise CheckpointError(f"{where}: checkpoint holds a {cls}, the config a {_class_name(iv)}")
     have = _tensors_from_module(iv, cls)
     for name, v in t.items():
-        if name == "rotate_layer.basis" and name not in have:
-            continue
+        if name.startswith("rotate_layer.") and name not in have:
+            continue  # another parametrisation's state: the rotation converts it on load
         if name not in have:
             raise CheckpointError(f"{where}: the checkpoint has {name!r} but the {cls} has no such "
                                   f"tensor (add_bias={getattr(iv, 'add_bias', None)})")
@@ -94,6 +94,8 @@ def build_module(spec: InterventionSpec, t, dtype):
     d, r = _dims(t, spec.cls)
     kw = {"embed_dim": d, "low_rank_dimension": r, "dtype": dtype, "dropout": spec.dropout,
           "act_fn": spec.act_fn}
+    if "rotate_layer.basis" in t:  # saved with the Cholesky-QR map: resume with it, exactly
+        kw["orthogonal_map"] = "cholesky_qr"
     if spec.cls in PROJECTED:
         kw["add_bias"] = "proj_layer.bias" in t if spec.add_bias is None else bool(spec.add_bias)
     with torch.random.fork_rng(devices=[]):  # construction draws init values we overwrite

@@ -20,6 +20,9 @@ followed by dropout on the whole edited row. Weights may have other dtypes than 
 under ``TRITON_INTERPRET=1``), ``"native"`` (csrc/ C++/CUDA, built on first use) or ``"auto"``.
 The environment variable ``REFT_KERNELS_BACKEND`` overrides ``"auto"``.
 ``seed`` fixes the dropout mask (drawn from torch's CPU generator when None).
+
+:func:`reft_edit_multi` is the same op over a stack of A adapters with one adapter id per batch
+row (per-row adapters in one fused call; see :mod:`reft_kernels.ops.multi`).
 """
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ import torch
 
 from .autograd import BACKENDS, ReftEditFunction, resolve_backend
 from .family import ACTIVATIONS, VARIANTS, check_inputs, new_seed
+from .multi import reft_edit_multi
+from .multi_family import stack_adapters
 
-__all__ = ["reft_edit", "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
+__all__ = ["reft_edit", "reft_edit_multi", "stack_adapters", "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
            "VARIANTS", "ACTIVATIONS", "BACKENDS", "resolve_backend"]
 
 

@@ -141,9 +141,11 @@ def canonical_rows(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(B, P) positions -> (B*P,) int64 flat row indices ``b*T + t``; pads and duplicates -> -1.
 
     Each batch row's positions are sorted, so the result is a set per batch row: a position
-    listed twice is edited once. Pure tensor ops: no host sync.
+    listed twice is edited once. Pure tensor ops: no host sync. With no tokens (``seq_len == 0``)
+    every position is -1 (check_inputs) and nothing is selected: the result is empty, so every
+    backend takes its N = 0 path on empty inputs.
     """
-    if positions.numel() == 0:
+    if positions.numel() == 0 or seq_len == 0:
         return positions.new_empty((0,), dtype=torch.int64)
     pos = positions.to(torch.int64).sort(dim=1).values
     dup = torch.zeros_like(pos, dtype=torch.bool)

@@ -9,6 +9,8 @@ load the cached build. ``REFT_KERNELS_VERBOSE_BUILD=1`` shows the compiler outpu
 Sources (``csrc/`` at the repository root):
   * ``reft_rows.h``: the per-row math shared by both (``__host__ __device__``), Philox dropout RNG;
   * ``reft_cpu.cpp``: OpenMP over rows, per-thread weight-gradient partials;
+  * ``reft_cpu_multi.cpp``: the same rows with per-row adapters (:mod:`reft_kernels.ops.multi`);
+  * ``reft_cpu_rows.h``: the CPU row functions both share;
   * ``reft_cuda.cu``: torch-free CUDA kernels, ``reft_cuda_binding.cpp``: their torch binding.
 
 Weights may have any float dtype (they are converted to the compute dtype once per call, they
@@ -28,12 +30,13 @@ import torch
 
 from .family import ACT_IDS
 
-__all__ = ["forward_rows", "backward_rows", "is_available", "unavailable_reason", "load_extension",
+__all__ = ["forward_rows", "backward_rows", "forward_rows_multi", "backward_rows_multi",
+           "multi_available", "is_available", "unavailable_reason", "load_extension",
            "CSRC"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-_SOURCES = {"cpu": ["reft_cpu.cpp"], "cuda": ["reft_cuda_binding.cpp", "reft_cuda.cu"]}
-_HEADERS = {"cpu": ["reft_rows.h", "reft_binding.h"],
+_SOURCES = {"cpu": ["reft_cpu.cpp", "reft_cpu_multi.cpp"], "cuda": ["reft_cuda_binding.cpp", "reft_cuda.cu"]}
+_HEADERS = {"cpu": ["reft_rows.h", "reft_binding.h", "reft_cpu_rows.h"],
             "cuda": ["reft_rows.h", "reft_binding.h", "reft_cuda.h"]}
 _lock = threading.Lock()
 _modules = {}   # kind -> loaded extension module
@@ -164,4 +167,34 @@ def backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias, spec, act,
     gp, gw, gb, gc = ext.backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias,
                                        spec.has_weight, spec.subtract_proj, ACT_IDS[act],
                                        float(p), int(seed))
+    return gp, gw, gb, gc
+
+
+# per-row adapters (see reft_kernels/ops/multi.py)
+def multi_available(device) -> bool:
+    """Whether the per-row adapter launchers exist for ``device`` (the CPU build has them)."""
+    return is_available(device) and hasattr(load_extension(_kind(device)), "forward_rows_multi")
+
+
+def _multi_ext(device):
+    ext = load_extension(_kind(device))
+    if not hasattr(ext, "forward_rows_multi"):
+        raise RuntimeError(f"the native backend has no per-row adapter kernel on {torch.device(device).type}"
+                           " yet; use backend='triton' or backend='torch' for reft_edit_multi there")
+    return ext
+
+
+def forward_rows_multi(x2d, rows, adapter, proj, weight, bias, proj_bias, spec, act, p, seed):
+    """Edit ``x2d`` in place at ``rows`` (entry n with adapter ``adapter[n]``); return saved rows."""
+    return _multi_ext(x2d.device).forward_rows_multi(
+        x2d, rows, adapter, proj, weight, bias, proj_bias, spec.has_weight, spec.subtract_proj,
+        ACT_IDS[act], float(p), int(seed))
+
+
+def backward_rows_multi(grad2d, rows, adapter, saved, proj, weight, bias, proj_bias, spec, act, p,
+                        seed):
+    """Overwrite ``grad2d`` with grad_h at ``rows``; return the stacked fp32 (fp64) weight grads."""
+    gp, gw, gb, gc = _multi_ext(grad2d.device).backward_rows_multi(
+        grad2d, rows, adapter, saved, proj, weight, bias, proj_bias, spec.has_weight,
+        spec.subtract_proj, ACT_IDS[act], float(p), int(seed))
     return gp, gw, gb, gc

@@ -55,113 +55,17 @@ import torch
 
 from .family import ACT_IDS, compute_dtype, dropout_threshold
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # keep the module importable so that is_available() can say why
-    triton = tl = None
-    _IMPORT_ERROR = f"triton is not importable ({exc}); install it with `pip install triton`"
-else:
-    _IMPORT_ERROR = None
+from . import triton_common
+from .triton_common import (  # noqa: F401 - re-exported: tests refer to them here
+    COLS_BLOCK_N, MAX_RANK, _activation, _activation_grad,
+    _add_column, _as_compute_dtype, _column, _dropout_scale, _jit, _load_rank_row, _load_rk,
+    row_tiles as _row_tiles, tl, triton)
+from .triton_multi import backward_rows_multi, forward_rows_multi  # noqa: F401 - per-row adapters
 
-__all__ = ["forward_rows", "backward_rows", "is_available", "unavailable_reason"]
+_IMPORT_ERROR = triton_common.IMPORT_ERROR
 
-COLS_BLOCK_N = 16        # rows per tile of the backward column kernel (tl.dot needs >= 16)
-MAX_RANK = 256           # larger r would spill the column kernel's (R_PAD, BLOCK_D) accumulators
-TARGET_PROGRAMS = 256    # grids grow (smaller row tiles, more row splits) to about this many
-MIN_SPLIT_TILES = 4      # row tiles per split at least (tests lower it to exercise splitting)
-
-
-def _jit(**options):
-    """triton.jit, or a no-op without triton (the module stays importable to report why)."""
-    return triton.jit(**options) if triton is not None else (lambda fn: fn)
-
-
-# --------------------------------------------------------------------------------------------
-# device helpers
-# --------------------------------------------------------------------------------------------
-@_jit()
-def _tanh(z):
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
-
-
-@_jit()
-def _activation(z, ACT: tl.constexpr):
-    """ACT ids of family.ACT_IDS: 0 linear, 1 relu, 2 gelu (erf), 3 silu, 4 tanh, 5 sigmoid."""
-    if ACT == 1:
-        y = tl.where(z > 0, z, 0.0)
-    elif ACT == 2:
-        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 3:
-        y = z / (1.0 + tl.exp(-z))
-    elif ACT == 4:
-        y = _tanh(z)
-    elif ACT == 5:
-        y = 1.0 / (1.0 + tl.exp(-z))
-    else:
-        y = z
-    return y
-
-
-@_jit()
-def _activation_grad(z, ACT: tl.constexpr):
-    """d act(z) / dz for ACT ids 1..5 (linear is handled by the caller)."""
-    if ACT == 1:
-        y = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        y = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    elif ACT == 3:
-        sg = 1.0 / (1.0 + tl.exp(-z))
-        y = sg * (1.0 + z * (1.0 - sg))
-    elif ACT == 4:
-        t = _tanh(z)
-        y = 1.0 - t * t
-    else:
-        sg = 1.0 / (1.0 + tl.exp(-z))
-        y = sg * (1.0 - sg)
-    return y
-
-
-@_jit()
-def _dropout_scale(seed, rows, cols, d, threshold, scale):
-    """(rows x cols) factor m / (1 - p): keep iff (philox(seed, row * d + col) >> 8) >= threshold."""
-    offsets = rows[:, None] * d + cols[None, :]          # int64, as family.dropout_keep_mask
-    bits = (tl.randint(seed, offsets) >> 8).to(tl.int32)  # 24 high bits of a uint32
-    return tl.where(bits >= threshold, scale, 0.0)
-
-
-@_jit()
-def _as_compute_dtype(scale, ACC: tl.constexpr):
-    """The fp64 ``scale`` argument in the compute dtype (in the interpreter it arrives as a float)."""
-    return (tl.full((), 0.0, ACC) + scale).to(ACC)
-
-
-@_jit()
-def _load_rk(ptr, stride_r, stride_d, ks, cols, r, d, ACC: tl.constexpr):
-    """An (R_PAD, BLOCK_D) chunk of an (r, d) matrix (P or W), zero-padded, in the compute dtype."""
-    mask = (ks[:, None] < r) & (cols[None, :] < d)
-    return tl.load(ptr + ks[:, None] * stride_r + cols[None, :] * stride_d, mask=mask, other=0.0).to(ACC)
-
-
-@_jit()
-def _load_rank_row(ptr, k, stride_r, stride_d, cols, d, ACC: tl.constexpr):
-    """Chunk ``cols`` of row k of an (r, d) matrix (P or W), in the compute dtype."""
-    return tl.load(ptr + k * stride_r + cols * stride_d, mask=cols < d, other=0.0).to(ACC)
-
-
-@_jit()
-def _column(tile, ks, k):
-    """Column k of a (BLOCK_N, R_PAD) tile."""
-    return tl.sum(tl.where(ks[None, :] == k, tile, 0.0), axis=1)
-
-
-@_jit()
-def _add_column(tile, ks, k, col):
-    """``tile`` with ``col`` (BLOCK_N,) added to its column k."""
-    return tile + tl.where(ks[None, :] == k, col[:, None], 0.0)
+__all__ = ["forward_rows", "backward_rows", "forward_rows_multi", "backward_rows_multi",
+           "is_available", "unavailable_reason"]
 
 
 @_jit()
@@ -364,14 +268,6 @@ def _launch_config(x, proj, weight, bias, proj_bias, spec, act, p, seed):
     return runtime, switches, act_id, bias, proj_bias
 
 
-def _row_tiles(N, d):
-    """Grid and tile of the row kernels: 2 rows per program while N is small (parallelism), up
-    to 8 when N is large (fewer L2 re-reads of P and W); chunks of about 1024 elements."""
-    block_n = min(8, max(2, triton.next_power_of_2(triton.cdiv(N, TARGET_PROGRAMS))))
-    block_d = max(16, min(512, 1024 // block_n, triton.next_power_of_2(d)))
-    return (triton.cdiv(N, block_n),), dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
-
-
 def forward_rows(x2d, rows, proj, weight, bias, proj_bias, spec, act, p, seed):
     """Edit ``x2d`` (M, d) in place at ``rows``; return the pre-edit rows (N, d) (zeros for -1)."""
     N, d = rows.numel(), x2d.shape[1]
@@ -401,8 +297,8 @@ def backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias, spec, act,
     # column chunks and 8 warps keep its fp32 FMA-dot operands in registers
     block_d = max(16, min(32 if r_pad == 16 else 16, triton.next_power_of_2(d)))
     d_blocks = triton.cdiv(d, block_d)
-    min_rows = max(MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
-    rows_per_split = max(min_rows, triton.cdiv(N, max(1, TARGET_PROGRAMS // d_blocks)))
+    min_rows = max(triton_common.MIN_SPLIT_TILES * COLS_BLOCK_N, 2 * r_pad)
+    rows_per_split = max(min_rows, triton.cdiv(N, max(1, triton_common.TARGET_PROGRAMS // d_blocks)))
     rows_per_split = triton.cdiv(rows_per_split, COLS_BLOCK_N) * COLS_BLOCK_N
     n_splits = max(1, triton.cdiv(N, rows_per_split))
     alloc = grad2d.new_empty if N else grad2d.new_zeros       # the kernel writes every entry

@@ -86,7 +86,7 @@ def randomize_pyreft(iv):
 @torch.no_grad()
 def randomize_ours(iv):
     for name, p in iv.named_parameters():
-        p.copy_(torch.randn_like(p) * (1.0 if name.endswith("basis") else 0.5))
+        p.copy_(torch.randn_like(p) * 0.5)
 
 
 def inputs():
@@ -179,9 +179,11 @@ def test_reft_kernels_export_loads_into_pyreft(tmp_path, model_name, cls, tied, 
         assert {k: (v.shape, v.dtype) for k, v in sd.items()} == \
             {k: (v.shape, v.dtype) for k, v in own.items()}
         iv.load_state_dict(sd)
-        if cls in ck.ROTATED:  # pyreft reproduces our R exactly
-            ours_R = list(ours.interventions.values())[i].rotate_layer.weight
-            assert torch.equal(iv.rotate_layer.weight.detach().T, ours_R.detach())
+        if cls in ck.ROTATED:  # pyreft reproduces our R: exactly from LoReFT's slim R, to fp32
+            # rounding from our Householder state (its d x d base @ Q vs our compact WY form)
+            ours_R = list(ours.interventions.values())[i].rotate_layer.weight.detach()
+            err = (iv.rotate_layer.weight.detach().T - ours_R).abs().max().item()
+            assert err == 0 if cls == "LoreftIntervention" else err <= 1e-6
     got = logits(prm, locs)
     assert (got - expected).abs().max().item() <= 1e-5
     if model_name == "llama" and key_format == "new":
