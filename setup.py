@@ -25,7 +25,9 @@ setup(
         "accelerate>=0.26",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "hypothesis"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29",
+                 "openai>=1.0", "matplotlib"],
     },
     entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"]},
 )
