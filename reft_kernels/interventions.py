@@ -161,9 +161,12 @@ class ReftIntervention(nn.Module):
         return self.edit(base, positions, inplace=inplace, backend=backend, seed=seed)
 
     def canonical_tensors(self) -> dict:
-        """Our tensors: ``state_dict()`` plus ``rotate_layer.weight`` (R, fp32) where there is a
-        rotation (see :mod:`reft_kernels.pyreft_keys`); detached."""
-        t = {k: v.detach() for k, v in self.state_dict().items()}
+        """Our tensors: the parameters and buffers (``state_dict()``'s names) plus
+        ``rotate_layer.weight`` (R, fp32) where there is a rotation (see
+        :mod:`reft_kernels.pyreft_keys`); detached. Read directly, not through ``state_dict()``,
+        whose FSDP2 hooks would turn them into sharded DTensors (a collective on one rank)."""
+        t = {k: v.detach() for k, v in self.named_parameters()}
+        t.update({k: v.detach() for k, v in self.named_buffers()})
         if isinstance(getattr(self, "rotate_layer", None), OrthonormalRotation):
             with torch.no_grad():
                 t["rotate_layer.weight"] = self.rotate_layer.weight.detach()
