@@ -216,14 +216,15 @@ def cmd_demo(args) -> int:
                            "directory or a name from reft-kernels fetch-model --help")
         try:
             result = run_chat_demo(model_dir=model, output_dir=args.output, seed=args.seed,
-                                   epochs=args.epochs if args.epochs is not None else 100,
+                                   epochs=args.epochs if args.epochs is not None else 40,
+                                   lr=args.lr if args.lr is not None else 1e-2,
                                    max_steps=args.max_steps, backend=args.backend)
         except ModelUnavailable as exc:
             raise CliError(f"{exc} (or run the tiny demo without --real)") from None
     else:
         from .jobs.tiny_demo import run_tiny_demo
-        if args.model:
-            raise CliError("--model is for the real-model demo; add --real")
+        if args.model or args.lr is not None:
+            raise CliError("--model and --lr are for the real-model demo; add --real")
         result = run_tiny_demo(output_dir=args.output, epochs=args.epochs if args.epochs is not None else 60,
                                quick=args.quick, seed=args.seed, backend=args.backend, ops=args.ops)
     if args.json:

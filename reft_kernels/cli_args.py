@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --real: a local chat model directory or one of: {known} (default: "
                         f"{DEFAULT_REAL_MODEL})")
     d.add_argument("--output", help="directory for the adapter and run files (default: a new temp dir)")
-    d.add_argument("--epochs", type=float, default=None, help="training epochs (default: 100 with --real, 60 tiny)")
+    d.add_argument("--epochs", type=float, default=None,
+                   help="training epochs (default: 40 with --real, one step each; 60 tiny)")
+    d.add_argument("--lr", type=float, default=None,
+                   help="with --real: learning rate (default: 1e-2; pyreft's README: --epochs 100 --lr 4e-3)")
     d.add_argument("--max-steps", type=int, default=-1, help="with --real: stop after this many steps (-1: epochs)")
     d.add_argument("--quick", action="store_true", help="tiny demo: 2 epochs, short pretraining (for tests)")
     d.add_argument("--seed", type=int, default=0, help="random seed")

@@ -2,7 +2,9 @@
 
 pyreft's README quick start (the "emoji chatbot") on SmolLM2-135M-Instruct: one rank-4 LoReFT on
 the block output of the middle layer, at the last prompt token, trained on ten question -> emoji
-replies with AdamW (lr 4e-3, linear decay, batch 10, 100 epochs). The base model answers in
+replies with AdamW (linear decay, batch 10). pyreft's README trains 100 epochs at lr 4e-3; the
+demo takes 40 at lr 1e-2 (40 optimizer steps instead of 100: every held-out question is then
+answered in emojis too; ``epochs=100, lr=4e-3`` gives pyreft's recipe). The base model answers in
 English; with the adapter (0.0034% of the base model's parameters: ``2 d r + r`` = 4,612) it
 answers in emojis, also questions it was not trained on. Each prompt is the user turn in the
 model's own chat template.
@@ -52,8 +54,8 @@ def _emoji_share(text: str) -> float:
     return sum(ord(c) > 0x2000 for c in chars) / len(chars) if chars else 0.0
 
 
-def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = None, epochs: float = 100,
-                  max_steps: int = -1, layer: Optional[int] = None, rank: int = 4, lr: float = 4e-3,
+def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = None, epochs: float = 40,
+                  max_steps: int = -1, layer: Optional[int] = None, rank: int = 4, lr: float = 1e-2,
                   seed: int = 0, backend: str = "auto", max_new_tokens: int = 24, log=print) -> dict:
     """Train the emoji LoReFT on a real chat model; returns a dict of measurements and texts.
 
