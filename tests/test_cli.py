@@ -184,3 +184,18 @@ def test_train_reads_csv_json_and_dataset_dirs(base_dir, tmp_path):
     for i, data in enumerate((tmp_path / "ds", tmp_path / "d.json", tmp_path / "d.csv")):
         assert main(["train", "--model", base_dir, "--data", str(data), "--output", str(tmp_path / f"o{i}"),
                      "--max-steps", "1", "--backend", "torch", "--positions", "l2"]) == 0
+
+
+def test_native_build_says_when_it_compiles(tmp_path, capsys):
+    """The one-time native build (~1 min) is announced; loading a finished build is silent."""
+    from reft_kernels.ops.native_backend import _build_message
+    with _build_message("ext", str(tmp_path)):
+        pass
+    err = capsys.readouterr().err
+    assert "compiling the native C++ kernels, one time only" in err and "built in" in err
+    (tmp_path / "ext.so").write_bytes(b"")
+    (tmp_path / "lock").write_bytes(b"")
+    with _build_message("ext", str(tmp_path)):
+        pass
+    err = capsys.readouterr().err
+    assert "compiling" not in err and "waiting for another build" in err and str(tmp_path / "lock") in err
