@@ -171,8 +171,9 @@ def run_tiny_demo(output_dir: Optional[str] = None, epochs: int = 60, quick: boo
         correct.append(a.split() == tokenizer.decode(tokenizer(want)["input_ids"]).split())
         log(f"  Q: {ins}{' [' + inp + ']' if inp else ''}\n     before: {b}\n     after:  {a}"
             + ("   (= the training answer)" if correct[-1] else f"   (training answer: {want!r})"))
-    log(f"      {sum(correct)}/{len(correct)} answers match the training set: a 2-layer toy model "
-        "memorises only part of it; 'reft-kernels demo --real' shows a real model learn a new style")
+    log(f"      {sum(correct)}/{len(correct)} answers match the training set"
+        + ("" if all(correct) else " (a 2-layer toy model may memorise only part of it)")
+        + "; 'reft-kernels demo --real' shows a real model learn a new reply style")
 
     adapter = os.path.join(output_dir, "adapter")
     base_dir = os.path.join(output_dir, "base_model")
