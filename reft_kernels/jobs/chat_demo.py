@@ -132,7 +132,7 @@ def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = N
                    share_weights=False, template="chat")
     total = time.perf_counter() - t_start
     log(f"[5/5] saved the adapter to {adapter}" + (f" and its loss curve to {plot}" if plot else ""))
-    log(f"      try it: reft-kernels generate --adapter {output_dir} --prompt \"Tell me a joke.\"")
+    log(f"      try it: reft-kernels generate --adapter {output_dir} --prompt \"Give me a recipe for pancakes.\"")
     log(f"done in {total:.0f} s")
     held = [a for q, a in zip(shown_q, after) if q in HELD_OUT_PROMPTS]
     return {"model_dir": model_dir, "output_dir": output_dir, "adapter": adapter, "loss_plot": plot,
