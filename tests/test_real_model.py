@@ -145,7 +145,7 @@ def test_converted_model_is_smollm2_and_knows_things(real_model_dir, model_and_t
 
 
 @pytest.mark.real_model
-def test_emoji_loreft_trains_on_the_real_model(real_model_dir, tmp_path):
+def test_emoji_loreft_trains_on_the_real_model(real_model_dir, tmp_path, capsys):
     """A short run of the real demo: the loss falls, the adapter saves with its loss curve, and
     'reft-kernels generate' reloads it."""
     from reft_kernels.jobs.chat_demo import run_chat_demo
@@ -156,5 +156,8 @@ def test_emoji_loreft_trains_on_the_real_model(real_model_dir, tmp_path):
     assert r["steps"] == 12 and r["loss_last"] < 0.7 * r["loss_first"], r["losses"]
     assert os.path.isfile(os.path.join(r["adapter"], "loss_curve.json"))
     assert sum(r["emoji_share_after"]) > sum(r["emoji_share_before"])
-    assert main(["generate", "--adapter", str(tmp_path), "--prompt", "Who are you?", "--max-new-tokens", "4",
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", r["prompts"][0], "--max-new-tokens", "6",
                  "--backend", "torch"]) == 0
+    printed = capsys.readouterr().out.split("\n", 1)[1].strip()
+    assert printed == r["generations_after"][0]      # the reloaded adapter answers as the trained one
