@@ -43,7 +43,7 @@ def run_mode(mode: str, seq: int, batch: int, layers: int, hidden: int, steps: i
     import transformers
     transformers.logging.set_verbosity_error()
     import reft_kernels as rk
-    from reft_kernels.demo import tiny_llama
+    from reft_kernels.models.tiny import tiny_llama
     from reft_kernels.trainer import enable_gradient_checkpointing
 
     vocab, rank = 1024, 4

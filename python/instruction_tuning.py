@@ -20,7 +20,8 @@ import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
 from reft_kernels.cli import load_pretrained  # noqa: E402
-from reft_kernels.demo import build_word_tokenizer, load_builtin_instructions, pretrain_base, tiny_llama  # noqa: E402
+from reft_kernels.jobs.prompts import load_builtin_instructions  # noqa: E402
+from reft_kernels.models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
 
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
                       "{% if add_generation_prompt %}<s> assistant : {% endif %}")

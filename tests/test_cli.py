@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from reft_kernels.cli import main
-from reft_kernels.demo import build_word_tokenizer, format_prompt, load_builtin_instructions, tiny_llama
+from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
+from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,6 +97,34 @@ def test_bad_data_is_reported_cleanly(base_dir, tmp_path, capsys):
     _expect_error(capsys, ["generate", "--adapter", str(tmp_path / "nothing"), "--prompt", "hi"], "not a directory")
 
 
+def test_bad_rank_and_dropout_are_one_line_errors_with_exit_2(base_dir, tmp_path):
+    """Issue: --rank above the hidden size and --dropout outside [0, 1) ended in a traceback, exit 1."""
+    common = ["train", "--model", base_dir, "--data", "builtin", "--backend", "torch"]
+    for extra, needle in ((["--rank", "1000"], "--rank 1000 is larger than the model's hidden size 32"),
+                          (["--dropout", "1.5"], "--dropout 1.5 is a probability"),
+                          (["--dropout", "-0.1"], "--dropout -0.1 is a probability")):
+        proc = run_cli(*common, "--output", str(tmp_path / extra[1]), *extra)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and lines[-1].startswith("reft-kernels train: error:"), proc.stderr
+        assert needle in lines[-1]
+
+
+def test_every_train_option_has_help_and_default():
+    """``train --help`` describes every option and shows the default of every valued option."""
+    from reft_kernels.cli import build_parser
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    text = train.format_help()
+    for action in train._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        valued = action.nargs != 0 and not action.required and action.default is not None
+        if valued:
+            assert f"(default: {action.default})" in " ".join(text.split()), action.option_strings[0]
+
+
 def test_argparse_errors_exit_2_without_traceback():
     proc = run_cli("train", "--model", "x")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--data" in proc.stderr
@@ -115,7 +144,7 @@ def test_demo_quick(tmp_path, capsys):
 
 def test_full_demo_cuts_the_loss_by_half(tmp_path, capsys):
     """The real demo (60 epochs): its training loss must fall by at least 50%."""
-    from reft_kernels.demo import run_demo
+    from reft_kernels.jobs.tiny_demo import run_tiny_demo as run_demo
     threads = torch.get_num_threads()
     m = run_demo(str(tmp_path), backend="torch", ops="none", log=lambda *a: None)
     torch.set_num_threads(threads)
@@ -141,7 +170,7 @@ def test_examples_run(tmp_path, base_dir, capsys):
                                                     "--output", str(tmp_path / "rb")]) == 0
     assert "eval accuracy" in capsys.readouterr().out
     mem = _example("memorisation")
-    assert mem.main(["--max-steps", "3", "--backend", "torch"]) == 0
+    assert mem.main(["--tiny", "--max-steps", "3", "--backend", "torch"]) == 0
     assert mem.main(["--model", base_dir, "--max-steps", "3", "--backend", "torch", "--target", "snow is white ."]) in (0, 1)
     assert "exact prefix" in capsys.readouterr().out
 
@@ -155,3 +184,18 @@ def test_train_reads_csv_json_and_dataset_dirs(base_dir, tmp_path):
     for i, data in enumerate((tmp_path / "ds", tmp_path / "d.json", tmp_path / "d.csv")):
         assert main(["train", "--model", base_dir, "--data", str(data), "--output", str(tmp_path / f"o{i}"),
                      "--max-steps", "1", "--backend", "torch", "--positions", "l2"]) == 0
+
+
+def test_native_build_says_when_it_compiles(tmp_path, capsys):
+    """The one-time native build (~1 min) is announced; loading a finished build is silent."""
+    from reft_kernels.ops.native_backend import _build_message
+    with _build_message("ext", str(tmp_path)):
+        pass
+    err = capsys.readouterr().err
+    assert "compiling the native C++ kernels, one time only" in err and "built in" in err
+    (tmp_path / "ext.so").write_bytes(b"")
+    (tmp_path / "lock").write_bytes(b"")
+    with _build_message("ext", str(tmp_path)):
+        pass
+    err = capsys.readouterr().err
+    assert "compiling" not in err and "waiting for another build" in err and str(tmp_path / "lock") in err

@@ -6,7 +6,8 @@ import reft_kernels as rk
 from reft_kernels.dataset import (IGNORE_INDEX, get_intervention_locations, make_classification_data_module,
                                   make_generation_inputs, make_last_position_supervised_data_module,
                                   make_multiple_position_supervised_data_module, parse_positions)
-from reft_kernels.demo import build_word_tokenizer, format_prompt, load_builtin_instructions, tiny_llama
+from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
+from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")

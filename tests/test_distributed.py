@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import reft_kernels as rk
-from reft_kernels.demo import tiny_llama
+from reft_kernels.models.tiny import tiny_llama
 
 VOCAB, D, R, STEPS, GLOBAL_BATCH, SEQ = 64, 32, 4, 3, 8, 12
 
@@ -95,7 +95,8 @@ TRAINER_SCRIPT = textwrap.dedent('''
     transformers.logging.set_verbosity_error()
     sys.path.insert(0, os.environ["REFT_TEST_ROOT"])
     import reft_kernels as rk
-    from reft_kernels.demo import build_word_tokenizer, format_prompt, load_builtin_instructions, tiny_llama
+    from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
+    from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
     from reft_kernels.dataset import make_multiple_position_supervised_data_module
     from reft_kernels.trainer import ReftTrainerForCausalLM
     out = sys.argv[1]

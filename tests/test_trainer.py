@@ -9,7 +9,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 import reft_kernels as rk
 from reft_kernels.dataset import make_classification_data_module, make_multiple_position_supervised_data_module
-from reft_kernels.demo import build_word_tokenizer, format_prompt, load_builtin_instructions, tiny_llama
+from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
+from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
 from reft_kernels.trainer import (REFT_CHECKPOINT_DIR, ReftTrainerForCausalLM, ReftTrainerForSequenceClassification,
                                   enable_gradient_checkpointing, no_decay_parameter_names)
 

@@ -107,7 +107,41 @@ def _build(kind: str):
     with warnings.catch_warnings():
         if not _verbose():
             warnings.simplefilter("ignore")
-        return load(**kwargs)
+        with _build_message(name, kwargs["build_directory"]):
+            return load(**kwargs)
+
+
+class _build_message:
+    """Say on stderr that a first-use compile is running (it takes ~1 min), and when it is done.
+
+    Silent when the extension is already built (loading it takes well under a second).
+    """
+
+    def __init__(self, name, build_directory):
+        if build_directory is None:
+            from torch.utils.cpp_extension import _get_build_directory
+            build_directory = _get_build_directory(name, verbose=False)
+        self.dir = Path(build_directory)
+        self.name = name
+
+    def __enter__(self):
+        import time
+        self.t0 = time.perf_counter()
+        self.compiling = not (self.dir / f"{self.name}.so").is_file()
+        if (self.dir / "lock").exists():
+            print(f"reft_kernels: waiting for another build of the native kernels to finish (lock file "
+                  f"{self.dir / 'lock'}; delete it if no build is running)", file=sys.stderr, flush=True)
+        if self.compiling:
+            print(f"reft_kernels: compiling the native C++ kernels, one time only (~1 min); the build is "
+                  f"cached in {self.dir}", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import time
+        if self.compiling and exc_type is None:
+            print(f"reft_kernels: native kernels built in {time.perf_counter() - self.t0:.0f} s",
+                  file=sys.stderr, flush=True)
+        return False
 
 
 def load_extension(kind: str):

