@@ -23,11 +23,13 @@ setup(
         "safetensors",
         "tqdm",
         "accelerate>=0.26",
+        "gguf>=0.10",        # the real model ships as GGUF (reft-kernels fetch-model)
+        "matplotlib",        # loss curves and benchmark plots
     ],
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "test": ["pytest", "pytest-benchmark", "ninja", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.0", "matplotlib"],
+                 "openai>=1.0"],
     },
     entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"]},
 )

@@ -18,6 +18,9 @@ import sys
 from typing import List, Optional, Tuple
 
 from .cli_args import INTERVENTIONS, build_parser
+from .jobs.runs import read_run_info
+from .models.pretrained import context_length, load_causal_lm, load_pretrained  # noqa: F401 - re-exported
+from .models.pretrained import resolve_model as _resolve_model
 
 __all__ = ["main", "build_parser", "CliError", "load_examples", "load_pretrained", "resolve_model"]
 
@@ -123,40 +126,18 @@ def _apply_template(template: str, text: str, extra: str, tokenizer) -> str:
 # helpers
 # ------------------------------------------------------------------------------------------------
 def resolve_model(name: str) -> str:
-    """``--model``: a local directory or hub name as given; a known real-model name (e.g.
-    ``smollm2-135m-instruct``) that is not a local path becomes its cached directory, fetched and
-    converted on first use (see ``reft-kernels fetch-model``)."""
-    from .models.real import REAL_MODELS, ModelUnavailable, fetch_model
-    if name in REAL_MODELS and not os.path.exists(name):
-        try:
-            return fetch_model(name, log=lambda msg: print(msg, file=sys.stderr))
-        except ModelUnavailable as exc:
-            raise CliError(f"--model {name!r}: {exc}") from None
-    return name
+    """``--model`` name -> a local directory or hub name (see :func:`reft_kernels.models.pretrained.resolve_model`)."""
+    try:
+        return _resolve_model(name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _load_base(name: str, dtype=None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    name = resolve_model(name)
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = load_pretrained(AutoModelForCausalLM, name, dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"--model {name!r} could not be loaded ({first}); pass a local directory with "
-                       "config.json, weights and tokenizer files, or a hub name when online") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    return model.eval(), tok, name
-
-
-def load_pretrained(auto_cls, name: str, dtype):
-    """``auto_cls.from_pretrained(name)`` in ``dtype`` (``dtype=`` since transformers 4.56, else ``torch_dtype=``)."""
-    import transformers
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return auto_cls.from_pretrained(name, **{key: dtype})
+        return load_causal_lm(name, dtype)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _parse_layers(spec: str, num_layers: int) -> List[int]:
@@ -170,23 +151,6 @@ def _parse_layers(spec: str, num_layers: int) -> List[int]:
     if not layers or bad:
         raise CliError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
     return layers
-
-
-def _context_length(model, tokenizer) -> Optional[int]:
-    n = getattr(model.config, "max_position_embeddings", None)
-    m = getattr(tokenizer, "model_max_length", None)
-    vals = [v for v in (n, m) if isinstance(v, int) and v < 10**8]
-    return min(vals) if vals else None
-
-
-def _read_run(directory: str) -> Tuple[dict, str]:
-    from .jobs.runs import RUN_INFO
-    for run_dir in (directory, os.path.dirname(os.path.abspath(directory))):
-        path = os.path.join(run_dir, RUN_INFO)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f), run_dir
-    return {}, directory
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +232,7 @@ def cmd_train(args) -> int:
                        f"use a rank <= {width} (ReFT ranks are small: 1-32)")
     template = resolve_template(args.template, tok)
     prompts, outputs = load_examples(args.data, template, tok)
-    ctx = _context_length(model, tok)
+    ctx = context_length(model, tok)
     if ctx is not None:
         for i, (p, o) in enumerate(zip(prompts, outputs)):
             n = len(tok(p + o)["input_ids"]) + 1
@@ -325,13 +289,18 @@ def cmd_generate(args) -> int:
                        "'reft-kernels train' / 'demo' or an adapter directory")
     if args.max_new_tokens <= 0:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    info, run_dir = _read_run(args.adapter)
+    info, run_dir = read_run_info(args.adapter)
     model_name = args.model or info.get("model")
     if model_name is None:
         raise CliError(f"{args.adapter!r} has no reft_run.json naming its base model; pass --model")
     positions = args.positions or info.get("positions")
     if positions is None:
         raise CliError("the positions used in training are unknown; pass --positions (e.g. f7+l7)")
+    from .dataset import parse_positions
+    try:
+        parse_positions(positions)
+    except ValueError as exc:
+        raise CliError(f"--positions: {exc}") from None
     adapter = os.path.join(run_dir, "adapter") if os.path.isdir(os.path.join(run_dir, "adapter")) else args.adapter
     model, tok, model_name = _load_base(model_name)
     try:
@@ -340,7 +309,7 @@ def cmd_generate(args) -> int:
         raise CliError(f"--adapter {adapter!r} could not be loaded onto {model_name!r}: {exc}") from None
     template = args.template or info.get("template", "instruction")
     prompts = [_apply_template(template, p, "", tok) for p in args.prompt]
-    ctx = _context_length(model, tok)
+    ctx = context_length(model, tok)
     for p in prompts:
         n = len(tok(p)["input_ids"])
         if ctx is not None and n + args.max_new_tokens > ctx:
@@ -365,7 +334,13 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
 
 
-COMMANDS = {"fetch-model": cmd_fetch_model, "demo": cmd_demo, "train": cmd_train, "generate": cmd_generate}
+def cmd_serve(args) -> int:
+    from .serving.server import serve_from_args
+    return serve_from_args(args)
+
+
+COMMANDS = {"fetch-model": cmd_fetch_model, "demo": cmd_demo, "train": cmd_train, "generate": cmd_generate,
+            "serve": cmd_serve}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

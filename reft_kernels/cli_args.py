@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reft-kernels", formatter_class=_Formatter,
                                 description="Representation finetuning (ReFT), fast. Start with "
                                             "'reft-kernels demo --real'.")
-    sub = p.add_subparsers(dest="command", metavar="{fetch-model,demo,train,generate}")
+    sub = p.add_subparsers(dest="command", metavar="{fetch-model,demo,train,generate,serve}")
     sub.required = True
     known = ", ".join(sorted(REAL_MODELS))
 
@@ -128,4 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
     g.set_defaults(command_func="generate")
+    from .serving.server import add_arguments as add_serve_arguments
+    s = _sub(sub, "serve", "OpenAI-compatible HTTP server for a base model and its adapters",
+             "Serve /v1/completions, /v1/chat/completions and /v1/models; the request's `model` names the "
+             "adapter. Needs the serve extra: pip install -e \".[serve]\". See docs/serving.md.")
+    add_serve_arguments(s).set_defaults(command_func="serve")
     return p

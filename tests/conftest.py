@@ -26,3 +26,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: needs SmolLM2-135M-Instruct (reft-kernels fetch-model); "
+                            "skips when it is not cached and REFT_KERNELS_FETCH_MODEL is not 1")

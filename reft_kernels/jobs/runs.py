@@ -7,12 +7,23 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["generate_text", "RUN_INFO", "write_run_info", "loss_history", "save_loss_curve",
+__all__ = ["generate_text", "RUN_INFO", "write_run_info", "read_run_info", "loss_history", "save_loss_curve",
            "use_progress_bar"]
 
 RUN_INFO = "reft_run.json"
 LOSS_JSON = "loss_curve.json"
 LOSS_PNG = "loss_curve.png"
+
+
+def read_run_info(directory: str) -> Tuple[dict, str]:
+    """(``reft_run.json`` of an adapter directory or of the run directory above it, where it was
+    found); ({}, directory) when there is none."""
+    for run_dir in (directory, os.path.dirname(os.path.abspath(directory))):
+        path = os.path.join(run_dir, RUN_INFO)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f), run_dir
+    return {}, directory
 
 
 def generate_text(reft_model, tokenizer, prompts, positions: str, num_interventions: int,

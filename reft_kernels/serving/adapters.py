@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..dataset import get_intervention_locations, parse_positions
+from ..jobs.runs import RUN_INFO, read_run_info
 
 __all__ = ["RUN_INFO", "AdapterSpec", "AdapterError", "read_adapter_spec", "prompt_locations"]
 
-RUN_INFO = "reft_run.json"   # written by `reft-kernels train` / `demo` (reft_kernels.demo.write_run_info)
 TEMPLATES = ("instruction", "chat", "none")
 
 
@@ -42,15 +42,6 @@ class AdapterSpec:
     base_model: Optional[str]
 
 
-def _read_run(directory: str):
-    for run_dir in (directory, os.path.dirname(os.path.abspath(directory))):
-        path = os.path.join(run_dir, RUN_INFO)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f), run_dir
-    return {}, directory
-
-
 def read_adapter_spec(name: str, path: str, default_positions: Optional[str] = None,
                       default_template: Optional[str] = None) -> AdapterSpec:
     """Resolve ``path`` like ``reft-kernels generate --adapter`` does; raise :class:`AdapterError`."""
@@ -59,7 +50,7 @@ def read_adapter_spec(name: str, path: str, default_positions: Optional[str] = N
     if not os.path.isdir(path):
         raise AdapterError(f"adapter {name!r}: {path!r} is not a directory; pass the --output of "
                            "'reft-kernels train' / 'demo' or an adapter directory")
-    info, run_dir = _read_run(path)
+    info, run_dir = read_run_info(path)
     nested = os.path.join(run_dir, "adapter")
     adapter_dir = nested if os.path.isdir(nested) and os.path.abspath(path) == os.path.abspath(run_dir) else path
     positions = info.get("positions") or default_positions

@@ -16,6 +16,8 @@ import os
 import sys
 from typing import List, Optional
 
+from ..models.pretrained import context_length, load_causal_lm
+
 __all__ = ["add_arguments", "build_parser", "serve_from_args", "main", "ServeError", "build_engine"]
 
 RUNTIME_ENV_VARS = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "REFT_ALLOW_RUNTIME_ADAPTERS")
@@ -72,30 +74,14 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def context_length(model, tokenizer) -> Optional[int]:
-    n = getattr(model.config, "max_position_embeddings", None)
-    m = getattr(tokenizer, "model_max_length", None)
-    vals = [v for v in (n, m) if isinstance(v, int) and v < 10**8]
-    return min(vals) if vals else None
-
-
 def load_base(name: str, dtype: str, device: Optional[str]):
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, **{key: getattr(torch, dtype)})
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServeError(f"--model {name!r} could not be loaded ({first}); pass a local directory with "
-                         "config.json, weights and tokenizer files") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        model, tok, _ = load_causal_lm(name, getattr(torch, dtype))
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tok
+    return model.to(device), tok
 
 
 def build_engine(args):
