@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -150,9 +151,19 @@ def resident_benchmark(a) -> dict:
     gc.collect()
     malloc_trim()
     before = rss_bytes()
+    saved = None
+    if a.resident_source == "load":   # what a server does: load saved adapters (the checkpoint path)
+        saved = tempfile.mkdtemp()
+        reft.save(saved)
+        gc.collect()
+        malloc_trim()
+        before = rss_bytes()
     t0 = time.perf_counter()
     for i in range(a.adapters_resident):
-        reft.add_adapter(f"u{i}", loreft_config(d, r, 0, dtype=torch.bfloat16))
+        if saved:
+            reft.load_adapter(saved, adapter_name=f"u{i}")
+        else:
+            reft.add_adapter(f"u{i}", loreft_config(d, r, 0, dtype=torch.bfloat16))
     add_s = time.perf_counter() - t0
     gc.collect()
     after = rss_bytes()
@@ -180,7 +191,7 @@ def resident_benchmark(a) -> dict:
             "rss_over_param_bytes": (after - before) / param_bytes,
             "rss_delta_after_malloc_trim_bytes": after_trim - before if trimmed else None,
             "rss_after_malloc_trim_over_param_bytes": (after_trim - before) / param_bytes if trimmed else None,
-            "add_all_s": add_s,
+            "source": a.resident_source, "add_all_s": add_s,
             "base_model_tensors_shared": unchanged,
             "set_adapter_median_us": 1e6 * statistics.median(switch),
             "forward_after_switch_median_ms": 1e3 * statistics.median(after_switch),
@@ -200,6 +211,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--adapters-resident", type=int, default=1000)
+    p.add_argument("--resident-source", choices=["add", "load"], default="add",
+                   help="build the resident adapters with add_adapter (fresh) or load_adapter (from a checkpoint)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="torch")
     p.add_argument("--parts", default="resident,mixed", help="comma list of: resident, mixed")

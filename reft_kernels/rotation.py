@@ -48,11 +48,15 @@ Cholesky factor's diagonal) raises instead of giving NaN or non-orthonormal rows
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .pyreft_rotation import rotation_from_pyreft, rotation_to_pyreft
 
 __all__ = ["OrthonormalRotation", "ORTHOGONAL_MAPS", "householder_columns", "householder_form",
            "apply_householder_base", "rotation_from_pyreft", "rotation_to_pyreft",
@@ -119,35 +123,6 @@ def apply_householder_base(form: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y - v @ torch.linalg.solve_triangular(t_inv, v.mT @ y, upper=True)
 
 
-def rotation_from_pyreft(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """R (r, d) fp32 from pyreft's ``original`` (d, r) and ``base`` (d, d): torch's own ops."""
-    with torch.no_grad():
-        a = original.detach().float().tril(-1)
-        q = torch.linalg.householder_product(a, 2.0 / (1.0 + (a * a).sum(dim=-2)))
-        q = q * original.detach().diagonal().int()
-        return (base.detach().float() @ q).mT.contiguous()
-
-
-def rotation_to_pyreft(R: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(original (d, r), base (d, d)) fp32 with pyreft's materialised weight exactly R^T.
-
-    ``original = -I`` and ``base`` = an orthonormal completion of R^T (a seeded randn draw, the
-    caller's RNG untouched) with ``base[:, :r] = R^T`` exactly. For rotations that carry no
-    Householder state (the Cholesky-QR map); :meth:`OrthonormalRotation.pyreft_state` exports
-    the trajectory-preserving state instead.
-    """
-    Rt = R.detach().float().mT.contiguous()
-    d, r = Rt.shape
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    fill = torch.randn(d, d - r, generator=gen).to(Rt.device)
-    q, upper = torch.linalg.qr(torch.cat([Rt, fill], 1))
-    base = q * upper.diagonal().sign()
-    base[:, :r] = Rt
-    original = torch.zeros(d, r, device=Rt.device)
-    original.diagonal().fill_(-1.0)
-    return original, base
-
-
 def _orthonormal_error(R: torch.Tensor) -> float:
     R = R.detach().double()
     return (R @ R.mT - torch.eye(R.shape[0], dtype=R.dtype, device=R.device)).abs().max().item()
@@ -168,6 +143,22 @@ def _base_is_orthogonal(base: torch.Tensor) -> bool:
     b = base.double()
     err = ((b.mT @ (b @ z)) - z).norm() / z.norm()
     return bool(err <= _ORTHONORMAL_ATOL)
+
+
+_PARITY_DRAW = contextvars.ContextVar("reft_kernels_rng_parity_draw", default=True)
+
+
+@contextlib.contextmanager
+def without_rng_parity_draw():
+    """Rotations built inside skip the (d, d - r) randn draw that keeps the global RNG stream in
+    step with pyreft's. For modules whose weights are overwritten at once (a checkpoint load):
+    the draw is wasted there, and thousands of such d x (d - r) temporaries fragment the heap
+    (glibc keeps the freed memory), so 1,000 loaded adapters held ~96x their parameter bytes."""
+    token = _PARITY_DRAW.set(False)
+    try:
+        yield
+    finally:
+        _PARITY_DRAW.reset(token)
 
 
 class OrthonormalRotation(nn.Module):
@@ -193,7 +184,8 @@ class OrthonormalRotation(nn.Module):
         self.orthogonal_map = orthogonal_map
         init = torch.empty(d, r)
         nn.init.orthogonal_(init)
-        torch.randn(d, d - r)  # pyreft's completion draw (RNG parity)
+        if _PARITY_DRAW.get():
+            torch.randn(d, d - r)  # pyreft's completion draw (RNG parity)
         if orthogonal_map == CHOLESKY_QR:
             self.basis = nn.Parameter(init.mT.contiguous())
             return

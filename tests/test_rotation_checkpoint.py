@@ -120,3 +120,23 @@ def test_rank_deficient_basis_in_a_checkpoint_is_refused(tmp_path):
         only(old).rotate_layer.basis.zero_()
     with pytest.raises(ValueError, match="rank-deficient"):
         logits(old)
+
+
+def test_checkpoint_loads_build_rotations_without_the_rng_parity_draw():
+    """Construction draws pyreft's (d, d - r) completion for RNG parity; a checkpoint load, which
+    overwrites the weights at once, skips it (no d x (d - r) temporary per loaded adapter)."""
+    from reft_kernels.rotation import OrthonormalRotation, without_rng_parity_draw
+    torch.manual_seed(0)
+    OrthonormalRotation(64, 4)
+    after_parity = torch.rand(3)
+    torch.manual_seed(0)
+    torch.nn.init.orthogonal_(torch.empty(64, 4))
+    after_init_only = torch.rand(3)
+    with without_rng_parity_draw():
+        torch.manual_seed(0)
+        OrthonormalRotation(64, 4)
+        skipped = torch.rand(3)
+    assert torch.equal(skipped, after_init_only) and not torch.equal(skipped, after_parity)
+    torch.manual_seed(0)
+    OrthonormalRotation(64, 4)
+    assert torch.equal(torch.rand(3), after_parity)          # the default is unchanged after the block

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..interventions import intervention_class
 from ..patcher import hidden_size, resolve_site
+from ..rotation import without_rng_parity_draw
 from .spec import PROJECTED, CheckpointError, InterventionSpec, _class_name, _dims
 from .tensors import _tensors_from_module
 
@@ -98,6 +99,6 @@ def build_module(spec: InterventionSpec, t, dtype):
         kw["orthogonal_map"] = "cholesky_qr"
     if spec.cls in PROJECTED:
         kw["add_bias"] = "proj_layer.bias" in t if spec.add_bias is None else bool(spec.add_bias)
-    with torch.random.fork_rng(devices=[]):  # construction draws init values we overwrite
+    with torch.random.fork_rng(devices=[]), without_rng_parity_draw():  # init values we overwrite
         return intervention_class(spec.cls)(**kw)
 
