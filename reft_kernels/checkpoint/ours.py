@@ -92,11 +92,16 @@ def model_card(meta: dict, base_model: Optional[str], name: str, n_adapter: int,
     body += ["", f"Trainable parameters: {n_adapter:,} in the interventions"
              + (f", {n_base:,} in the base model (`{BASE_WEIGHTS_NAME}`)." if n_base else ".")]
     loader = base_model or "<base model directory or Hub id>"
-    if not _is_transformers_class(model_class):
-        model_class = "AutoModelForCausalLM"  # e.g. a PeftModel: load its base, then the adapter
+    wrapper = None
+    if not _is_transformers_class(model_class):  # e.g. a PeftModel: load its base, wrap it again
+        wrapper, model_class = model_class, "AutoModelForCausalLM"
     body += ["", "Load it:", "", "```python", "import reft_kernels",
              f"from transformers import {model_class}", "",
-             f"model = {model_class}.from_pretrained({json.dumps(loader)})",
+             f"model = {model_class}.from_pretrained({json.dumps(loader)})"]
+    if wrapper is not None:
+        body += [f"# saved from a {wrapper}: wrap the base model the same way here (e.g. "
+                 "peft.get_peft_model(model, lora_config))"]
+    body += [
              f"reft_model = reft_kernels.ReftModel.from_pretrained({json.dumps(name)}, model)",
              "```", ""]
     return "\n".join(front + body)
