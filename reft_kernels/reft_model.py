@@ -350,6 +350,15 @@ class ReftModel(AdapterMixin, nn.Module):
         reft_model.interventions.eval()
         return reft_model
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """PEFT-style name of :meth:`save` (writes the checkpoint and its model card README.md)."""
+        return self.save(save_directory, **kwargs)
+
+    @staticmethod
+    def from_pretrained(load_directory, model, **kwargs) -> "ReftModel":
+        """PEFT-style name of :meth:`load`: ``ReftModel.from_pretrained(directory, base_model)``."""
+        return ReftModel.load(load_directory, model, **kwargs)
+
 
 def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool = True,
                    disable_model_grads: bool = True, backend: str = "auto") -> ReftModel:

@@ -289,7 +289,7 @@ def test_save_by_name_writes_the_single_adapter_files_and_loads_back(multi, tmp_
     for row in (0, 1, 2):
         torch.testing.assert_close(out[row:row + 1], reference_row(model, ivs, layers, ["d"], row, LOCS[0][row]),
                                    rtol=1e-5, atol=1e-5)
-    assert sorted(os.listdir(tmp_path / "d")) == ["adapter.safetensors", "reft_config.json"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["README.md", "adapter.safetensors", "reft_config.json"]
 
 
 def test_delete_every_adapter_leaves_the_base_model(multi):

@@ -94,7 +94,7 @@ def test_roundtrip_identical_outputs(tmp_path, cls):
     rm = build([cls, cls])
     expected = run(rm)
     ck.save_reft_model(rm, tmp_path / "ck")
-    assert sorted(os.listdir(tmp_path / "ck")) == ["adapter.safetensors", "reft_config.json"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["README.md", "adapter.safetensors", "reft_config.json"]
     loaded = ck.load_reft_model(tmp_path / "ck", tiny_llama()).eval()
     assert torch.equal(run(loaded), expected)
     for a, b in zip(rm.interventions.values(), loaded.interventions.values()):

@@ -10,6 +10,7 @@ intervention modules, and the base-model state dict), and :func:`load_reft_model
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -19,7 +20,7 @@ import torch
 from ..config import ReftConfig
 from ..interventions import as_dtype
 from .files import atomic_write_dir, resolve_dir
-from .ours import BASE_WEIGHTS_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, our_layout, read_ours, write_ours
+from .ours import BASE_WEIGHTS_NAME, CARD_MARKER, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, model_card as model_card_text, our_layout, read_ours, write_ours
 from .pyreft_format import PYREFT_BASE, PYREFT_CONFIG, pyreft_layout, read_pyreft, write_pyreft
 from .spec import _rep_fields
 from .tensors import _load_into_module
@@ -216,7 +217,7 @@ def load_weights(reft_model, load_directory, include_model: bool = True) -> None
 def _replaceable(path) -> bool:
     """An existing directory may be replaced only if it is empty or a ReFT checkpoint."""
     names = os.listdir(path)
-    known = {CONFIG_NAME, WEIGHTS_NAME, BASE_WEIGHTS_NAME, PYREFT_CONFIG, PYREFT_BASE}
+    known = {CONFIG_NAME, WEIGHTS_NAME, BASE_WEIGHTS_NAME, PYREFT_CONFIG, PYREFT_BASE, CARD_NAME}
     is_ckpt = CONFIG_NAME in names or any(n.startswith("intkey_") for n in names)
     return not names or (is_ckpt and all(n in known or (n.startswith("intkey_") and
                                                          n.endswith(".bin")) for n in names))
@@ -242,18 +243,54 @@ def _config_extras(reft_model):
             if isinstance(getattr(cfg, n, None), (str, bool, int))}
 
 
-def save_reft_model(reft_model, save_directory, include_model: bool = True) -> str:
+def _user_card(save_directory) -> Optional[str]:
+    """The path of a README.md in ``save_directory`` that we did not write (None if there is none)."""
+    card = os.path.join(os.fspath(save_directory), CARD_NAME)
+    if not os.path.isfile(card):
+        return None
+    with open(card, encoding="utf-8", errors="replace") as f:
+        return None if CARD_MARKER in f.read() else card
+
+
+def _write_keeping_user_card(save_directory, write: Callable[[str], None]) -> str:
+    """atomic_write_dir, carrying over a README.md the user wrote in the old directory."""
+    user_card = _user_card(save_directory)
+
+    def write_all(tmp):
+        write(tmp)
+        if user_card is not None:
+            shutil.copy2(user_card, os.path.join(tmp, CARD_NAME))
+    return atomic_write_dir(save_directory, write_all, _replaceable)
+
+
+def _base_model_name(model) -> Optional[str]:
+    """The base model's Hub id or path (``config._name_or_path``), or None when unknown."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def save_reft_model(reft_model, save_directory, include_model: bool = True,
+                    model_card: bool = True) -> str:
     """Save ``reft_model`` in our format; returns the directory's absolute path.
 
     Writes ``reft_config.json`` + ``adapter.safetensors`` (+ ``base_model.safetensors`` holding
-    the trainable base-model parameters when ``include_model`` and there are any). The write is
-    atomic: a temp dir beside the target, renamed into place when complete.
+    the trainable base-model parameters when ``include_model`` and there are any) + a model card
+    ``README.md`` when ``model_card`` (Hub front matter: ``library_name``, ``base_model`` from
+    ``config._name_or_path``, tags; the interventions, trainable parameter counts, how to load
+    it). A README.md the user wrote in an existing checkpoint directory is kept instead of the
+    card. The write is atomic: a temp dir beside the target, renamed into place when complete.
     """
     base = _trainable_base(reft_model) if include_model else {}
-    flat, meta = our_layout(_entries(reft_model), _model_meta(reft_model.model),
+    entries = _entries(reft_model)
+    flat, meta = our_layout(entries, _model_meta(reft_model.model),
                             _config_extras(reft_model), base, _library_version())
-    return atomic_write_dir(save_directory, lambda tmp: write_ours(tmp, flat, base, meta),
-                            _replaceable)
+    card = None
+    if model_card:
+        n_adapter = sum(p.numel() for *_, iv in entries for p in iv.parameters() if p.requires_grad)
+        name = os.path.basename(os.path.abspath(os.fspath(save_directory)))
+        card = model_card_text(meta, _base_model_name(reft_model.model), name, n_adapter,
+                               sum(v.numel() for v in base.values()))
+    return _write_keeping_user_card(save_directory, lambda tmp: write_ours(tmp, flat, base, meta, card))
 
 
 def export_pyreft(reft_model, save_directory, key_format: str = "new",
@@ -270,5 +307,4 @@ def export_pyreft(reft_model, save_directory, key_format: str = "new",
     """
     files, config = pyreft_layout(_entries(reft_model), key_format)
     base = _trainable_base(reft_model) if include_model else {}
-    return atomic_write_dir(save_directory, lambda tmp: write_pyreft(tmp, files, base, config),
-                            _replaceable)
+    return _write_keeping_user_card(save_directory, lambda tmp: write_pyreft(tmp, files, base, config))

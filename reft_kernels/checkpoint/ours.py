@@ -8,9 +8,10 @@ parameters, when there are any. Reading it never unpickles anything.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -21,6 +22,8 @@ from .spec import (CheckpointError, InterventionSpec, _check_tensor_set, _class_
 from .tensors import _tensors_from_module
 
 CONFIG_NAME = "reft_config.json"
+CARD_NAME = "README.md"
+CARD_MARKER = "<!-- model card written by reft_kernels; saving again replaces it -->"
 WEIGHTS_NAME = "adapter.safetensors"
 BASE_WEIGHTS_NAME = "base_model.safetensors"
 FORMAT = "reft_kernels"
@@ -61,8 +64,58 @@ def our_layout(entries, model_meta: dict, extras: dict, base_names, library_vers
     return flat, meta
 
 
-def write_ours(directory, flat: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], meta):
-    """Write the three files into ``directory`` (an empty temp dir; see files.atomic_write_dir)."""
+def _card_tag(cls: str) -> str:
+    """``LoreftIntervention`` -> ``loreft`` (the Hub tag of an intervention class)."""
+    return cls[:-len("Intervention")].lower() if cls.endswith("Intervention") else cls.lower()
+
+
+def model_card(meta: dict, base_model: Optional[str], name: str, n_adapter: int, n_base: int) -> str:
+    """The README.md saved with an adapter: Hub YAML front matter and a short description.
+
+    ``meta``: the reft_config.json dict; ``base_model``: the base model's Hub id or path
+    (``config._name_or_path``; None/"" when unknown); ``name``: the checkpoint directory's name
+    (for the loading snippet); ``n_adapter`` / ``n_base``: trainable parameters saved in the
+    interventions / in base_model.safetensors.
+    """
+    tags = ["reft"] + list(dict.fromkeys(_card_tag(e["cls"]) for e in meta["interventions"]))
+    front = ["---", "library_name: reft_kernels"]
+    if base_model:
+        front.append(f"base_model: {json.dumps(base_model)}")  # a JSON string is a YAML string
+    front += ["tags:"] + [f"- {t}" for t in tags] + ["---", "", CARD_MARKER, ""]
+    model_class = meta.get("model", {}).get("class") or "AutoModelForCausalLM"
+    title = f"ReFT adapter for {base_model}" if base_model else "ReFT adapter"
+    body = [f"# {title}", "", f"Saved by reft_kernels {meta.get('library_version', '')} "
+            f"(format {meta['format']} v{meta['format_version']}).", "",
+            "| key | class | layer | component | rank |", "|---|---|---|---|---|"]
+    body += [f"| `{e['key']}` | {e['cls']} | {e['layer']} | {e['component']} | {e.get('rank')} |"
+             for e in meta["interventions"]]
+    body += ["", f"Trainable parameters: {n_adapter:,} in the interventions"
+             + (f", {n_base:,} in the base model (`{BASE_WEIGHTS_NAME}`)." if n_base else ".")]
+    loader = base_model or "<base model directory or Hub id>"
+    wrapper = None
+    if not _is_transformers_class(model_class):  # e.g. a PeftModel: load its base, wrap it again
+        wrapper, model_class = model_class, "AutoModelForCausalLM"
+    body += ["", "Load it:", "", "```python", "import reft_kernels",
+             f"from transformers import {model_class}", "",
+             f"model = {model_class}.from_pretrained({json.dumps(loader)})"]
+    if wrapper is not None:
+        body += [f"# saved from a {wrapper}: wrap the base model the same way here (e.g. "
+                 "peft.get_peft_model(model, lora_config))"]
+    body += [
+             f"reft_model = reft_kernels.ReftModel.from_pretrained({json.dumps(name)}, model)",
+             "```", ""]
+    return "\n".join(front + body)
+
+
+def _is_transformers_class(name: str) -> bool:
+    import transformers
+    return name.isidentifier() and hasattr(transformers, name)
+
+
+def write_ours(directory, flat: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], meta,
+               card: Optional[str] = None):
+    """Write the files into ``directory`` (an empty temp dir; see files.atomic_write_dir);
+    ``card``: README.md text, or None to write none."""
     from safetensors.torch import save_file
 
     save_file(flat, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
@@ -70,6 +123,9 @@ def write_ours(directory, flat: Dict[str, torch.Tensor], base: Dict[str, torch.T
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in base.items()},
                   os.path.join(directory, BASE_WEIGHTS_NAME), metadata={"format": FORMAT})
     write_json(os.path.join(directory, CONFIG_NAME), meta)
+    if card is not None:
+        with open(os.path.join(directory, CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(card)
 
 
 # --------------------------------------------------------------------------------------------
