@@ -16,8 +16,6 @@ process time of the same call).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_model import build_model, compare, generate_fns, train_fns  # noqa: E402
+from gpu_bench_ops import parse_bench_args, write_results  # noqa: E402
 from gpu_launch import available  # noqa: E402
 
 LLAMA_1B = dict(hidden=2048, layers=16, vocab=32000)
@@ -85,16 +84,8 @@ def run(device, dtype, size, backends, deadline, settings=("one", "all_f7l7")):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny Llama")
-    ap.add_argument("--budget-s", type=float, default=150, help="stop starting new timings after this")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    deadline = time.time() + args.budget_s
+    args, device, deadline = parse_bench_args(__doc__, argv, 150, "CPU smoke run: a tiny Llama")
     if args.tiny:
-        torch.set_num_threads(1)
         size, dtype = "tiny", torch.float32
     else:
         size, dtype = ("quick" if args.quick else "full"), torch.bfloat16
@@ -102,10 +93,7 @@ def main(argv=None):
     backends = sorted(available(device), key=["triton", "native", "torch"].index)  # ours first
     settings = ("one",) if args.quick else ("one", "all_f7l7")
     results, errors, meta = run(device, dtype, size, backends, deadline, settings)
-    with open(args.json, "w") as f:
-        json.dump(dict(device=str(device), meta=meta, results=results, errors=errors), f, indent=1)
-    print(f"wrote {args.json} ({len(results)} results, {len(errors)} errors)")
-    return 1 if errors else 0
+    return write_results(args.json, device, errors, "results", meta=meta, results=results)
 
 
 if __name__ == "__main__":

@@ -179,26 +179,39 @@ def run(device, dtype, shapes, min_run_time, deadline, compile_backend="inductor
     return rows, errors
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_bench_args(doc: str, argv, budget_s: float, tiny_help: str, quick_help: str = "shorter run"):
+    """The GPU benchmarks' shared command line -> (args, device, deadline); --tiny is the CPU smoke run."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--json", required=True, help="where to write the results")
-    ap.add_argument("--quick", action="store_true", help="three shapes, shorter timing")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, interpreted triton")
-    ap.add_argument("--budget-s", type=float, default=240, help="stop starting new timings after this")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    ap.add_argument("--budget-s", type=float, default=budget_s, help="stop starting new timings after this")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    deadline = time.time() + args.budget_s
     if args.tiny:
         torch.set_num_threads(1)
+    return args, device, time.time() + args.budget_s
+
+
+def write_results(path: str, device, errors, counted: str, **results) -> int:
+    """Write ``{device, **results, errors}`` as JSON and say how many ``results[counted]`` it holds;
+    exit code 1 if any timing failed."""
+    with open(path, "w") as f:
+        json.dump(dict(device=str(device), **results, errors=errors), f, indent=1)
+    print(f"wrote {path} ({len(results[counted])} {counted}, {len(errors)} errors)")
+    return 1 if errors else 0
+
+
+def main(argv=None):
+    args, device, deadline = parse_bench_args(__doc__, argv, 240, "CPU smoke run: tiny shapes, interpreted triton",
+                                              "three shapes, shorter timing")
+    if args.tiny:
         rows, errors = run(device, torch.float32, TINY, 0, deadline, compile_backend="eager",
                            interpreted_triton=os.environ.get("TRITON_INTERPRET") == "1")
     else:
         shapes = {k: SHAPES[k] for k in QUICK} if args.quick else SHAPES
         rows, errors = run(device, torch.bfloat16, shapes, 0.05 if args.quick else 0.2, deadline)
-    with open(args.json, "w") as f:
-        json.dump(dict(device=str(device), rows=rows, errors=errors), f, indent=1)
-    print(f"wrote {args.json} ({len(rows)} rows, {len(errors)} errors)")
-    return 1 if errors else 0
+    return write_results(args.json, device, errors, "rows", rows=rows)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ launch latency, native (C++ launcher) against Triton's (Python launcher).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gpu_bench_ops import kernels_per_call, measure, sync  # noqa: E402
+from gpu_bench_ops import kernels_per_call, measure, parse_bench_args, sync, write_results  # noqa: E402
 from reft_kernels.ops import loreft  # noqa: E402
 from reft_kernels.ops.autograd import get_backend_safely  # noqa: E402
 
@@ -150,25 +148,14 @@ def run(device, dtype, shapes, min_run_time, calls, deadline, interpreted_triton
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run")
-    ap.add_argument("--budget-s", type=float, default=60, help="stop starting new timings after this")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    deadline = time.time() + args.budget_s
+    args, device, deadline = parse_bench_args(__doc__, argv, 60, "CPU smoke run")
     if args.tiny:
-        torch.set_num_threads(1)
         # triton left out: interpreted, it costs seconds a call and the code path is the same
         rows, errors = run(device, torch.float32, {"decode": (4, 64), "minimal": MINIMAL}, 0, 3, deadline)
     else:
         rows, errors = run(device, torch.bfloat16, {"decode": DECODE, "minimal": MINIMAL},
                            0.05 if args.quick else 0.2, 200, deadline)
-    with open(args.json, "w") as f:
-        json.dump(dict(device=str(device), rows=rows, errors=errors), f, indent=1)
-    print(f"wrote {args.json} ({len(rows)} rows, {len(errors)} errors)")
-    return 1 if errors else 0
+    return write_results(args.json, device, errors, "rows", rows=rows)
 
 
 if __name__ == "__main__":
