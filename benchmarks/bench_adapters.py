@@ -35,7 +35,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reft_kernels  # noqa: E402
+from bench_model import compare, timed  # noqa: E402  (alternating timings, medians and ratios)
 
 
 def build_model(hidden, layers, vocab, seed=0):
@@ -52,30 +54,6 @@ def loreft_config(hidden, rank, layer, dtype=torch.float32):
     iv = reft_kernels.LoreftIntervention(embed_dim=hidden, low_rank_dimension=rank, dtype=dtype)
     return reft_kernels.ReftConfig(representations=[{"layer": layer, "component": "block_output",
                                                      "low_rank_dimension": rank, "intervention": iv}])
-
-
-def timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def compare(fns: dict, repeats: int, baseline: str, warmup: int = 2) -> dict:
-    """Alternate the callables; per name and clock: median seconds and median ratio to ``baseline``."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
-    out = {}
-    for name, ts in times.items():
-        out[name] = {}
-        for k, clock in enumerate(("wall", "cpu")):
-            ratios = [t[k] / b[k] for t, b in zip(ts, times[baseline])]
-            out[name][clock] = {"median_s": statistics.median(t[k] for t in ts), "ratio": statistics.median(ratios)}
-    return out
 
 
 def mixed_benchmark(a) -> dict:
@@ -100,14 +78,14 @@ def mixed_benchmark(a) -> dict:
         results["forward"] = compare({
             "one_adapter": lambda: reft(input_ids=ids, intervention_locations=locs),
             "mixed": lambda: reft(input_ids=ids, intervention_locations=locs, adapter_ids=mixed_ids)},
-            a.repeats, "one_adapter")
+            a.repeats, baseline="one_adapter")
 
     reft.train()
 
     def step(**kw):
         reft(input_ids=ids, intervention_locations=locs, labels=ids, **kw).loss.backward()
     results["train_step"] = compare({"one_adapter": step, "mixed": lambda: step(adapter_ids=mixed_ids)},
-                                    a.repeats, "one_adapter")
+                                    a.repeats, baseline="one_adapter")
     reft.zero_grad(set_to_none=True)
     reft.eval()
 
@@ -117,11 +95,11 @@ def mixed_benchmark(a) -> dict:
     results["generate"] = compare({
         "one_adapter": lambda: reft.generate(input_ids=prompt, intervention_locations=plocs, **kw),
         "mixed": lambda: reft.generate(input_ids=prompt, intervention_locations=plocs, adapter_ids=mixed_ids, **kw)},
-        max(3, a.repeats // 2), "one_adapter")
+        max(3, a.repeats // 2), baseline="one_adapter")
     results["generate_every_token"] = compare({
         "one_adapter": lambda: reft.generate(input_ids=prompt, intervene_on_prompt=False, **kw),
         "mixed": lambda: reft.generate(input_ids=prompt, intervene_on_prompt=False, adapter_ids=mixed_ids, **kw)},
-        max(3, a.repeats // 2), "one_adapter")
+        max(3, a.repeats // 2), baseline="one_adapter")
     return results
 
 
