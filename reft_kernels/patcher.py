@@ -31,7 +31,7 @@ from torch import nn
 
 from .adapter_plan import SingleEdit, reft_edit_multi
 from .edit_state import EditState, GeneratedPositions
-from .families import Site, get_submodule, hidden_size, resolve_site  # noqa: F401 (re-exported)
+from .families import Site, hidden_size, resolve_site  # noqa: F401 (kept importable from here)
 
 __all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState", "GeneratedPositions"]
 

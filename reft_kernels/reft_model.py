@@ -27,7 +27,8 @@ from .checkpoint import load_reft_model, save_reft_model, set_default_wrapper
 from .config import ReftConfig
 from .edit_state import GeneratedPositions
 from .interventions import ReftIntervention, intervention_class
-from .patcher import ModelPatch, hidden_size, resolve_site
+from .families import hidden_size, resolve_site
+from .patcher import ModelPatch
 
 __all__ = ["ReftModel", "get_reft_model"]
 
