@@ -15,7 +15,7 @@ pipi() {  # pip install, without the noise of this machine's local-index warning
   "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
   return "${PIPESTATUS[0]}"
 }
-PINS="torch==2.13.0 transformers==4.45.1 pyvene==0.1.8 pyreft==0.1.0 v2"
+PINS="torch==2.13.0 transformers==4.45.1 pyvene==0.1.8 pyreft==0.1.0 v3"
 if [ "$(cat "$VENV/.reft-parity-stamp" 2>/dev/null)" != "$PINS" ]; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"
@@ -24,7 +24,7 @@ if [ "$(cat "$VENV/.reft-parity-stamp" 2>/dev/null)" != "$PINS" ]; then
   # transformers 4.45.1 needs tokenizers<0.21 and huggingface-hub<1.0; pyvene imports
   # matplotlib and networkx at module load, pyreft imports datasets (<4 keeps hub<1.0).
   pipi transformers==4.45.1 "huggingface-hub<1.0" "datasets<4" \
-    matplotlib networkx safetensors pytest hypothesis "accelerate>=0.26" triton ninja
+    matplotlib networkx safetensors pytest pytest-timeout hypothesis "accelerate>=0.26" triton ninja
   # pyreft/pyvene declare heavy, unneeded deps (wandb, jupyter, seaborn, ...): --no-deps.
   pipi --no-deps pyvene==0.1.8 pyreft==0.1.0
   echo "$PINS" > "$VENV/.reft-parity-stamp"

@@ -2,13 +2,21 @@
 
 1. Plain DDP (torch.multiprocessing spawn): after a few steps the intervention parameters are
    identical on both ranks and equal to single-process training on the same global batch.
-2. HF Trainer under torchrun (accelerate's DDP): ranks end identical, one checkpoint is written.
+2. HF Trainer under torchrun and under ``accelerate launch`` (DDP): ranks end identical, one
+   checkpoint is written.
+3. FSDP2 (``fully_shard``) in a plain training loop: same weights as one process, saved from rank 0.
+   (HF Trainer's own FSDP path refuses a CPU-only run: "Using fsdp only works in distributed
+   training", transformers 5.24 with accelerate 1.16.)
 """
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import time
+from datetime import timedelta
+
+import pytest
 
 import torch
 import torch.distributed as dist
@@ -18,12 +26,33 @@ import reft_kernels as rk
 from reft_kernels.models.tiny import tiny_llama
 
 VOCAB, D, R, STEPS, GLOBAL_BATCH, SEQ = 64, 32, 4, 3, 8, 12
+# A collective that never completes must fail the test, not stall CI: gloo's own default is 30 min.
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+RANKS_DEADLINE_S = 300
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _init_gloo(rank, world, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
+
+
+def _run_ranks(worker, out, world=2):
+    """mp.spawn with a deadline: a hung rank is killed and the test fails, naming the worker."""
+    ctx = mp.start_processes(worker, args=(world, _free_port(), out), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + RANKS_DEADLINE_S
+    while not ctx.join(timeout=5):             # raises if a rank raised
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{worker.__name__}: the {world} ranks did not finish within {RANKS_DEADLINE_S}s "
+                        "(a collective hung); they were killed")
 
 
 def _model():
@@ -59,7 +88,7 @@ def _train(model, batches):
 
 def _ddp_worker(rank, world, port, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init_gloo(rank, world, port)
     try:
         reft = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(reft)
@@ -74,7 +103,7 @@ def _ddp_worker(rank, world, port, out):
 
 
 def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _run_ranks(_ddp_worker, str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     single = _model()
@@ -113,8 +142,9 @@ TRAINER_SCRIPT = textwrap.dedent('''
     dm = make_multiple_position_supervised_data_module(tok, model, prompts, outputs, positions="f2+l2",
                                                        num_interventions=4)
     args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=3,
-                                          learning_rate=1e-2, use_cpu=True, ddp_backend="gloo", report_to=[],
-                                          save_strategy="steps", save_steps=3, logging_steps=1, disable_tqdm=True)
+                                          learning_rate=1e-2, use_cpu=True, ddp_backend="gloo", ddp_timeout=120,
+                                          report_to=[], save_strategy="steps", save_steps=3, logging_steps=1,
+                                          disable_tqdm=True)
     trainer = ReftTrainerForCausalLM(model=reft, tokenizer=tok, args=args, **dm)
     trainer.train()
     rank = int(os.environ.get("RANK", 0))
@@ -123,13 +153,23 @@ TRAINER_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_hf_trainer_under_torchrun(tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"],
+    # accelerate's CPU multi-process path (--cpu) needs MPI; --multi_gpu goes through torchrun and,
+    # with use_cpu=True in TrainingArguments, trains on the CPU over gloo.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                   "--mixed_precision=no", "--dynamo_backend=no", "--main_process_ip=127.0.0.1"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_hf_trainer_under_a_launcher(tmp_path, launcher):
     script = tmp_path / "train_ddp.py"
     script.write_text(TRAINER_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "REFT_TEST_ROOT": root, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path / "out")]
+    port_flag = "--master_port" if launcher == "torchrun" else "--main_process_port"
+    cmd = [sys.executable, *LAUNCHERS[launcher], f"{port_flag}={_free_port()}", str(script), str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "out" / "trainer_rank0.pt")
@@ -142,7 +182,7 @@ def test_hf_trainer_under_torchrun(tmp_path):
 def _fsdp_worker(rank, world, port, out):
     from torch.distributed.fsdp import fully_shard
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init_gloo(rank, world, port)
     try:
         reft = _model()
         for layer in reft.model.model.layers:
@@ -162,7 +202,7 @@ def _fsdp_worker(rank, world, port, out):
 
 def test_fsdp2_matches_single_process_and_saves(tmp_path):
     """FSDP2 (fully_shard) on CPU/gloo: same weights as one process on the global batch."""
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _run_ranks(_fsdp_worker, str(tmp_path))
     single = _model()
     _train(single, [_global_batch()] * STEPS)
     loaded = rk.ReftModel.load(str(tmp_path / "fsdp_adapter"), tiny_llama(VOCAB, hidden_size=D, num_layers=2,
