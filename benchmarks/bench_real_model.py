@@ -1,9 +1,14 @@
 """pyreft 0.1.0 vs reft_kernels on a real model: pyreft's README quick start, only the import changed.
 
-Recipe (pyreft README, the emoji chatbot) on SmolLM2-135M-Instruct (``reft-kernels fetch-model``):
-one LoReFT r=4 on the block output of the middle layer, last prompt position, the ten README
-examples verbatim in the model's chat template, ``ReftTrainerForCausalLM`` with batch 10, lr 4e-3,
-same seed. Each implementation runs in its own process and environment:
+Two recipes on SmolLM2-135M-Instruct (``reft-kernels fetch-model``), the ten README examples
+verbatim in the model's chat template, ``ReftTrainerForCausalLM`` with batch 10, lr 4e-3, same seed:
+
+* ``quickstart`` (pyreft's README, the emoji chatbot): one LoReFT r=4 on the block output of the
+  middle layer at the last prompt position (``make_last_position_supervised_data_module``);
+* ``f7l7`` (the paper's LoReFT recipe): LoReFT r=4 on 4 layers at the first 7 and the last 7
+  prompt positions, untied (8 interventions), ``make_multiple_position_supervised_data_module``.
+
+Each implementation runs in its own process and environment:
 
 * ``pyreft``: ``import pyreft`` in the parity venv (torch 2.13, transformers 4.45.1, pyvene 0.1.8);
 * ``ours``: ``import reft_kernels as pyreft`` in the same venv (same transformers, a fair
@@ -13,10 +18,11 @@ Measured per implementation: time per training step (median over steps after the
 frozen base model's forward+backward cost on the same batches (a zero-cost trainable hook at the
 same layer: the floor any ReFT engine pays), peak RSS, time per generated token with the adapter
 and without it (greedy, 32 tokens), the loss curve, and the greedy answers after training.
-Writes ``benchmarks/results/real_model.json`` and ``real_model.png``.
+Writes ``benchmarks/results/real_model[_f7l7].json`` and ``.png``.
 
-    python benchmarks/bench_real_model.py                 # full recipe (100 steps each)
-    python benchmarks/bench_real_model.py --steps 10      # a quick look
+    python benchmarks/bench_real_model.py                          # quick start, 100 steps each
+    python benchmarks/bench_real_model.py --recipe f7l7 --steps 20   # the paper's recipe
+    python benchmarks/bench_real_model.py --steps 10               # a quick look
 
 Numbers taken on a shared 2-core CPU vary with the other jobs: compare ratios within one run.
 """
@@ -59,7 +65,14 @@ def _rss_mb(field="VmRSS"):
     return float("nan")
 
 
-def child(impl: str, model_dir: str, steps: int, seed: int, threads: int) -> dict:
+RECIPES = {
+    # name: (layers as fractions of the depth, positions; f/l groups untied)
+    "quickstart": ((1 / 2,), "l1"),
+    "f7l7": ((1 / 5, 2 / 5, 3 / 5, 4 / 5), "f7+l7"),
+}
+
+
+def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe: str = "quickstart") -> dict:
     import statistics
 
     import torch
@@ -72,20 +85,29 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int) -> dic
     transformers.logging.set_verbosity_error()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
-    layer = model.config.num_hidden_layers // 2
+    fractions, positions = RECIPES[recipe]
+    layers = [int(model.config.num_hidden_layers * f) for f in fractions]
     d = model.config.hidden_size
 
     def chat(q):
         return tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
 
     # ---- pyreft README quick start (only the import differs) ----
+    # ---- the recipe (only the import differs) ----
     torch.manual_seed(seed)
-    reft_config = pyreft.ReftConfig(representations={
+    site_layers = layers if positions == "l1" else layers + layers   # untied: f group, then l group
+    reft_config = pyreft.ReftConfig(representations=[{
         "layer": layer, "component": "block_output", "low_rank_dimension": 4,
-        "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=4, dtype=torch.float32)})
+        "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=4, dtype=torch.float32)}
+        for layer in site_layers])
     reft_model = pyreft.get_reft_model(model, reft_config)
-    data_module = pyreft.make_last_position_supervised_data_module(
-        tok, model, [chat(q) for q, _ in EXAMPLES], [a for _, a in EXAMPLES])
+    prompts, answers_train = [chat(q) for q, _ in EXAMPLES], [a for _, a in EXAMPLES]
+    if positions == "l1":
+        data_module = pyreft.make_last_position_supervised_data_module(tok, model, prompts, answers_train)
+    else:
+        data_module = pyreft.make_multiple_position_supervised_data_module(
+            tok, model, prompts, answers_train, positions=positions, num_interventions=len(site_layers),
+            share_weights=False)
     args = transformers.TrainingArguments(
         num_train_epochs=steps, output_dir=os.path.join("/tmp", f"bench_real_{impl}_{os.getpid()}"),
         per_device_train_batch_size=10, learning_rate=4e-3, logging_steps=1, report_to=[],
@@ -110,27 +132,34 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int) -> dic
     # ---- the floor: frozen base forward+backward on the same batch, zero-cost trainable hook ----
     batch = data_module["data_collator"]([data_module["train_dataset"][i] for i in range(len(EXAMPLES))])
     scale = torch.nn.Parameter(torch.zeros(()))
-    block = model.model.layers[layer]
-    handle = block.register_forward_hook(
+    handles = [model.model.layers[layer].register_forward_hook(
         lambda m, i, o: ((o[0] + scale,) + tuple(o[1:])) if isinstance(o, tuple) else o + scale)
+        for layer in layers]
     base_times = []
     for _ in range(min(steps, 5) + 1):
         t0 = time.perf_counter()
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         out.loss.backward()
         base_times.append(time.perf_counter() - t0)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
 
     # ---- generation: time per token with and without the adapter; answers ----
     def generate(q, intervene, n=32):
         ids = tok(chat(q), return_tensors="pt")
-        last = ids["input_ids"].shape[1] - 1
+        prompt_len = ids["input_ids"].shape[1]
+        if positions == "l1":
+            locations = [[[prompt_len - 1]]]
+        else:   # the data module's own rule, one prompt
+            locations = [[per] for per in pyreft.get_intervention_locations(
+                last_position=prompt_len, positions=positions, num_interventions=len(site_layers),
+                share_weights=False)]
         kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
         t0 = time.perf_counter()
         with torch.no_grad():
             if intervene:
                 _, out = reft_model.generate({"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]},
-                                             unit_locations={"sources->base": (None, [[[last]]])},
+                                             unit_locations={"sources->base": (None, locations)},
                                              intervene_on_prompt=True, **kw)
             else:
                 out = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], **kw)
@@ -145,7 +174,8 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int) -> dic
     per_tok_base = statistics.median(generate(q, False)[0] for q in HELD_OUT)
     answers = {q: generate(q, True, 24)[1] for q in [EXAMPLES[0][0]] + HELD_OUT}
     return {"impl": impl, "transformers": transformers.__version__, "torch": torch.__version__,
-            "threads": threads, "steps": len(step_times), "layer": layer,
+            "threads": threads, "steps": len(step_times), "recipe": recipe, "layers": layers,
+            "positions": positions, "interventions": len(site_layers),
             "step_s_median": statistics.median(step_times[1:] or step_times),
             "base_fwd_bwd_s_median": statistics.median(base_times[1:]),
             "peak_rss_mb": peak_rss, "rss_before_train_mb": rss_before,
@@ -160,7 +190,7 @@ def _run(python, impl, args, env_extra=None) -> dict:
     out = os.path.join("/tmp", f"bench_real_{impl}_{os.getpid()}.json")
     env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
     cmd = [python, os.path.abspath(__file__), "--child", impl, "--model", args.model, "--steps", str(args.steps),
-           "--seed", str(args.seed), "--threads", str(args.threads), "--child-out", out]
+           "--seed", str(args.seed), "--threads", str(args.threads), "--recipe", args.recipe, "--child-out", out]
     print(f"running {impl} with {python} ...", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -183,7 +213,7 @@ def _plot(results, path):
         a.plot(range(1, len(r["losses"]) + 1), r["losses"], label=label)
     a.set_xlabel("step")
     a.set_ylabel("training loss")
-    a.set_title("emoji LoReFT on SmolLM2-135M-Instruct")
+    a.set_title(f"emoji LoReFT ({results[0]['recipe']}) on SmolLM2-135M-Instruct")
     a.legend()
     a.grid(alpha=0.3)
     names = [r["label"] for r in results]
@@ -203,19 +233,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: reft-kernels fetch-model's)")
     p.add_argument("--steps", type=int, default=100, help="training steps (= epochs: one batch of 10)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="quickstart",
+                   help="quickstart: 1 layer, last position (pyreft README); f7l7: 4 layers, f7+l7 (the paper)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pyreft-python", default=VENV_PYTHON, help="python with pyreft 0.1.0 installed")
     p.add_argument("--ours-latest", action="store_true", help="also run ours under the main python")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "real_model.json"))
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/real_model[_f7l7].json)")
     p.add_argument("--child", choices=["pyreft", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        result = child(args.child, args.model, args.steps, args.seed, args.threads)
+        result = child(args.child, args.model, args.steps, args.seed, args.threads, args.recipe)
         with open(args.child_out, "w") as f:
             json.dump(result, f, ensure_ascii=False)
         return 0
+    if args.out is None:
+        suffix = "" if args.recipe == "quickstart" else "_" + args.recipe
+        args.out = os.path.join(ROOT, "benchmarks", "results", f"real_model{suffix}.json")
     if args.model is None:
         sys.path.insert(0, ROOT)
         from reft_kernels.models.real import fetch_model
@@ -231,7 +266,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}, ensure_ascii=False, indent=1), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"recipe": "pyreft README quick start (emoji chatbot), chat template", "model": args.model,
+        json.dump({"recipe": args.recipe, "model": args.model,
                    "steps": args.steps, "seed": args.seed, "machine": "shared 2-core CPU (other jobs running)",
                    "results": results}, f, ensure_ascii=False, indent=1)
     print(f"wrote {args.out}")

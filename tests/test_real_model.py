@@ -161,3 +161,54 @@ def test_emoji_loreft_trains_on_the_real_model(real_model_dir, tmp_path, capsys)
                  "--backend", "torch"]) == 0
     printed = capsys.readouterr().out.split("\n", 1)[1].strip()
     assert printed == r["generations_after"][0]      # the reloaded adapter answers as the trained one
+
+
+@pytest.mark.real_model
+def test_f7_l7_multi_position_flow_on_the_real_model(real_model_dir, model_and_tokenizer, tmp_path):
+    """pyreft's examples pattern (make_multiple_position_supervised_data_module, f7+l7, untied, two
+    layers, ReftTrainerForCausalLM), only the import changed, on the real model with its chat
+    template: the loss falls, and greedy generation with the f7+l7 edits gives the same tokens with
+    and without the KV cache (the uncached path recomputes every edit from scratch)."""
+    import transformers
+
+    import reft_kernels as pyreft
+    from reft_kernels.jobs.chat_demo import EMOJI_EXAMPLES
+    from reft_kernels.jobs.prompts import chat_prompt
+    base, tok = model_and_tokenizer
+    model = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir).float()
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    layers = [10, 20]
+    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+             "intervention": pyreft.LoreftIntervention(embed_dim=576, low_rank_dimension=4)}
+            for layer in layers + layers]                   # first half: f7 positions, second: l7
+    reft_model = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), backend="torch")
+    prompts = [chat_prompt(tok, q) for q, _ in EMOJI_EXAMPLES[:6]]
+    data_module = pyreft.make_multiple_position_supervised_data_module(
+        tok, model, prompts, [a for _, a in EMOJI_EXAMPLES[:6]], positions="f7+l7", num_interventions=4,
+        share_weights=False)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=8, per_device_train_batch_size=6,
+                                          learning_rate=2e-2, logging_steps=1, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = pyreft.ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=args, **data_module)
+    trainer.train()
+    torch.set_num_threads(threads)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+
+    ids = tok(chat_prompt(tok, "What is the capital of France?"), return_tensors="pt")
+    n = ids["input_ids"].shape[1]
+    locations = [[per] for per in pyreft.get_intervention_locations(
+        last_position=n, positions="f7+l7", num_interventions=4, share_weights=False)]
+    assert locations[0] == [list(range(7))] and locations[2] == [list(range(n - 7, n))]
+    outs = {}
+    for use_cache in (True, False):
+        _, out = reft_model.generate(dict(ids), unit_locations={"sources->base": (None, locations)},
+                                     intervene_on_prompt=True, max_new_tokens=6, do_sample=False,
+                                     use_cache=use_cache, eos_token_id=None, pad_token_id=tok.pad_token_id)
+        outs[use_cache] = out[0, n:].tolist()
+    assert outs[True] == outs[False]
+    with torch.no_grad():
+        plain = base.generate(**ids, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=tok.pad_token_id)[0, n:].tolist()
+    assert outs[True] != plain                       # the trained edits change the answer
