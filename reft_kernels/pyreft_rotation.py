@@ -12,7 +12,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["rotation_from_pyreft", "rotation_to_pyreft"]
+__all__ = ["pyreft_completion", "rotation_from_pyreft", "rotation_to_pyreft"]
 
 
 def rotation_from_pyreft(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -42,3 +42,16 @@ def rotation_to_pyreft(R: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     original = torch.zeros(d, r, device=Rt.device)
     original.diagonal().fill_(-1.0)
     return original, base
+
+
+def pyreft_completion(init: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """pyreft's fixed ``base`` (d, d) for an initial R^T ``init`` (d, r) and the (d, d - r) randn
+    ``fill`` drawn right after it: torch's ``orthogonal`` parametrisation (``right_inverse`` with
+    trivialisation) completes ``[init, fill]`` to the Q factor of its QR decomposition with
+    diag(R) >= 0 (torch's ``_make_orthogonal``), the same ops in the same order, so the same
+    numbers: ``base[:, :r] = init`` to fp32 rounding."""
+    with torch.no_grad():
+        x, tau = torch.geqrf(torch.cat([init, fill], dim=-1))
+        q = torch.linalg.householder_product(x, tau)
+        q *= x.diagonal(dim1=-2, dim2=-1).sgn().unsqueeze(-2)
+        return q

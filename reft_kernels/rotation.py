@@ -32,7 +32,9 @@ tests/test_interventions.py). Two cases:
   so ``base @ Q = Y - V1 T^{-1}\\(V1^T Y)`` with Y = diag(t, 1) Q: O(d r^2), nothing d x d.
   ``base[:, :r] = R_init`` (to fp32 rounding); its completion is the deterministic one of the
   reflectors, whereas pyreft's is random, so from the same seed the trajectory has pyreft's
-  statistics, not its exact path.
+  statistics, not its exact path. ``pyreft_base=True`` instead keeps pyreft's own completion
+  (the d x d buffer ``base`` built from the same randn draw): pyreft's exact path from the
+  same seed, at pyreft's memory and checkpoint cost (d x d floats per rotation).
 * loaded from pyreft's full state (``parametrizations.weight.original`` and ``...0.base``), the
   d x d ``base`` is kept as the buffer ``base`` and applied as pyreft does (``base @ Q``), so
   training continues exactly on pyreft's path (to float noise). :meth:`OrthonormalRotation.rebase`
@@ -56,7 +58,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .pyreft_rotation import rotation_from_pyreft, rotation_to_pyreft
+from .pyreft_rotation import pyreft_completion, rotation_from_pyreft, rotation_to_pyreft
 
 __all__ = ["OrthonormalRotation", "ORTHOGONAL_MAPS", "householder_columns", "householder_form",
            "apply_householder_base", "rotation_from_pyreft", "rotation_to_pyreft",
@@ -168,6 +170,8 @@ class OrthonormalRotation(nn.Module):
     "cholesky_qr" (opt-in). Construction draws from the global RNG exactly as pyreft's does
     (``orthogonal_`` on a (d, r) matrix, then the (d, d - r) completion draw), so the initial R
     and every later init (``learned_source``) match pyreft's for the same seed.
+    ``pyreft_base=True`` (Householder map) keeps that draw's completion as pyreft does, so
+    training from the same seed follows pyreft's exact path (see the module doc).
 
     ``load_state_dict`` accepts our state of either map, pyreft's ``parametrizations.weight.*``
     keys, or ``weight`` (an R in our (r, d) or pyreft's (d, r) layout) and converts to this
@@ -176,23 +180,27 @@ class OrthonormalRotation(nn.Module):
 
     base: Optional[torch.Tensor]
 
-    def __init__(self, embed_dim: int, low_rank_dimension: int, orthogonal_map: str = HOUSEHOLDER):
+    def __init__(self, embed_dim: int, low_rank_dimension: int, orthogonal_map: str = HOUSEHOLDER,
+                 pyreft_base: bool = False):
         super().__init__()
         if orthogonal_map not in ORTHOGONAL_MAPS:
             raise ValueError(f"orthogonal_map={orthogonal_map!r} is unknown; use one of {ORTHOGONAL_MAPS}")
+        if pyreft_base and orthogonal_map != HOUSEHOLDER:
+            raise ValueError(f"pyreft_base=True needs orthogonal_map={HOUSEHOLDER!r} (pyreft's map), "
+                             f"not {orthogonal_map!r}")
         d, r = int(embed_dim), int(low_rank_dimension)
         self.orthogonal_map = orthogonal_map
         init = torch.empty(d, r)
         nn.init.orthogonal_(init)
-        if _PARITY_DRAW.get():
-            torch.randn(d, d - r)  # pyreft's completion draw (RNG parity)
+        fill = torch.randn(d, d - r) if _PARITY_DRAW.get() else None  # pyreft's completion draw
         if orthogonal_map == CHOLESKY_QR:
             self.basis = nn.Parameter(init.mT.contiguous())
             return
         self.reflectors = nn.Parameter(torch.zeros(d, r))
         self.register_buffer("signs", torch.full((r,), -1.0))
         self.register_buffer("base_householder", householder_form(init))
-        self.register_buffer("base", None)
+        # (a checkpoint load skips the draw: its state brings the base, if any)
+        self.register_buffer("base", pyreft_completion(init, fill) if pyreft_base and fill is not None else None)
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -361,7 +369,7 @@ class OrthonormalRotation(nn.Module):
 
     def extra_repr(self) -> str:
         r, d = self.shape
-        full = ", base=d x d (from pyreft)" if getattr(self, "base", None) is not None else ""
+        full = ", base=d x d (pyreft's)" if getattr(self, "base", None) is not None else ""
         return f"embed_dim={d}, low_rank_dimension={r}, orthogonal_map={self.orthogonal_map!r}{full}"
 
 

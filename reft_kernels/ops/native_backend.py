@@ -107,14 +107,22 @@ def _build(kind: str):
     with warnings.catch_warnings():
         if not _verbose():
             warnings.simplefilter("ignore")
-        with _build_message(name, kwargs["build_directory"]):
+        with _guarded_build(name, kwargs["build_directory"]):
             return load(**kwargs)
 
 
-class _build_message:
-    """Say on stderr that a first-use compile is running (it takes ~1 min), and when it is done.
+class _guarded_build:
+    """One build at a time per build directory, and no wait on a lock a killed build left behind.
 
-    Silent when the extension is already built (loading it takes well under a second).
+    torch's ``load`` serialises builds with a ``lock`` file in the build directory (a baton): a
+    build killed midway (Ctrl-C at the wrong moment, a killed job) leaves it there, and every
+    later build waits on it forever. Around torch's baton we hold an OS lock (``flock`` on
+    ``build.flock``) that the kernel releases when its holder dies, even on SIGKILL. Every
+    reft_kernels build of this directory holds it while torch's ``lock`` exists, so a ``lock``
+    found while holding it is stale: it is removed, and that is said on stderr.
+
+    Also says on stderr that a first-use compile is running (~1 min) and when it is done; silent
+    when the extension is already built (loading it takes well under a second).
     """
 
     def __init__(self, name, build_directory):
@@ -123,14 +131,32 @@ class _build_message:
             build_directory = _get_build_directory(name, verbose=False)
         self.dir = Path(build_directory)
         self.name = name
+        self._handle = None
+
+    def _lock(self):
+        try:
+            import fcntl
+        except ImportError:    # not POSIX: torch's baton alone
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.dir / "build.flock", "a")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"reft_kernels: waiting for another process's build of the native kernels in {self.dir} "
+                  "to finish", file=sys.stderr, flush=True)
+            fcntl.flock(self._handle, fcntl.LOCK_EX)
+        stale = self.dir / "lock"
+        if stale.exists():
+            stale.unlink(missing_ok=True)
+            print(f"reft_kernels: removed the stale lock file {stale} (left by a native build that was "
+                  "stopped midway)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         import time
+        self._lock()
         self.t0 = time.perf_counter()
         self.compiling = not (self.dir / f"{self.name}.so").is_file()
-        if (self.dir / "lock").exists():
-            print(f"reft_kernels: waiting for another build of the native kernels to finish (lock file "
-                  f"{self.dir / 'lock'}; delete it if no build is running)", file=sys.stderr, flush=True)
         if self.compiling:
             print(f"reft_kernels: compiling the native C++ kernels, one time only (~1 min); the build is "
                   f"cached in {self.dir}", file=sys.stderr, flush=True)
@@ -138,6 +164,8 @@ class _build_message:
 
     def __exit__(self, exc_type, exc, tb):
         import time
+        if self._handle is not None:
+            self._handle.close()    # releases the flock
         if self.compiling and exc_type is None:
             print(f"reft_kernels: native kernels built in {time.perf_counter() - self.t0:.0f} s",
                   file=sys.stderr, flush=True)

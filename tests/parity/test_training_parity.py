@@ -114,13 +114,15 @@ def model_loss_curve(lib, rm, steps):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def reps(lib, **kw):
+    """One LoReFT at layer 1's block output, from ``lib`` (pyreft or reft_kernels)."""
+    return [{"layer": 1, "component": "block_output", "low_rank_dimension": R,
+             "intervention": lib.LoreftIntervention(embed_dim=D, low_rank_dimension=R, dtype=torch.float32, **kw)}]
+
+
 def test_loreft_model_training_follows_pyreft():
     """pyreft's ReftModel vs ours on a tiny Llama, LoReFT at layer 1, 50 AdamW steps (measured:
     max |diff| 1e-6 for the default map, 3e-2 for Cholesky-QR)."""
-    def reps(lib, **kw):
-        return [{"layer": 1, "component": "block_output", "low_rank_dimension": R,
-                 "intervention": lib.LoreftIntervention(embed_dim=D, low_rank_dimension=R,
-                                                        dtype=torch.float32, **kw)}]
     torch.manual_seed(0)
     prm = pyreft.get_reft_model(tiny_llama(), pyreft.ReftConfig(representations=reps(pyreft)))
     ours = rk.get_reft_model(tiny_llama(), rk.ReftConfig(representations=reps(rk)))
@@ -132,6 +134,33 @@ def test_loreft_model_training_follows_pyreft():
     got, other = model_loss_curve(rk, ours, 50), model_loss_curve(rk, chol, 50)
     assert (got - ref).abs().max().item() <= TOL
     assert (other - ref).abs().max().item() > 1e-3
+    assert ref[-1] < ref[0] - 0.1
+
+
+@pytest.mark.parametrize("cls", ROTATED)
+def test_pyreft_base_follows_pyreft_from_the_same_seed(cls):
+    """No state copied: built from the same seed, ``pyreft_base=True`` has pyreft's exact d x d
+    base (same randn draw, same QR) and trains on pyreft's path; the default compact base has the
+    same R but another completion, so its path differs (same statistics)."""
+    def build(lib, **kw):
+        torch.manual_seed(5)
+        return getattr(lib, cls)(embed_dim=D, low_rank_dimension=R, dtype=torch.float32, **kw)
+    theirs, exact, compact = build(pyreft), build(rk, pyreft_base=True), build(rk)
+    assert torch.equal(exact.rotate_layer.base, theirs.rotate_layer.parametrizations.weight[0].base)
+    ref, got, other = loss_curve(theirs), loss_curve(exact), loss_curve(compact)
+    assert abs(ref[0] - got[0]) < 1e-6 and abs(ref[0] - other[0]) < 1e-6    # same start
+    assert (got - ref).abs().max().item() <= TOL
+    assert (other - ref).abs().max().item() > 1e-4
+
+
+def test_pyreft_base_model_training_follows_pyreft_from_the_same_seed():
+    """get_reft_model from the same seed, nothing copied: the same loss curve over 50 steps."""
+    torch.manual_seed(0)
+    prm = pyreft.get_reft_model(tiny_llama(), pyreft.ReftConfig(representations=reps(pyreft)))
+    torch.manual_seed(0)
+    ours = rk.get_reft_model(tiny_llama(), rk.ReftConfig(representations=reps(rk, pyreft_base=True)))
+    ref, got = model_loss_curve(pyreft, prm, 50), model_loss_curve(rk, ours, 50)
+    assert (got - ref).abs().max().item() <= TOL
     assert ref[-1] < ref[0] - 0.1
 
 
