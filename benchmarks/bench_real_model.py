@@ -12,7 +12,11 @@ Each implementation runs in its own process and environment:
 
 * ``pyreft``: ``import pyreft`` in the parity venv (torch 2.13, transformers 4.45.1, pyvene 0.1.8);
 * ``ours``: ``import reft_kernels as pyreft`` in the same venv (same transformers, a fair
-  comparison) and, with ``--ours-latest``, also in the main python (transformers 5.x).
+  comparison) and, with ``--ours-latest``, also in the main python (transformers 5.x);
+* ``ours_pyreft_base``: the same with ``LoreftIntervention(..., pyreft_base=True)``, which keeps
+  pyreft's random d x d completion of R: pyreft's exact training path from the same seed (the
+  default compact base has the same initial R but another completion: the same statistics,
+  another path).
 
 Measured per implementation: time per training step (median over steps after the first), the
 frozen base model's forward+backward cost on the same batches (a zero-cost trainable hook at the
@@ -81,6 +85,7 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
         import pyreft
     else:
         import reft_kernels as pyreft
+    extra = {"pyreft_base": True} if impl == "ours_pyreft_base" else {}
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -98,7 +103,7 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
     site_layers = layers if positions == "l1" else layers + layers   # untied: f group, then l group
     reft_config = pyreft.ReftConfig(representations=[{
         "layer": layer, "component": "block_output", "low_rank_dimension": 4,
-        "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=4, dtype=torch.float32)}
+        "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=4, dtype=torch.float32, **extra)}
         for layer in site_layers])
     reft_model = pyreft.get_reft_model(model, reft_config)
     prompts, answers_train = [chat(q) for q, _ in EXAMPLES], [a for _, a in EXAMPLES]
@@ -210,23 +215,38 @@ def _plot(results, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for r in results:
         label = f"{r['label']} (tf {r['transformers']})"
-        a.plot(range(1, len(r["losses"]) + 1), r["losses"], label=label)
+        style = "--" if r["impl"] == "ours_pyreft_base" else ("-" if r["impl"] == "ours" else ":")
+        a.plot(range(1, len(r["losses"]) + 1), r["losses"], style, label=label, linewidth=1.6)
     a.set_xlabel("step")
     a.set_ylabel("training loss")
     a.set_title(f"emoji LoReFT ({results[0]['recipe']}) on SmolLM2-135M-Instruct")
     a.legend()
     a.grid(alpha=0.3)
-    names = [r["label"] for r in results]
+    names = [f"{r['label'].replace(' ', chr(10))}{chr(10)}tf {r['transformers']}" for r in results]
     x = range(len(results))
     b.bar([i - 0.2 for i in x], [r["step_s_median"] for r in results], 0.4, label="ReFT train step")
     b.bar([i + 0.2 for i in x], [r["base_fwd_bwd_s_median"] for r in results], 0.4, label="frozen base fwd+bwd")
     b.set_xticks(list(x))
-    b.set_xticklabels(names)
+    b.set_xticklabels(names, fontsize=7)
     b.set_ylabel("seconds (median; shared 2-core CPU)")
     b.legend()
     fig.tight_layout()
     fig.savefig(path)
     print(f"wrote {path}")
+
+
+def summary(results) -> list:
+    """One row per run: the ratios the targets are stated in (pyreft = the first run)."""
+    ref = results[0]
+    return [{"run": f"{r['label']} (tf {r['transformers']})",
+             "step_s": round(r["step_s_median"], 3),
+             "step_over_base_fwd_bwd": round(r["step_s_median"] / r["base_fwd_bwd_s_median"], 3),
+             "step_over_pyreft_step": round(r["step_s_median"] / ref["step_s_median"], 3),
+             "gen_adapter_over_base_per_token": round(r["gen_s_per_token_adapter"] / r["gen_s_per_token_base"], 3),
+             "peak_rss_mb": round(r["peak_rss_mb"]),
+             "final_loss": r["final_loss"],
+             "max_abs_loss_diff_vs_pyreft": round(max(abs(x - y) for x, y in zip(r["losses"], ref["losses"])), 6)}
+            for r in results]
 
 
 def main(argv=None) -> int:
@@ -240,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--pyreft-python", default=VENV_PYTHON, help="python with pyreft 0.1.0 installed")
     p.add_argument("--ours-latest", action="store_true", help="also run ours under the main python")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/real_model[_f7l7].json)")
-    p.add_argument("--child", choices=["pyreft", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["pyreft", "ours", "ours_pyreft_base"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -255,9 +275,10 @@ def main(argv=None) -> int:
         sys.path.insert(0, ROOT)
         from reft_kernels.models.real import fetch_model
         args.model = fetch_model()
-    runs = [("pyreft 0.1.0", args.pyreft_python, "pyreft"), ("reft_kernels", args.pyreft_python, "ours")]
+    runs = [("pyreft 0.1.0", args.pyreft_python, "pyreft"), ("reft_kernels", args.pyreft_python, "ours"),
+            ("reft_kernels pyreft_base", args.pyreft_python, "ours_pyreft_base")]
     if args.ours_latest:
-        runs.append(("reft_kernels", sys.executable, "ours"))
+        runs += [("reft_kernels", sys.executable, "ours"), ("reft_kernels pyreft_base", sys.executable, "ours_pyreft_base")]
     results = []
     for label, python, impl in runs:
         r = _run(python, impl, args)
@@ -268,7 +289,9 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump({"recipe": args.recipe, "model": args.model,
                    "steps": args.steps, "seed": args.seed, "machine": "shared 2-core CPU (other jobs running)",
-                   "results": results}, f, ensure_ascii=False, indent=1)
+                   "summary": summary(results), "results": results}, f, ensure_ascii=False, indent=1)
+    for row in summary(results):
+        print(row)
     print(f"wrote {args.out}")
     _plot(results, os.path.splitext(args.out)[0] + ".png")
     return 0
