@@ -218,14 +218,16 @@ class _RotatedWithSource(ReftIntervention):
     """R plus ``learned_source = nn.Linear(d, r)`` in ``dtype`` (LoReFT, DiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False, **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False,
+                 completion: Optional[str] = None, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=pyreft_base)
+                                                pyreft_base=pyreft_base, completion=completion)
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
 
     def config_kwargs(self) -> dict:
-        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
+                "completion": self.rotate_layer.completion}
 
     def op_tensors(self):
         return self.rotate_layer.weight, self.learned_source.weight, self.learned_source.bias, None
@@ -249,14 +251,16 @@ class _RotatedConstant(ReftIntervention):
     """R plus a constant fp32 ``learned_source`` vector b (ConsReFT, LobiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False, **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False,
+                 completion: Optional[str] = None, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=pyreft_base)
+                                                pyreft_base=pyreft_base, completion=completion)
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))
 
     def config_kwargs(self) -> dict:
-        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
+                "completion": self.rotate_layer.completion}
 
     def op_tensors(self):
         return self.rotate_layer.weight, None, self.learned_source, None
