@@ -168,7 +168,9 @@ class ReftIntervention(nn.Module):
         :mod:`reft_kernels.pyreft_keys`); detached. Read directly, not through ``state_dict()``,
         whose FSDP2 hooks would turn them into sharded DTensors (a collective on one rank)."""
         t = {k: v.detach() for k, v in self.named_parameters()}
-        t.update({k: v.detach() for k, v in self.named_buffers()})
+        derived = {f"{name}.{b}".lstrip(".") for name, m in self.named_modules()
+                   for b in m._non_persistent_buffers_set}   # rebuilt from saved state: not saved
+        t.update({k: v.detach() for k, v in self.named_buffers() if k not in derived})
         if isinstance(getattr(self, "rotate_layer", None), OrthonormalRotation):
             with torch.no_grad():
                 t["rotate_layer.weight"] = self.rotate_layer.weight.detach()
