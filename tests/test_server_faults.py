@@ -367,7 +367,7 @@ class _FaultyTokenizer:
 def _app(assets, **options):
     pytest.importorskip("fastapi")
     from reft_kernels.serving.app import create_app
-    from reft_kernels.serving.guard import ServeOptions
+    from reft_kernels.serving.options import ServeOptions
     engine = _engine(assets, names=("alpha",))
     engine.tokenizer = _FaultyTokenizer(engine.tokenizer)
     return create_app(engine, "base", 64, options=ServeOptions(**options))

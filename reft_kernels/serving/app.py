@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..dataset import no_header_prompt_template
 from .adapters import AdapterError
 from .engine import Engine, GenerationRequest, UnknownAdapterError
-from .guard import BodyTooLarge, Guard, ServeOptions, server_error_body, too_large_body
+from .guard import BodyTooLarge, Guard, server_error_body, too_large_body
+from .options import ServeOptions
 from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
                        UnloadAdapterRequest, error_body, reject_bad_text)
 from .rows import SamplingParams

@@ -20,31 +20,15 @@ import hmac
 import json
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from .options import MAX_BODY_BYTES
 from .protocol import error_body
 
-__all__ = ["Guard", "ServeOptions", "BodyTooLarge", "MAX_BODY_BYTES", "API_KEY_ENV_VARS", "server_error_body",
+__all__ = ["Guard", "BodyTooLarge", "server_error_body",
            "too_large_body"]
 
 log = logging.getLogger("reft_kernels.serving")
-
-MAX_BODY_BYTES = 8 * 1024 * 1024
-API_KEY_ENV_VARS = ("REFT_KERNELS_API_KEY", "VLLM_API_KEY")
-
-
-@dataclass
-class ServeOptions:
-    """Security and limits of the HTTP layer (``reft-kernels serve`` flags of the same names)."""
-
-    api_key: Optional[str] = None              # every route but /health needs "Authorization: Bearer KEY"
-    debug: bool = False                        # /debug/stats, and server paths in /v1/models
-    max_prompts_per_request: int = 16
-    max_tokens_per_request: int = 65536        # sum over prompts of prompt tokens + max_tokens
-    max_body_bytes: int = MAX_BODY_BYTES
-    allowed_adapter_dir: Optional[str] = None  # runtime loads only below this directory (symlinks resolved)
-
 
 class BodyTooLarge(Exception):
     """Raised by the guarded ``receive`` once the body passes the limit (FastAPI may wrap it in an

@@ -19,7 +19,7 @@ import sys
 from typing import List, Optional
 
 from ..models.pretrained import context_length, load_causal_lm
-from .guard import API_KEY_ENV_VARS, ServeOptions
+from .options import API_KEY_ENV_VARS, ServeOptions
 
 __all__ = ["add_arguments", "build_parser", "serve_from_args", "main", "ServeError", "build_engine"]
 
