@@ -8,7 +8,15 @@
 
 See docs/serving.md.
 """
-from .engine import Engine, GenerationRequest, GenerationResult, UnknownAdapterError
-from .rows import SamplingParams
+from importlib import import_module
 
+# loaded on first use, so `reft-kernels serve --help` does not import torch
+_EXPORTS = {"Engine": "engine", "GenerationRequest": "engine", "GenerationResult": "engine",
+            "UnknownAdapterError": "engine", "SamplingParams": "rows"}
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "UnknownAdapterError", "SamplingParams"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
