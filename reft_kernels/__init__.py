@@ -22,8 +22,8 @@ _EXPORTS = {
     "TaskType": "utils",
     "as_pyreft": "pyreft_alias",
     # data side (issue 4)
-    "ReftClassificationDataset": "dataset", "ReftDataset": "dataset",
-    "ReftGenerationDataset": "dataset", "ReftSupervisedDataset": "dataset",
+    "ReftClassificationDataset": "dataset_classes", "ReftDataset": "dataset_classes",
+    "ReftGenerationDataset": "dataset_classes", "ReftSupervisedDataset": "dataset_classes",
     "make_classification_data_module": "dataset",
     "ReftRawDataset": "dataset_classes",
     "ReftPreferenceDataset": "dataset_preference", "ReftRewardDataset": "dataset_preference",
