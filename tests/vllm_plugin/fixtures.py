@@ -63,6 +63,8 @@ def build_adapters(model_dir: str, root: str, specs=ADAPTERS) -> dict:
             export_pyreft(reft, path, include_model=False)
         else:
             reft.save(path, include_model=False)
+        with open(os.path.join(path, "reft_run.json"), "w") as f:   # what `reft-kernels train` records
+            json.dump({"positions": positions, "share_weights": share}, f)
     return out
 
 
