@@ -83,7 +83,8 @@ def skeleton_for(hf_config, dtype: torch.dtype, device) -> nn.Module:
     if family is None:
         raise ValueError(f"reft_kernels has no family entry for model_type={hf_config.model_type!r}; "
                          f"the vLLM plugin supports {sorted(FAMILIES)}")
-    root = nn.Module()
+    arch = (getattr(hf_config, "architectures", None) or ["Module"])[0]
+    root = type(arch, (nn.Module,), {})()     # named as the HF class, which the reader compares
     root.config = hf_config
     root.register_parameter("anchor", nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False))
 

@@ -45,11 +45,14 @@ def test_engine_matches_hf_and_runtime_adapters(engine_setup):
     reference = hf_reference(model, adapters, requests, MAX_TOKENS)
     futures = _run(engine, requests + [(prompts[0], "nope")])
     got = [f.result().token_ids for f in futures[:-1]]
-    # an eos may end a vLLM answer early, where HF (min_new_tokens) goes on: compare the common prefix
+    # an eos (id 3) may end a vLLM answer early, where the reference (min_new_tokens) must go on:
+    # compare up to the eos
+    got = [g[:g.index(3)] if 3 in g else g for g in got]
     assert [r[:len(g)] for r, g in zip(reference, got)] == got and all(g for g in got)
     with pytest.raises(UnknownAdapterError):
         futures[-1].result()
     engine.unload_adapter("fl3")
     with pytest.raises(UnknownAdapterError):
         _run(engine, [(prompts[2], "fl3")])[0].result()
-    assert _run(engine, [(prompts[1], "last1")])[0].result().token_ids == got[1]
+    again = _run(engine, [(prompts[1], "last1")])[0].result().token_ids
+    assert again[:len(got[1])] == got[1]
