@@ -18,7 +18,7 @@ import torch
 from torch.utils.cpp_extension import include_paths
 
 from reft_kernels.ops import torch_backend
-from reft_kernels.ops.family import ACT_IDS, VARIANTS, canonical_rows
+from reft_kernels.ops.variants import ACT_IDS, VARIANTS, canonical_rows
 from reft_kernels.ops.native_backend import CSRC
 
 EMU = CSRC.parent / "tests" / "cuda_emu"

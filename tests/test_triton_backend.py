@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from reft_kernels.ops import torch_backend
-from reft_kernels.ops.family import ACT_IDS, VARIANTS, dropout_keep_mask
+from reft_kernels.ops.variants import ACT_IDS, VARIANTS, dropout_keep_mask
 
 triton_backend = pytest.importorskip("reft_kernels.ops.triton_backend")
 from reft_kernels.ops import triton_common, triton_multi  # noqa: E402
