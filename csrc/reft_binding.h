@@ -75,10 +75,12 @@ RowParams<A> make_params(Weights& w, const at::Tensor& x2d, const at::Tensor& pr
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_grads(
     const at::Tensor& out, int64_t n_adapters, int64_t r, int64_t d, bool has_weight, bool has_proj_bias) {
   const auto rows = out.view({n_adapters, 2 * r * d + 2 * r});
-  auto gP = rows.narrow(1, 0, r * d).reshape({n_adapters, r, d});
-  auto gW = has_weight ? rows.narrow(1, r * d, r * d).reshape({n_adapters, r, d}) : at::Tensor();
-  auto gb = rows.narrow(1, 2 * r * d, r).contiguous();
-  auto gc = has_proj_bias ? rows.narrow(1, 2 * r * d + r, r).contiguous() : at::Tensor();
+  // copies: the outputs of a torch.library custom op may not alias each other
+  auto part = [&](int64_t start, int64_t len) { return rows.narrow(1, start, len).clone(at::MemoryFormat::Contiguous); };
+  auto gP = part(0, r * d).view({n_adapters, r, d});
+  auto gW = has_weight ? part(r * d, r * d).view({n_adapters, r, d}) : at::Tensor();
+  auto gb = part(2 * r * d, r);
+  auto gc = has_proj_bias ? part(2 * r * d + r, r) : at::Tensor();
   return {gP, gW, gb, gc};
 }
 

@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_rows(
   const int64_t* ord = nA > 1 ? order.data_ptr<int64_t>() : nullptr;
   const int64_t* st = nA > 1 ? starts.data_ptr<int64_t>() : nullptr;
   with_params(grad2d, proj, weight, bias, proj_bias, has_weight, subtract_proj, act, p, seed, [&](const auto& rp) {
-    using A = std::remove_pointer_t<decltype(rp.P)>;
+    using A = std::remove_const_t<std::remove_pointer_t<decltype(rp.P)>>;  // float or double
     check(reft_cuda::backward(dtype_of(grad2d), grad2d.data_ptr(), rows.data_ptr<int64_t>(), ad, ord,
                               st, nA, sv.data_ptr(), N, rp, coef.data_ptr<A>(), partial.data_ptr<A>(),
                               K, out.data_ptr<A>(), stream));

@@ -276,7 +276,7 @@ def _backward_cols_kernel(g_ptr, rows_ptr, order_ptr, starts_ptr, saved_ptr, p_p
 def _launch_config(x, proj, weight, bias, proj_bias, spec, act, p, seed):
     A, r, d = proj.shape
     if r > MAX_RANK:
-        raise ValueError(f"rank r_max={r} is above the triton backend's limit of {MAX_RANK};"
+        raise ValueError(f"rank r={r} is above the triton backend's limit of {MAX_RANK};"
                          " use backend='torch' for larger ranks")
     w_strides = weight.stride() if weight is not None else (0, 0, 0)
     bias = bias.contiguous()
