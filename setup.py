@@ -29,7 +29,7 @@ setup(
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "ninja", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.0", "peft>=0.13"],
+                 "openai>=1.0", "peft>=0.13", "schemathesis>=4.0"],
     },
     entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"]},
 )

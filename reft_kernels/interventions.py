@@ -45,7 +45,7 @@ from .rotation import ORTHOGONAL_MAPS, OrthonormalRotation
 __all__ = [
     "OrthonormalRotation", "ReftIntervention", "LoreftIntervention", "NoreftIntervention",
     "DireftIntervention", "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention",
-    "INTERVENTION_CLASSES", "intervention_class",
+    "INTERVENTION_CLASSES", "intervention_class", "LowRankRotateLayer",
 ]
 
 INTERVENTION_CLASSES: dict = {}
@@ -303,3 +303,18 @@ class LobireftIntervention(_RotatedConstant):
     """LobiReFT: ``Phi(h) = dropout(h + R^T b)``."""
 
     variant = "lobireft"
+
+
+class LowRankRotateLayer(nn.Module):
+    """pyreft's ``LowRankRotateLayer(n, m, init_orth=True)``: ``x @ W`` with a plain (n, m)
+    ``weight`` (orthogonally initialised, *not* kept orthogonal). The ReFT classes here use
+    :class:`OrthonormalRotation` instead; this is for code that builds its own layer."""
+
+    def __init__(self, n: int, m: int, init_orth: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, m), requires_grad=True)
+        if init_orth:
+            nn.init.orthogonal_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x.to(self.weight.dtype), self.weight)
