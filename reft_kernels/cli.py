@@ -18,7 +18,6 @@ import sys
 from typing import List, Optional, Tuple
 
 from .cli_args import INTERVENTIONS, build_parser
-from .jobs.runs import read_run_info
 from .models.pretrained import context_length, load_causal_lm, load_pretrained  # noqa: F401 - re-exported
 from .models.pretrained import resolve_model as _resolve_model
 
@@ -282,7 +281,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from . import ReftModel
-    from .jobs.runs import generate_text
+    from .jobs.runs import generate_text, read_run_info
     _quiet_transformers()
     if not os.path.isdir(args.adapter):
         raise CliError(f"--adapter {args.adapter!r} is not a directory; pass the --output of "

@@ -1,7 +1,7 @@
 """pyreft-compatible intervention modules, backed by the fused op family.
 
 Each class keeps pyreft 0.1.0's name, constructor keywords, attribute layout and math (see
-:mod:`reft_kernels.ops.family`); for gathered rows ``h`` (width d):
+:mod:`reft_kernels.ops.variants`); for gathered rows ``h`` (width d):
 
     LoreftIntervention     Phi(h) = dropout(h + R^T (act(W h + b) - R h))
     NoreftIntervention     Phi(h) = dropout(h + P^T (act(W h + b) - (P h + c)))
@@ -38,14 +38,14 @@ import torch
 from torch import nn
 
 from .ops import reft_edit
-from .ops.family import VARIANTS, resolve_activation
+from .ops.variants import VARIANTS, resolve_activation
 from .pyreft_keys import from_pyreft, is_pyreft_state, to_pyreft
 from .rotation import ORTHOGONAL_MAPS, OrthonormalRotation
 
 __all__ = [
     "OrthonormalRotation", "ReftIntervention", "LoreftIntervention", "NoreftIntervention",
     "DireftIntervention", "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention",
-    "INTERVENTION_CLASSES", "intervention_class",
+    "INTERVENTION_CLASSES", "intervention_class", "LowRankRotateLayer",
 ]
 
 INTERVENTION_CLASSES: dict = {}
@@ -90,7 +90,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ReftIntervention(nn.Module):
     """Shared constructor, fused edit and pyvene-style forward of the six pyreft interventions.
 
-    Subclasses set ``variant`` (a key of :data:`reft_kernels.ops.family.VARIANTS`) and implement
+    Subclasses set ``variant`` (a key of :data:`reft_kernels.ops.variants.VARIANTS`) and implement
     :meth:`op_tensors`. Unknown constructor keywords are ignored, as in pyreft (``device``,
     ``layer``, ``component``, ``keep_last_dim``, ...).
     """
@@ -138,7 +138,7 @@ class ReftIntervention(nn.Module):
              backend: str = "auto", seed: Optional[int] = None) -> torch.Tensor:
         """Fast path: ``hidden`` (B, T, d) with rows ``positions`` (B, P; -1 = none) edited.
 
-        Dropout is active only in training mode; ``seed`` fixes its mask (see ops.family).
+        Dropout is active only in training mode; ``seed`` fixes its mask (see ops.variants).
         """
         proj, weight, bias, proj_bias = self.op_tensors()
         return reft_edit(hidden, positions, proj, weight, bias, proj_bias, variant=self.variant,
@@ -309,3 +309,18 @@ class LobireftIntervention(_RotatedConstant):
     """LobiReFT: ``Phi(h) = dropout(h + R^T b)``."""
 
     variant = "lobireft"
+
+
+class LowRankRotateLayer(nn.Module):
+    """pyreft's ``LowRankRotateLayer(n, m, init_orth=True)``: ``x @ W`` with a plain (n, m)
+    ``weight`` (orthogonally initialised, *not* kept orthogonal). The ReFT classes here use
+    :class:`OrthonormalRotation` instead; this is for code that builds its own layer."""
+
+    def __init__(self, n: int, m: int, init_orth: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, m), requires_grad=True)
+        if init_orth:
+            nn.init.orthogonal_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x.to(self.weight.dtype), self.weight)

@@ -60,6 +60,15 @@ def _resolve(importer, node, modules):
     return found
 
 
+def _lazy_table_edges(importer, node, modules):
+    """A package's ``_EXPORTS = {"Name": "submodule"}`` table (PEP 562 lazy exports): an edge to each."""
+    if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+            and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)):
+        return set()
+    subs = {v.value for v in node.value.values if isinstance(v, ast.Constant)}
+    return {f"{importer}.{sub}" for sub in subs if f"{importer}.{sub}" in modules}
+
+
 def import_graph():
     """{module: sorted modules it imports (at any level of its source)}."""
     modules = _modules()
@@ -70,6 +79,7 @@ def import_graph():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 edges |= _resolve(name, node, modules)
+            edges |= _lazy_table_edges(name, node, modules)
         graph[name] = sorted(edges - {name})
     return graph
 
@@ -114,7 +124,8 @@ def test_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "reft_kernels.checkpoint" in graph["reft_kernels.reft_model"]
     assert "reft_kernels.families" in graph["reft_kernels.checkpoint.validate"]   # a "from .. import" edge
-    assert "reft_kernels.trainer" in graph["reft_kernels"]  # the lazy __getattr__ import
+    assert "reft_kernels.trainer" in graph["reft_kernels"]  # the lazy _EXPORTS table
+    assert "reft_kernels.serving.engine" in graph["reft_kernels.serving"]
 
 
 def test_checkpoint_code_never_imports_reft_model():
