@@ -1,7 +1,7 @@
 """pyreft-compatible intervention modules, backed by the fused op family.
 
 Each class keeps pyreft 0.1.0's name, constructor keywords, attribute layout and math (see
-:mod:`reft_kernels.ops.family`); for gathered rows ``h`` (width d):
+:mod:`reft_kernels.ops.variants`); for gathered rows ``h`` (width d):
 
     LoreftIntervention     Phi(h) = dropout(h + R^T (act(W h + b) - R h))
     NoreftIntervention     Phi(h) = dropout(h + P^T (act(W h + b) - (P h + c)))
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .ops import reft_edit
-from .ops.family import VARIANTS, resolve_activation
+from .ops.variants import VARIANTS, resolve_activation
 from .pyreft_keys import from_pyreft, is_pyreft_state, to_pyreft
 from .rotation import ORTHOGONAL_MAPS, OrthonormalRotation
 
@@ -93,7 +93,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ReftIntervention(nn.Module):
     """Shared constructor, fused edit and pyvene-style forward of the six pyreft interventions.
 
-    Subclasses set ``variant`` (a key of :data:`reft_kernels.ops.family.VARIANTS`) and implement
+    Subclasses set ``variant`` (a key of :data:`reft_kernels.ops.variants.VARIANTS`) and implement
     :meth:`op_tensors`. Unknown constructor keywords are ignored, as in pyreft (``device``,
     ``layer``, ``component``, ``keep_last_dim``, ...).
     """
@@ -141,7 +141,7 @@ class ReftIntervention(nn.Module):
              backend: str = "auto", seed: Optional[int] = None) -> torch.Tensor:
         """Fast path: ``hidden`` (B, T, d) with rows ``positions`` (B, P; -1 = none) edited.
 
-        Dropout is active only in training mode; ``seed`` fixes its mask (see ops.family).
+        Dropout is active only in training mode; ``seed`` fixes its mask (see ops.variants).
         """
         proj, weight, bias, proj_bias = self.op_tensors()
         return reft_edit(hidden, positions, proj, weight, bias, proj_bias, variant=self.variant,

@@ -76,7 +76,24 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-request", type=_positive, default=ServeOptions.max_tokens_per_request,
                    help="most prompt tokens + max_tokens, summed over a request's prompts (a 400 above it)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"],
+                   help="hf: transformers generate with a batching window; vllm: vLLM with the reft_kernels plugin "
+                   "(paged KV cache, continuous batching; pip install -e \".[vllm]\"); auto: vllm when installed")
+    p.add_argument("--vllm-args", default="{}", type=_json_object, metavar="JSON",
+                   help="extra vLLM EngineArgs as a JSON object, e.g. '{\"tensor_parallel_size\": 2}' (--engine vllm)")
     return p
+
+
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc}); pass an object such as "
+                                         "'{\"enforce_eager\": true}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object of vLLM EngineArgs")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -145,6 +162,9 @@ def build_engine(args):
     served = args.served_model_name or model_name
     if served in names:
         raise ServeError(f"adapter name {served!r} is the base model's served name; rename the adapter")
+    kind = engine_kind(args)
+    if kind == "vllm":
+        return _build_vllm_engine(args, model_name, served)
     model, tok = load_base(model_name, args.dtype, args.device)
     try:
         engine = Engine(model, tok, mode=args.batching, max_batch_size=args.max_batch_size,
@@ -156,6 +176,37 @@ def build_engine(args):
         raise ServeError(str(exc)) from None
     engine.warmup()
     ctx = args.max_model_len or context_length(model, tok)
+    return engine, served, ctx, model_name
+
+
+def engine_kind(args) -> str:
+    """'hf' or 'vllm' from --engine (auto: vllm when it is installed and no --device other than its own)."""
+    from .vllm_engine import vllm_available
+    if args.engine == "vllm" and not vllm_available():
+        raise ServeError("--engine vllm needs vLLM: pip install -e \".[vllm]\" (see docs/serving.md)")
+    if args.engine == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return args.engine
+
+
+def _build_vllm_engine(args, model_name: str, served: str):
+    from .adapters import AdapterError
+    from .vllm_engine import VllmEngine
+    from ..models.pretrained import resolve_model
+    try:
+        path = resolve_model(model_name)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        engine = VllmEngine(path, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                            max_model_len=args.max_model_len, default_positions=args.positions,
+                            default_template=args.template, vllm_args=args.vllm_args)
+        for name, adapter_path in args.adapters:
+            engine.load_adapter(name, adapter_path)
+    except (AdapterError, ValueError, TypeError) as exc:
+        raise ServeError(str(exc)) from None
+    engine.warmup()
+    ctx = args.max_model_len or engine.llm.model_config.max_model_len
     return engine, served, ctx, model_name
 
 
