@@ -148,6 +148,8 @@ def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, thr
         opt.step()
         sched.step()
         losses.append(total)
+        if len(losses) % 10 == 0:
+            print(f"epoch {len(losses)} loss {total:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
     train_s = time.perf_counter() - t0
 
     if hasattr(iv, "eval"):
