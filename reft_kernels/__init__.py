@@ -28,6 +28,8 @@ _EXPORTS = {
     # trainers (import transformers)
     "ReftTrainer": "trainer", "ReftTrainerForCausalLM": "trainer",
     "ReftTrainerForCausalLMDistributed": "trainer", "ReftTrainerForSequenceClassification": "trainer",
+    # frozen-prefix activation cache and the base model's dtype (issue 18)
+    "PrefixCacheCallback": "prefix_cache", "resolve_dtype": "precision",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,6 +12,9 @@ What differs from pyreft, deliberately:
   (:func:`reft_kernels.checkpoint.save_reft_model`), so ``resume_from_checkpoint`` restores
   them in place and continues exactly, and ``load_best_model_at_end`` works;
 * evaluation runs the interventions in eval mode (no dropout);
+* the frozen layers below the lowest intervention run once per example, not once per epoch
+  (:mod:`reft_kernels.prefix_cache`; exact; ``prefix_cache=False`` turns it off,
+  ``prefix_cache_max_gb`` bounds it, default 1);
 * the rotation parameters are never weight-decayed (pyreft's are not either, so the trajectory
   stays pyreft's; decay would pull a Householder R back towards its initial value and shrink a
   Cholesky-QR basis towards a badly conditioned one);
@@ -104,7 +107,7 @@ class ReftTrainer(Trainer):
     ``processing_class``).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, prefix_cache: bool = True, prefix_cache_max_gb: float = 1.0, **kwargs):
         tok = kwargs.pop("processing_class", None)
         legacy = kwargs.pop("tokenizer", None)
         tok = tok if tok is not None else legacy
@@ -118,6 +121,9 @@ class ReftTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.can_return_loss = True
+        if prefix_cache:   # the frozen layers below the first intervention run once per example
+            from .prefix_cache import PrefixCacheCallback
+            self.add_callback(PrefixCacheCallback(max_gb=prefix_cache_max_gb))
         self.model_accepts_loss_kwargs = False   # compute_loss returns a per-batch mean
         if hasattr(self, "loss_is_scaled_for_ga"):
             self.loss_is_scaled_for_ga = False
