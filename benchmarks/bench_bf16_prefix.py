@@ -61,7 +61,7 @@ def bench_matmul(rounds: int) -> dict:
                     rounds * 3)
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", MATMUL], env=env, capture_output=True, text=True).stdout
-    kernel = next((line.split(",")[5] for line in out.splitlines() if ",exec,cpu,matmul," in line), "not oneDNN")
+    kernel = next((line.split(",")[6] for line in out.splitlines() if ",exec,cpu,matmul," in line), "not oneDNN")
     return {"fp32_ms": 1e3 * statistics.median(times["fp32"]) / 5, "bf16_ms": 1e3 * statistics.median(times["bf16"]) / 5,
             "bf16_over_fp32": _ratio(times, "bf16", "fp32"), "onednn_bf16_kernel": kernel}
 

@@ -79,7 +79,7 @@ RECIPES = {
 
 
 def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe: str = "quickstart",
-          dtype: str = "float32", prefix_cache: bool = False) -> dict:
+          dtype: str = "float32", prefix_cache: bool = False, gen_rounds: int = 3) -> dict:
     import statistics
 
     import torch
@@ -208,7 +208,7 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
     for iv in reft_model.interventions.values():   # pyreft never switches its interventions to eval
         (iv[0] if isinstance(iv, (list, tuple)) else iv).eval()
     generate(HELD_OUT[0], True, 4)
-    gen_pairs = [(generate(q, True)[0], generate(q, False)[0]) for q in HELD_OUT * 3]   # alternating
+    gen_pairs = [(generate(q, True)[0], generate(q, False)[0]) for q in HELD_OUT * gen_rounds]   # alternating
     per_tok_adapter = statistics.median(a for a, _ in gen_pairs)
     per_tok_base = statistics.median(b for _, b in gen_pairs)
     answers = {q: generate(q, True, 24)[1] for q in [EXAMPLES[0][0]] + HELD_OUT}
@@ -237,7 +237,7 @@ def _run(python, impl, args, config=None) -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [python, os.path.abspath(__file__), "--child", impl, "--model", args.model, "--steps", str(args.steps),
            "--seed", str(args.seed), "--threads", str(args.threads), "--recipe", args.recipe, "--child-out", out,
-           "--dtype", dtype] + (["--prefix-cache"] if cache else [])
+           "--dtype", dtype, "--gen-rounds", str(args.gen_rounds)] + (["--prefix-cache"] if cache else [])
     print(f"running {impl} with {python} ...", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -309,6 +309,7 @@ def main(argv=None) -> int:
                    help="the base model's dtype for every run (--matrix runs both)")
     p.add_argument("--prefix-cache", action="store_true",
                    help="ours: cache the frozen layers below the lowest intervention (reft_kernels.prefix_cache)")
+    p.add_argument("--gen-rounds", type=int, default=3, help="generation timing: pairs per held-out question")
     p.add_argument("--matrix", action="store_true",
                    help="pyreft fp32, pyreft bf16, ours fp32, ours bf16, ours bf16 + prefix cache, one run (parity venv)")
     p.add_argument("--child", choices=["pyreft", "ours", "ours_pyreft_base"], help=argparse.SUPPRESS)
@@ -316,7 +317,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         result = child(args.child, args.model, args.steps, args.seed, args.threads, args.recipe, args.dtype,
-                       args.prefix_cache)
+                       args.prefix_cache, args.gen_rounds)
         with open(args.child_out, "w") as f:
             json.dump(result, f, ensure_ascii=False)
         return 0

@@ -130,6 +130,11 @@ def test_bert_classification(tmp_path):
     assert_same_losses(losses[1], losses[0])
 
 
+def encode(tok, texts):
+    out = tok(texts, return_tensors="pt", padding=True)   # transformers 4.45 adds token_type_ids
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
 def _reason(reft):
     return PrefixCache(reft, log=lambda m: None).reason
 
@@ -152,7 +157,7 @@ def test_active_dropout_turns_it_off(corpus, tmp_path):
     cache = PrefixCache(reft, log=messages.append)
     assert cache.install()
     model.train()
-    batch = tok(prompts[:2], return_tensors="pt", padding=True)
+    batch = encode(tok, prompts[:2])
     model(**batch)
     assert cache.reason and "Dropout with p=0.1" in cache.reason and messages == [f"prefix cache off: {cache.reason}"]
     assert "forward" not in vars(model.transformer.h[0])   # the blocks are restored
@@ -166,7 +171,7 @@ def test_budget_stops_storing_and_stays_exact(corpus, tmp_path):
     cache.install()
     reft.model.eval()
     tok.padding_side = "right"
-    batch = tok(prompts[:4], return_tensors="pt", padding=True)
+    batch = encode(tok, prompts[:4])
     with torch.no_grad():
         ref = reft.model(**batch).logits
         again = reft.model(**batch).logits
@@ -178,16 +183,16 @@ def test_a_hit_returns_the_uncached_logits_for_real_tokens(corpus):
     prompts, outputs, tok = corpus
     reft = reft_on(tiny_llama(len(tok), hidden_size=D, num_layers=LAYERS, num_heads=2))
     tok.padding_side = "right"
-    batch = tok(prompts[:4], return_tensors="pt", padding=True)
+    batch = encode(tok, prompts[:4])
     with torch.no_grad():
         ref = reft.model(**batch).logits
         cache = PrefixCache(reft, log=lambda m: None)
         cache.install()
         reft.model(**batch)
-        hit = reft.model(**tok(prompts[2:4], return_tensors="pt", padding=True)).logits   # other padding
+        hit = reft.model(**encode(tok, prompts[2:4])).logits   # other padding
         cache.remove()
     assert cache.hits == 1
-    mask = tok(prompts[2:4], return_tensors="pt", padding=True)["attention_mask"].bool()
+    mask = encode(tok, prompts[2:4])["attention_mask"].bool()
     torch.testing.assert_close(hit[mask], ref[2:4, :hit.shape[1]][mask], rtol=1e-6, atol=1e-6)
 
 
