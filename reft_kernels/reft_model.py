@@ -30,7 +30,7 @@ from .interventions import ReftIntervention, intervention_class
 from .families import hidden_size, resolve_site
 from .patcher import ModelPatch
 
-__all__ = ["ReftModel", "get_reft_model"]
+__all__ = ["ReftModel", "get_reft_model", "count_parameters"]
 
 
 def _input_shape(inputs: Mapping):
@@ -105,8 +105,12 @@ class ReftModel(AdapterMixin, nn.Module):
     and :mod:`reft_kernels.adapters` for named adapters (``add_adapter``, ``adapter_ids=``, ...).
     """
 
-    def __init__(self, config: ReftConfig, model: nn.Module, backend: str = "auto"):
+    def __init__(self, config: ReftConfig, model: nn.Module, backend: str = "auto", **pyvene_kwargs):
         super().__init__()
+        unknown = sorted(set(pyvene_kwargs) - {"use_fast"})
+        if unknown:
+            raise TypeError(f"ReftModel got unexpected keyword arguments {unknown}; it takes config, model, "
+                            "backend and pyvene's use_fast (accepted and unused: there is one fast path)")
         if not isinstance(config, ReftConfig):
             raise TypeError(f"config must be a ReftConfig, got {type(config).__name__}")
         self.config = config
@@ -359,6 +363,11 @@ class ReftModel(AdapterMixin, nn.Module):
     def from_pretrained(load_directory, model, **kwargs) -> "ReftModel":
         """PEFT-style name of :meth:`load`: ``ReftModel.from_pretrained(directory, base_model)``."""
         return ReftModel.load(load_directory, model, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """pyreft's ``reft_model.count_parameters``: the number of parameters that require grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool = True,

@@ -4,8 +4,13 @@
 trains a :class:`reft_kernels.ReftModel` on batches from :class:`reft_kernels.dataset.ReftDataCollator`.
 What differs from pyreft, deliberately:
 
-* the HF data loader is kept (``dataloader_num_workers``, ``pin_memory``, distributed sampling,
-  ``group_by_length``); pyreft replaces it with a plain shuffled ``DataLoader``;
+* data order: pyreft's ``ReftTrainerForCausalLM`` replaces HF's loader with a plain
+  ``DataLoader(shuffle=True)`` (its sampler seeds itself from the global torch stream), which
+  ignores ``dataloader_num_workers``, ``pin_memory``, ``group_by_length`` and gives another
+  permutation than HF's seeded sampler. ``pyreft_data_order=True`` uses pyreft's loader (so a
+  seeded run sees pyreft's batches); ``False`` keeps HF's. The default (``None``) is True when
+  every rotation of the model was built with ``pyreft_base=True`` (the "follow pyreft's path"
+  setting), else False. ``ReftTrainerForSequenceClassification`` keeps HF's loader, as pyreft;
 * ``compute_loss`` accepts ``num_items_in_batch`` and any future keywords, and returns the
   per-batch mean (the Trainer divides by the gradient-accumulation steps);
 * checkpoints (``checkpoint-N/intervenable_model``) hold the ReFT weights *and* config
@@ -32,7 +37,7 @@ from transformers import Trainer
 
 __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
            "ReftTrainerForSequenceClassification", "REFT_CHECKPOINT_DIR", "no_decay_parameter_names",
-           "enable_gradient_checkpointing"]
+           "enable_gradient_checkpointing", "make_dataloader", "follows_pyreft_base"]
 
 REFT_CHECKPOINT_DIR = "intervenable_model"   # same sub-directory name as pyreft's checkpoints
 _MODEL_INPUTS = ["input_ids", "attention_mask", "intervention_locations", "labels", "label", "label_ids",
@@ -82,6 +87,19 @@ def enable_gradient_checkpointing(reft_model: nn.Module, use_reentrant: bool = F
         base.disable_input_require_grads()
 
 
+def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, sampler=None):
+    """pyreft's ``make_dataloader``: a plain ``torch.utils.data.DataLoader``."""
+    from torch.utils.data import DataLoader
+    return DataLoader(dataset, shuffle=shuffle, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+
+
+def follows_pyreft_base(model: nn.Module) -> bool:
+    """True when ``model`` has rotations and every one keeps pyreft's d x d base
+    (``pyreft_base=True``): the setting that means "follow pyreft's exact path"."""
+    rotations = [m for m in _unwrap(model).modules() if type(m).__name__ == "OrthonormalRotation"]
+    return bool(rotations) and all(getattr(m, "base", None) is not None for m in rotations)
+
+
 def _install_gc_shims(model: nn.Module) -> None:
     """Give a ReftModel without them the (de)activation methods the Trainer calls on its model."""
     base = getattr(model, "model", None)
@@ -104,10 +122,14 @@ class ReftTrainer(Trainer):
     """``transformers.Trainer`` for a :class:`reft_kernels.ReftModel` (see the module docstring).
 
     Accepts pyreft's ``tokenizer=`` keyword on every transformers version (newer ones call it
-    ``processing_class``).
+    ``processing_class``). ``pyreft_data_order``: see the module docstring.
     """
 
-    def __init__(self, *args, prefix_cache: bool = True, prefix_cache_max_gb: float = 1.0, **kwargs):
+    def __init__(self, *args, pyreft_data_order: Optional[bool] = None, prefix_cache: bool = True,
+                 prefix_cache_max_gb: float = 1.0, **kwargs):
+        if pyreft_data_order not in (None, True, False):
+            raise ValueError(f"pyreft_data_order={pyreft_data_order!r}; pass True (pyreft's plain shuffled "
+                             "loader), False (HF's loader) or None (True when pyreft_base=True)")
         tok = kwargs.pop("processing_class", None)
         legacy = kwargs.pop("tokenizer", None)
         tok = tok if tok is not None else legacy
@@ -117,6 +139,8 @@ class ReftTrainer(Trainer):
         # The tokenizer is attached after Trainer.__init__: given there, the Trainer would try to
         # align its special tokens with model.config, which is a ReftConfig, not a HF config.
         super().__init__(*args, **kwargs)
+        self.pyreft_data_order = follows_pyreft_base(self.model) if pyreft_data_order is None \
+            else pyreft_data_order
         self._attach_tokenizer(tok)
         if self.args.label_names is None:
             self.label_names = ["labels"]
@@ -217,10 +241,27 @@ class ReftTrainer(Trainer):
 
 
 class ReftTrainerForCausalLM(ReftTrainer):
-    """pyreft's causal-LM trainer (without its data-loader override)."""
+    """pyreft's causal-LM trainer; its plain shuffled loader when ``pyreft_data_order``."""
+
+    def get_train_dataloader(self):
+        if not self.pyreft_data_order:
+            return super().get_train_dataloader()
+        if self.train_dataset is None:
+            raise ValueError("the trainer has no train_dataset; pass train_dataset=... to train")
+        return make_dataloader(self.train_dataset, self._train_batch_size, self.data_collator, shuffle=True)
 
 
-ReftTrainerForCausalLMDistributed = ReftTrainerForCausalLM   # the HF loader already shards per rank
+class ReftTrainerForCausalLMDistributed(ReftTrainerForCausalLM):
+    """pyreft's distributed trainer. HF's loader already shards per rank; with
+    ``pyreft_data_order`` each rank reads ``DistributedSampler(shuffle=True)`` as in pyreft."""
+
+    def get_train_dataloader(self):
+        import torch.distributed as dist
+        if not self.pyreft_data_order or not (dist.is_available() and dist.is_initialized()):
+            return super().get_train_dataloader()
+        from torch.utils.data import DistributedSampler
+        return make_dataloader(self.train_dataset, self._train_batch_size, self.data_collator, shuffle=False,
+                               sampler=DistributedSampler(self.train_dataset, shuffle=True))
 
 
 class ReftTrainerForSequenceClassification(ReftTrainer):

@@ -198,12 +198,15 @@ def test_atomic_save_keeps_existing_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(run(rk.ReftModel.load(tmp_path / "ck", tiny_llama()).eval()), run(rm))
 
 
-def test_save_refuses_to_replace_a_foreign_directory(tmp_path):
+def test_save_into_a_directory_with_other_files_keeps_them(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a ReFT checkpoint"):
-        build(["LoreftIntervention"]).save(tmp_path / "mine")
-    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    rm = build(["LoreftIntervention"])
+    rm.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "mine")) == ["README.md", "adapter.safetensors", "notes.txt",
+                                                     "reft_config.json"]
+    assert torch.equal(run(rk.ReftModel.load(tmp_path / "mine", tiny_llama()).eval()), run(rm))
 
 
 # ------------------------------------------------------------------------------------------

@@ -117,9 +117,9 @@ def test_user_readme_is_kept_when_saving_again(tmp_path):
                                logits(reft), rtol=1e-5, atol=1e-6)
 
 
-def test_readme_alone_is_not_a_checkpoint_to_replace(tmp_path):
+def test_a_readme_the_user_wrote_is_kept_and_no_card_written(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "README.md").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a ReFT checkpoint"):
-        wrap(tiny_llama()).save_pretrained(tmp_path / "d")
+    wrap(tiny_llama()).save_pretrained(tmp_path / "d")
     assert (tmp_path / "d" / "README.md").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path / "d")) == ["README.md", "adapter.safetensors", "reft_config.json"]

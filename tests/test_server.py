@@ -154,7 +154,7 @@ def server(assets):
         pytest.importorskip(name)
     args = [a for n, p in list(assets["runs"].items())[:2] for a in ("--adapter", f"{n}={p}")]
     proc, url = _start([*args, "--served-model-name", "base", "--backend", "torch", "--batch-window-ms", "300",
-                        "--max-batch-size", "8", "--enable-runtime-adapters"])
+                        "--max-batch-size", "8", "--enable-runtime-adapters", "--debug"])
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -154,7 +154,7 @@ def test_report_to_gets_a_json_config(corpus, tmp_path):
 def test_hf_data_loader_settings_are_kept(corpus, tmp_path):
     reft, n = make_reft(corpus[2])
     tr = ReftTrainerForCausalLM(model=reft, args=targs(tmp_path, dataloader_num_workers=2, dataloader_pin_memory=False), **data_module(corpus, reft.model, n))
-    assert type(tr).get_train_dataloader is transformers.Trainer.get_train_dataloader
+    assert tr.pyreft_data_order is False   # our rotation (no pyreft_base): HF's loader
     dl = tr.get_train_dataloader()
     assert getattr(dl, "num_workers", getattr(getattr(dl, "base_dataloader", None), "num_workers", None)) == 2
     batch = next(iter(dl))   # runs through the worker processes

@@ -19,7 +19,7 @@ Modules: :mod:`.spec` (intervention specs, keys, canonical tensor checks, Checkp
 """
 from .api import (LoadedCheckpoint, load_base_state, load_reft_model, load_weights, read_checkpoint,
                   read_for_model, save_reft_model, export_pyreft, set_default_wrapper)
-from .files import atomic_write_dir
+from .dir_merge import write_checkpoint_dir
 from .ours import BASE_WEIGHTS_NAME, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
 from .pyreft_format import PYREFT_BASE, PYREFT_CONFIG
 from .spec import (CLASSES, PROJECTED, ROTATED, VECTOR_SOURCE, CheckpointError, InterventionSpec,
@@ -31,6 +31,6 @@ __all__ = ["save_reft_model", "load_reft_model", "load_weights", "export_pyreft"
            "read_for_model", "load_base_state", "LoadedCheckpoint", "set_default_wrapper",
            "CheckpointError", "InterventionSpec", "intervention_key", "check_finite",
            "rotation_from_pyreft", "rotation_to_pyreft", "canonical_from_pyreft",
-           "canonical_to_pyreft", "atomic_write_dir",
+           "canonical_to_pyreft", "write_checkpoint_dir",
            "CONFIG_NAME", "WEIGHTS_NAME", "BASE_WEIGHTS_NAME", "PYREFT_CONFIG", "PYREFT_BASE",
            "FORMAT", "FORMAT_VERSION", "CLASSES", "ROTATED", "PROJECTED", "VECTOR_SOURCE"]

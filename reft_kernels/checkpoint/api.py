@@ -9,8 +9,8 @@ intervention modules, and the base-model state dict), and :func:`load_reft_model
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -19,7 +19,8 @@ import torch
 
 from ..config import ReftConfig
 from ..interventions import as_dtype
-from .files import atomic_write_dir, resolve_dir
+from .dir_merge import recover, write_checkpoint_dir
+from .files import resolve_dir
 from .ours import BASE_WEIGHTS_NAME, CARD_MARKER, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, model_card as model_card_text, our_layout, read_ours, write_ours
 from .pyreft_format import PYREFT_BASE, PYREFT_CONFIG, pyreft_layout, read_pyreft, write_pyreft
 from .spec import _rep_fields
@@ -65,6 +66,7 @@ def read_checkpoint(path, config=None):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    recover(path)   # finish a save that was interrupted while moving its files in
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         specs, objs, tensors, base, meta = read_ours(path, config)
         return FORMAT, specs, objs, tensors, base, meta
@@ -214,13 +216,29 @@ def load_weights(reft_model, load_directory, include_model: bool = True) -> None
         load_base_state(reft_model.model, base)
 
 
-def _replaceable(path) -> bool:
-    """An existing directory may be replaced only if it is empty or a ReFT checkpoint."""
-    names = os.listdir(path)
-    known = {CONFIG_NAME, WEIGHTS_NAME, BASE_WEIGHTS_NAME, PYREFT_CONFIG, PYREFT_BASE, CARD_NAME}
-    is_ckpt = CONFIG_NAME in names or any(n.startswith("intkey_") for n in names)
-    return not names or (is_ckpt and all(n in known or (n.startswith("intkey_") and
-                                                         n.endswith(".bin")) for n in names))
+def _is_pyvene_config(path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "representations" in data and "intervention_types" in data
+
+
+def _owned(directory, name) -> bool:
+    """Whether the existing file ``directory/name`` is a ReFT checkpoint file (ours or pyreft's),
+    which a save may replace or remove; anything else is the user's and is never touched."""
+    path = os.path.join(directory, name)
+    if name in (CONFIG_NAME, WEIGHTS_NAME, BASE_WEIGHTS_NAME) or (name.startswith("intkey_") and name.endswith(".bin")):
+        return True
+    if name == CARD_NAME:
+        return _user_card(directory) is None
+    if name == PYREFT_CONFIG:
+        return _is_pyvene_config(path)
+    if name == PYREFT_BASE:   # trainable base weights of a pyreft checkpoint, not a HF model's weights
+        return _is_pyvene_config(os.path.join(directory, PYREFT_CONFIG)) or any(
+            n.startswith("intkey_") and n.endswith(".bin") for n in os.listdir(directory))
+    return False
 
 
 def _library_version():
@@ -252,15 +270,16 @@ def _user_card(save_directory) -> Optional[str]:
         return None if CARD_MARKER in f.read() else card
 
 
-def _write_keeping_user_card(save_directory, write: Callable[[str], None]) -> str:
-    """atomic_write_dir, carrying over a README.md the user wrote in the old directory."""
-    user_card = _user_card(save_directory)
+def _write_checkpoint(save_directory, write: Callable[[str], None]) -> str:
+    """write_checkpoint_dir with our ownership rule; a README.md the user wrote is kept (no card)."""
+    keep_user_card = os.path.isdir(os.fspath(save_directory)) and _user_card(save_directory) is not None
 
-    def write_all(tmp):
-        write(tmp)
-        if user_card is not None:
-            shutil.copy2(user_card, os.path.join(tmp, CARD_NAME))
-    return atomic_write_dir(save_directory, write_all, _replaceable)
+    def write_all(folder):
+        write(folder)
+        card = os.path.join(folder, CARD_NAME)
+        if keep_user_card and os.path.exists(card):
+            os.remove(card)
+    return write_checkpoint_dir(save_directory, write_all, _owned)
 
 
 def _base_model_name(model) -> Optional[str]:
@@ -277,8 +296,10 @@ def save_reft_model(reft_model, save_directory, include_model: bool = True,
     the trainable base-model parameters when ``include_model`` and there are any) + a model card
     ``README.md`` when ``model_card`` (Hub front matter: ``library_name``, ``base_model`` from
     ``config._name_or_path``, tags; the interventions, trainable parameter counts, how to load
-    it). A README.md the user wrote in an existing checkpoint directory is kept instead of the
-    card. The write is atomic: a temp dir beside the target, renamed into place when complete.
+    it). ``save_directory`` may exist and hold other files (a run directory, a Trainer output
+    directory): only the checkpoint's own files are written, the previous save's checkpoint
+    files are replaced, everything else (a README.md the user wrote included: then no card) is
+    left alone; crash-safe, see :mod:`reft_kernels.checkpoint.dir_merge`.
     """
     base = _trainable_base(reft_model) if include_model else {}
     entries = _entries(reft_model)
@@ -290,7 +311,7 @@ def save_reft_model(reft_model, save_directory, include_model: bool = True,
         name = os.path.basename(os.path.abspath(os.fspath(save_directory)))
         card = model_card_text(meta, _base_model_name(reft_model.model), name, n_adapter,
                                sum(v.numel() for v in base.values()))
-    return _write_keeping_user_card(save_directory, lambda tmp: write_ours(tmp, flat, base, meta, card))
+    return _write_checkpoint(save_directory, lambda tmp: write_ours(tmp, flat, base, meta, card))
 
 
 def export_pyreft(reft_model, save_directory, key_format: str = "new",
@@ -307,4 +328,4 @@ def export_pyreft(reft_model, save_directory, key_format: str = "new",
     """
     files, config = pyreft_layout(_entries(reft_model), key_format)
     base = _trainable_base(reft_model) if include_model else {}
-    return _write_keeping_user_card(save_directory, lambda tmp: write_pyreft(tmp, files, base, config))
+    return _write_checkpoint(save_directory, lambda tmp: write_pyreft(tmp, files, base, config))

@@ -1,4 +1,5 @@
-"""The file I/O both formats share: atomic directory writes and readers that never unpickle.
+"""The file I/O both formats share: readers that never unpickle (the crash-safe directory write
+is :mod:`.dir_merge`).
 
 Every reader raises :class:`~.spec.CheckpointError` naming the file, what is wrong with it and
 what to do, instead of the bare json/safetensors/torch error.
@@ -7,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 
@@ -74,43 +73,6 @@ def read_torch_bin(path) -> dict:
         raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a state dict "
                               f"(name -> tensor); {_CORRUPT_FIX}")
     return data
-
-
-def atomic_write_dir(path, write: Callable[[str], None],
-                     replaceable: Callable[[str], bool]) -> str:
-    """Run ``write(tmp_dir)`` in a temp dir beside ``path``, then rename it to ``path``.
-
-    An existing directory at ``path`` is replaced only if ``replaceable(path)`` (else
-    FileExistsError) and only after the new one is complete; any failure leaves it intact (and
-    removes the temp dir). Returns the absolute path.
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(path)
-    if os.path.exists(path) and (not os.path.isdir(path) or not replaceable(path)):
-        raise FileExistsError(f"{path} exists and is not a ReFT checkpoint directory; refusing to "
-                              f"replace it: choose a new or empty directory")
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        for f in os.listdir(tmp):
-            with open(os.path.join(tmp, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        if os.path.exists(path):
-            old = tmp + ".old"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def write_json(path, data, sort_keys: bool = False) -> None:

@@ -1,10 +1,14 @@
 """OpenAI-compatible serving of a base model with many ReFT adapters (``reft-kernels serve``).
 
-* :mod:`.engine` -- named adapters on one base model, the batching queue, one batched generate;
+* :mod:`.engine` -- named adapters on one base model, the batching worker, one batched generate,
+  failure isolation per request;
+* :mod:`.scheduler` -- the fair queue (round-robin over HTTP requests);
 * :mod:`.rows` -- per-row sampling, stop rules and streaming inside one ``generate``;
 * :mod:`.adapters` -- adapter directories and their position rules;
-* :mod:`.app` / :mod:`.protocol` -- the FastAPI app (imports fastapi; the rest does not);
-* :mod:`.server` -- command-line arguments and startup.
+* :mod:`.app` / :mod:`.protocol` / :mod:`.guard` -- the FastAPI app, request bodies and errors, the
+  outermost ASGI layer (key, body size, catch-all); they import fastapi / pydantic, the rest does not;
+* :mod:`.options` -- the HTTP layer's security and limits;
+* :mod:`.server` -- every ``serve`` flag, and startup.
 
 See docs/serving.md.
 """

@@ -50,7 +50,13 @@ def read_adapter_spec(name: str, path: str, default_positions: Optional[str] = N
     if not os.path.isdir(path):
         raise AdapterError(f"adapter {name!r}: {path!r} is not a directory; pass the --output of "
                            "'reft-kernels train' / 'demo' or an adapter directory")
-    info, run_dir = read_run_info(path)
+    try:
+        info, run_dir = read_run_info(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:   # ValueError: not JSON
+        raise AdapterError(f"adapter {name!r}: its {RUN_INFO} cannot be read: {exc}") from None
+    if not isinstance(info, dict):
+        raise AdapterError(f"adapter {name!r}: its {RUN_INFO} holds a JSON {type(info).__name__}, not an object "
+                           "like {\"positions\": \"l1\", ...}; rewrite it as 'reft-kernels train' does")
     nested = os.path.join(run_dir, "adapter")
     adapter_dir = nested if os.path.isdir(nested) and os.path.abspath(path) == os.path.abspath(run_dir) else path
     positions = info.get("positions") or default_positions

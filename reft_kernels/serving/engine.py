@@ -1,10 +1,19 @@
 """The serving engine: named adapters on one frozen base model, and a batching queue. No HTTP here.
 
-``Engine.submit(request)`` queues a :class:`GenerationRequest` and returns a future. One worker
-thread collects requests: it takes the first waiting request, then waits ``batch_window_s`` for
-more; each arrival extends the wait by one window (at most 4 windows after the first request), so
-a burst spread over a few milliseconds shares a batch of at most ``max_batch_size`` requests. The
-batch runs through :meth:`Engine.generate_batch`, also callable directly (the benchmark does).
+``Engine.submit(request, group)`` queues a :class:`GenerationRequest` and returns a future. One
+worker thread collects requests: it takes the first waiting request, then waits ``batch_window_s``
+for more; each arrival extends the wait by one window (at most 4 windows after the first request),
+so a burst spread over a few milliseconds shares a batch of at most ``max_batch_size`` requests.
+The queue is round-robin over ``group`` (the HTTP request a prompt came from, see
+:mod:`.scheduler`), so a request with many prompts does not hold back a small one. The batch runs
+through :meth:`Engine.generate_batch`, also callable directly (the benchmark does).
+
+Failure isolation: a request's failure is that request's alone. A row whose sampling, decoding or
+streaming callback raises is failed by its :class:`~.rows.RowState` and the other rows go on; a
+request whose adapter was unloaded, or whose edit positions cannot be computed, is left out of the
+batch. If a batched ``generate`` itself raises, each of its requests is run again alone, so the
+requests that did not cause it still get their answer (the same one: greedy rows are
+deterministic, sampled rows keep their seed). A failed request's future carries its exception.
 
 A batch is left-padded; row ``b`` with a prompt of ``L_b`` tokens and ``pad_b = W - L_b`` pad tokens
 (``W`` the batch width) is edited at ``prompt_locations(L_b, rule_b) + pad_b``, the rule being the
@@ -26,7 +35,6 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +44,7 @@ import torch
 
 from .adapters import AdapterError, AdapterSpec, prompt_locations, read_adapter_spec
 from .rows import RowState, SamplingParams, hf_hooks
+from .scheduler import Empty, FairQueue
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "UnknownAdapterError", "mixed_supported"]
 
@@ -110,9 +119,10 @@ class Engine:
         self._holder = None                          # with named adapters: one ReftModel holding them all
         self._n_interventions: Dict[str, int] = {}
         self._lock = threading.RLock()               # one generate or adapter change at a time
-        self._queue: "queue.Queue[Optional[GenerationRequest]]" = queue.Queue()
+        self._queue = FairQueue()
         self._batch_ids = itertools.count(1)
-        self.stats = {"batches": 0, "requests": 0, "max_batch": 0, "generate_calls": 0, "last_batches": []}
+        self.stats = {"batches": 0, "requests": 0, "failed_requests": 0, "max_batch": 0, "generate_calls": 0,
+                      "last_batches": []}
         self._worker: Optional[threading.Thread] = None
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -169,11 +179,12 @@ class Engine:
         prompt = list(range(min(8, len(self.tokenizer))))   # long enough for every position rule to edit
         names = [None, *self.specs]
         self.generate_batch([GenerationRequest(prompt, n, SamplingParams(max_tokens=1)) for n in names])
-        self.stats.update(batches=0, requests=0, max_batch=0, generate_calls=0, last_batches=[])
+        self.stats.update(batches=0, requests=0, failed_requests=0, max_batch=0, generate_calls=0, last_batches=[])
 
     # -- batching queue ---------------------------------------------------------------------------
     def start(self) -> "Engine":
         if self._worker is None:
+            self._queue = FairQueue()   # a fresh queue: a closed one has its stop signal in it
             self._worker = threading.Thread(target=self._loop, name="reft-engine", daemon=True)
             self._worker.start()
         return self
@@ -184,10 +195,12 @@ class Engine:
             self._worker.join(timeout=30)
             self._worker = None
 
-    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, group=None) -> concurrent.futures.Future:
+        """Queue ``request``; requests sharing ``group`` (one HTTP request's prompts) take turns with
+        other groups (see :mod:`.scheduler`)."""
         if self._worker is None:
             raise RuntimeError("the engine is not running; call start() first")
-        self._queue.put(request)
+        self._queue.put(request, group)
         return request.future
 
     def _loop(self) -> None:
@@ -202,7 +215,7 @@ class Engine:
             while len(batch) < self.max_batch_size:
                 try:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+                except Empty:
                     break
                 if item is None:
                     stop = True
@@ -218,7 +231,7 @@ class Engine:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]
         try:
             results = self.generate_batch(live, return_exceptions=True)
-        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
+        except Exception as exc:  # noqa: BLE001 - only reached by a bug outside the rows; fail them all
             log.exception("batch failed")
             results = [exc] * len(live)
         for request, result in zip(live, results):
@@ -229,44 +242,70 @@ class Engine:
 
     # -- one batch --------------------------------------------------------------------------------
     def generate_batch(self, requests: Sequence[GenerationRequest], return_exceptions: bool = False) -> list:
-        """Run ``requests`` as one batch (``mode``); a list of GenerationResult (or the exception of a
-        request whose adapter is gone, with ``return_exceptions``)."""
+        """Run ``requests`` as one batch (``mode``); a list of GenerationResult, or, with
+        ``return_exceptions``, the exception of each request that failed (see the module doc:
+        the others are answered). Without it, the first failure is raised."""
         with self._lock:
             batch_id = next(self._batch_ids)
             out: list = [None] * len(requests)
-            runnable = []
+            states = {}
             for i, r in enumerate(requests):
                 if r.adapter is not None and r.adapter not in self.specs:
-                    err = UnknownAdapterError(r.adapter)
-                    if not return_exceptions:
-                        raise err
-                    out[i] = err
+                    out[i] = UnknownAdapterError(r.adapter)
                 else:
-                    runnable.append(i)
-            states = {i: RowState(self.tokenizer, requests[i].params, self.eos_ids, requests[i].on_delta)
-                      for i in runnable}
+                    states[i] = RowState(self.tokenizer, r.params, self.eos_ids, r.on_delta)
             if self.mode == "mixed":
-                groups = [runnable] if runnable else []
+                groups = [list(states)] if states else []
             else:
                 by_adapter: Dict[Optional[str], List[int]] = {}
-                for i in runnable:
+                for i in states:
                     by_adapter.setdefault(requests[i].adapter, []).append(i)
                 groups = list(by_adapter.values())
+            calls = 0
             with torch.inference_mode():
                 for rows in groups:
-                    self._generate_rows([requests[i] for i in rows], [states[i] for i in rows])
-            for i in runnable:
-                s = states[i]
-                out[i] = GenerationResult(text=s.text, token_ids=list(s.tokens), finish_reason=s.finish_reason or "length",
-                                          prompt_tokens=len(requests[i].prompt_ids), batch_id=batch_id,
-                                          batch_size=len(requests))
+                    calls += self._run_isolated(requests, states, rows)
+            for i, s in states.items():
+                if s.error is not None:
+                    out[i] = s.error
+                    log.warning("request %d of batch %d failed: %r", i, batch_id, s.error)
+                else:
+                    out[i] = GenerationResult(text=s.text, token_ids=list(s.tokens),
+                                              finish_reason=s.finish_reason or "length",
+                                              prompt_tokens=len(requests[i].prompt_ids), batch_id=batch_id,
+                                              batch_size=len(requests))
             self.stats["batches"] += 1
             self.stats["requests"] += len(requests)
+            self.stats["failed_requests"] += sum(
+                isinstance(o, BaseException) for o in out)
             self.stats["max_batch"] = max(self.stats["max_batch"], len(requests))
             self.stats["last_batches"] = (self.stats["last_batches"] + [
-                {"batch_id": batch_id, "size": len(requests), "generate_calls": len(groups),
+                {"batch_id": batch_id, "size": len(requests), "generate_calls": calls,
                  "adapters": sorted({str(r.adapter) for r in requests})}])[-32:]
+            if not return_exceptions:
+                for o in out:
+                    if isinstance(o, BaseException):
+                        raise o
             return out
+
+    def _run_isolated(self, requests, states: Dict[int, RowState], rows: List[int]) -> int:
+        """One ``generate`` over ``rows``; if it raises, each row again alone (a fresh state with the
+        same seed), so only the row that causes the error fails. The number of ``generate`` calls."""
+        try:
+            self._generate_rows([requests[i] for i in rows], [states[i] for i in rows])
+            return 1
+        except Exception as exc:  # noqa: BLE001 - isolate: which row caused it?
+            if len(rows) == 1:
+                states[rows[0]].fail(exc)
+                return 1
+            log.warning("a batch of %d rows failed (%r); running each row alone", len(rows), exc)
+        for i in rows:
+            states[i] = states[i].rerun()
+            try:
+                self._generate_rows([requests[i]], [states[i]])
+            except Exception as exc:  # noqa: BLE001
+                states[i].fail(exc)
+        return 1 + len(rows)
 
     def _generate_rows(self, requests: Sequence[GenerationRequest], states: Sequence[RowState]) -> None:
         """One ``generate`` over ``requests`` (left-padded), feeding tokens to ``states``."""
@@ -299,5 +338,4 @@ class Engine:
         else:
             self._models[adapters[0]].generate(intervention_locations=locs, **kwargs)
         for s in states:   # generate ended (max_new_tokens reached): rows still open hit their limit
-            if not s.finished:
-                s._finish("length")
+            s.close()

@@ -11,8 +11,10 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .rows import SEED_RANGE
+
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "LoadAdapterRequest", "UnloadAdapterRequest",
-           "ApiError", "error_body"]
+           "ApiError", "error_body", "find_bad_text", "reject_bad_text"]
 
 
 class ApiError(Exception):
@@ -29,7 +31,48 @@ class ApiError(Exception):
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> Dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error JSON. Text that is not valid UTF-8 (a lone surrogate echoed from a request)
+    is escaped, so the error itself can always be written."""
+    return {"error": {"message": _printable(message), "type": type_, "param": _printable(param), "code": code}}
+
+
+def _printable(text: Optional[str]) -> Optional[str]:
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def find_bad_text(value: Any, path: str = "") -> Optional[str]:
+    """The dotted path of the first string in ``value`` (nested dicts / lists / pydantic models)
+    that is not valid Unicode text (a lone UTF-16 surrogate such as ``\\ud800``); ``None`` if all are."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        bad = find_bad_text(key, path) if isinstance(key, str) else None
+        bad = bad or find_bad_text(item, f"{path}.{key}" if path else str(key))
+        if bad:
+            return bad
+    return None
+
+
+def reject_bad_text(body: BaseModel) -> None:
+    """400 naming the field of the first string that is not valid text (see :func:`find_bad_text`)."""
+    bad = find_bad_text(body)
+    if bad is not None:
+        raise ApiError(400, f"{bad} is not valid Unicode text (it contains a lone UTF-16 surrogate such as "
+                       "\\ud800); send UTF-8 text", param=bad)
 
 
 class StreamOptions(BaseModel):
@@ -41,10 +84,10 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = 1
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Optional[Union[str, List[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

@@ -7,22 +7,34 @@ the batch runs greedy decoding (``do_sample=False``) with three per-row hooks:
 * :class:`RowSampler` (a logits processor): a row with temperature ``t > 0`` samples its next
   token from ``softmax(logits / t)`` restricted to the top-p nucleus, with its own
   ``torch.Generator`` (seeded from the request's ``seed``), and masks every other logit to -inf,
-  so the greedy argmax picks exactly the sampled token. Rows with ``t == 0`` are left untouched:
+  so the greedy argmax picks exactly the sampled token. The arithmetic is float64 on
+  ``z = (logits - max logits) / t``: every ``z <= 0`` and the top token has ``z = 0``, so no
+  ``t > 0`` overflows (``1e-40`` gives ``z = -inf`` off the top token) and the nucleus always keeps
+  the top token (its mass ``>= 1/V > 0``). The limit ``t -> 0`` or ``top_p -> 0`` is greedy (ties
+  aside: the tied top tokens share the mass). Rows with ``t == 0`` are left untouched:
   plain greedy decoding, token for token what ``ReftModel.generate(do_sample=False)`` gives.
   Because each row draws from its own generator, a seeded request gets the same tokens whatever
   else shares its batch.
 * :class:`RowStreamer` (a streamer): feeds each step's token of row ``b`` to ``states[b]``.
 * :class:`RowStopper` (a stopping criterion): a row is done when its :class:`RowState` says so
   (eos, ``max_tokens`` or a stop string), so the batch ends when every row is done.
+
+A row whose hook raises (sampling, decoding, its ``on_delta`` callback) is *failed*: its state
+keeps the exception and counts as finished, so it stops taking part and the other rows of the
+batch go on; the engine answers that request alone with the error (see :mod:`.engine`).
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "RowState", "RowSampler", "RowStopper", "RowStreamer"]
+__all__ = ["SamplingParams", "RowState", "RowSampler", "RowStopper", "RowStreamer", "SEED_RANGE"]
+
+SEED_RANGE = (-2**63, 2**63 - 1)   # OpenAI's seed is an int64; torch.Generator takes any of them
 
 
 @dataclass
@@ -36,12 +48,16 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r} must be a positive integer")
-        if not 0.0 <= self.temperature:
-            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0.0):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 = greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [-2**63, 2**63 - 1] (an int64)")
 
 
 class RowState:
@@ -52,11 +68,17 @@ class RowState:
     string in the decoded text ends it with ``"stop"`` and cuts the text before the stop string.
     ``on_delta(text, finished, finish_reason)`` receives the new text as it becomes final (text that
     could still turn out to start a stop string, or an incomplete multi-byte character, is held back).
+    ``seed`` is the request's seed, or a random one drawn here, so a rerun of the row (``rerun``) draws
+    the same tokens. ``error`` is the exception of a failed row (then ``finished`` is True).
     """
 
     def __init__(self, tokenizer, params: SamplingParams, eos_ids: Sequence[int],
-                 on_delta: Optional[Callable[[str, bool, Optional[str]], None]] = None):
+                 on_delta: Optional[Callable[[str, bool, Optional[str]], None]] = None,
+                 seed: Optional[int] = None):
         self.tokenizer = tokenizer
+        self.seed = seed if seed is not None else (params.seed if params.seed is not None
+                                                   else random.SystemRandom().randrange(2**62))
+        self.error: Optional[BaseException] = None
         self.params = params
         self.eos_ids = set(int(e) for e in eos_ids)
         self.on_delta = on_delta
@@ -67,9 +89,28 @@ class RowState:
         self.finish_reason: Optional[str] = None
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
 
+    def rerun(self) -> "RowState":
+        """A fresh state for running this row again: same seed, and the text already sent through
+        ``on_delta`` is not sent twice (the rerun computes the same tokens)."""
+        again = RowState(self.tokenizer, self.params, self.eos_ids, self.on_delta, seed=self.seed)
+        again.emitted = self.emitted
+        return again
+
+    def fail(self, exc: BaseException) -> None:
+        """Take the row out of the batch: it keeps ``exc`` and counts as finished (no callback)."""
+        if self.error is None:
+            self.error = exc
+        self.finished = True
+
     def push(self, token: int) -> None:
         if self.finished:
             return
+        try:
+            self._push(token)
+        except Exception as exc:  # noqa: BLE001 - this row fails, the batch goes on
+            self.fail(exc)
+
+    def _push(self, token: int) -> None:
         self.tokens.append(token)
         if token in self.eos_ids:
             self._finish("stop")
@@ -94,45 +135,69 @@ class RowState:
                 self.on_delta(delta, False, None)
 
     def _finish(self, reason: str) -> None:
+        if self.finished:
+            return
         self.finished, self.finish_reason = True, reason
-        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        delta, self.emitted = self.text[self.emitted:], max(self.emitted, len(self.text))
         if self.on_delta is not None:
-            self.on_delta(delta, True, reason)
+            try:
+                self.on_delta(delta, True, reason)
+            except Exception as exc:  # noqa: BLE001
+                self.fail(exc)
+
+    def close(self) -> None:
+        """``generate`` ended (its max_new_tokens): a row still open hit its limit."""
+        if not self.finished:
+            self._finish("length")
 
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
 
 
-class RowSampler:
-    """Logits processor: per-row temperature / top-p sampling with per-row generators (see module doc)."""
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token from ``softmax(logits / temperature)`` cut to the top-p nucleus, in float64 on
+    ``z = (logits - max) / temperature`` (see the module doc: no ``temperature > 0`` overflows)."""
+    logits = logits.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(logits.max())):
+        raise FloatingPointError(f"the model's logits have no finite maximum ({logits.max().item()})")
+    z = (logits - logits.max()) / temperature
+    probs = torch.softmax(z, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always: its "before" mass is 0)
+        drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
-    def __init__(self, params: Sequence[SamplingParams]):
-        self.params = list(params)
+
+class RowSampler:
+    """Logits processor: per-row temperature / top-p sampling with per-row generators (see module doc).
+    A row whose sampling raises is failed (:meth:`RowState.fail`); the other rows are sampled."""
+
+    def __init__(self, states: Sequence[RowState]):
+        self.states = list(states)
         self.generators = []
-        for p in self.params:
+        for s in self.states:
             g = None
-            if p.temperature > 0:
+            if s.params.temperature > 0:
                 g = torch.Generator()
-                g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+                g.manual_seed(s.seed)
             self.generators.append(g)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if all(g is None for g in self.generators):
+        if all(g is None or s.finished for s, g in zip(self.states, self.generators)):
             return scores
         scores = scores.clone()
-        for row, (p, g) in enumerate(zip(self.params, self.generators)):
-            if g is None:
+        for row, (s, g) in enumerate(zip(self.states, self.generators)):
+            if g is None or s.finished:
                 continue
-            logits = scores[row].float() / p.temperature
-            probs = torch.softmax(logits, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                # keep the smallest prefix whose mass reaches top_p (always at least one token)
-                drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
-                sorted_probs[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            token = int(torch.multinomial(probs.cpu(), 1, generator=g))
+            try:
+                token = sample_token(scores[row], s.params.temperature, s.params.top_p, g)
+            except Exception as exc:  # noqa: BLE001 - this row fails, the batch goes on
+                s.fail(exc)
+                continue
             scores[row].fill_(float("-inf"))
             scores[row, token] = 0.0
         return scores
@@ -171,7 +236,7 @@ def hf_hooks(states: Sequence[RowState]):
     from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
-    sampler, stopper, streamer = RowSampler([s.params for s in states]), RowStopper(states), RowStreamer(states)
+    sampler, stopper, streamer = RowSampler(states), RowStopper(states), RowStreamer(states)
 
     class _Sampler(LogitsProcessor):
         def __call__(self, input_ids, scores):

@@ -2,11 +2,13 @@
 
     reft-kernels serve --adapter NAME=PATH [--adapter NAME=PATH ...] [--model BASE]
                        [--host 127.0.0.1] [--port 8000] [--max-batch-size 16] [--batch-window-ms 5]
-                       [--enable-runtime-adapters]
+                       [--enable-runtime-adapters] [--allowed-adapter-dir DIR] [--api-key KEY] [--debug]
+                       [--max-prompts-per-request 16] [--max-tokens-per-request 65536]
 
-``--model`` defaults to the base model recorded in the first adapter's ``reft_run.json``. The
+Every ``serve`` flag is defined here (:func:`add_arguments`), and nowhere else. ``--model`` defaults to the base model recorded in the first adapter's ``reft_run.json``. The
 argument names follow vLLM where it has one (``--served-model-name``, ``--max-model-len``,
-``--lora-modules NAME=PATH ...`` as an alias of ``--adapter``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``).
+``--lora-modules NAME=PATH ...`` as an alias of ``--adapter``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``,
+``--api-key`` / ``VLLM_API_KEY``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 from typing import List, Optional
 
 from ..models.pretrained import context_length, load_causal_lm
+from .options import API_KEY_ENV_VARS, ServeOptions
 
 __all__ = ["add_arguments", "build_parser", "serve_from_args", "main", "ServeError", "build_engine"]
 
@@ -65,8 +68,62 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--enable-runtime-adapters", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also on when "
                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    p.add_argument("--allowed-adapter-dir", metavar="DIR",
+                   help="runtime loads only from below DIR (symlinks resolved); default: any path")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: the environment "
+                   "variable REFT_KERNELS_API_KEY, else VLLM_API_KEY, else no key)")
+    p.add_argument("--debug", action="store_true",
+                   help="serve GET /debug/stats and show server paths in GET /v1/models")
+    p.add_argument("--max-prompts-per-request", type=_positive, default=ServeOptions.max_prompts_per_request,
+                   help="most prompts in one /v1/completions request (a 400 above it)")
+    p.add_argument("--max-tokens-per-request", type=_positive, default=ServeOptions.max_tokens_per_request,
+                   help="most prompt tokens + max_tokens, summed over a request's prompts (a 400 above it)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"],
+                   help="hf: transformers generate with a batching window; vllm: vLLM with the reft_kernels plugin "
+                   "(paged KV cache, continuous batching; pip install -e \".[vllm]\"); auto: vllm when installed")
+    p.add_argument("--vllm-args", default="{}", type=_json_object, metavar="JSON",
+                   help="extra vLLM EngineArgs as a JSON object, e.g. '{\"tensor_parallel_size\": 2}' (--engine vllm)")
     return p
+
+
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc}); pass an object such as "
+                                         "'{\"enforce_eager\": true}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object of vLLM EngineArgs")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def api_key_from(args) -> Optional[str]:
+    """--api-key, else the first of API_KEY_ENV_VARS that is set (non-empty)."""
+    if args.api_key:
+        return args.api_key
+    return next((os.environ[v] for v in API_KEY_ENV_VARS if os.environ.get(v)), None)
+
+
+def serve_options(args) -> ServeOptions:
+    if args.allowed_adapter_dir is not None and not os.path.isdir(args.allowed_adapter_dir):
+        raise ServeError(f"--allowed-adapter-dir {args.allowed_adapter_dir!r} is not a directory")
+    return ServeOptions(api_key=api_key_from(args), debug=args.debug,
+                        max_prompts_per_request=args.max_prompts_per_request,
+                        max_tokens_per_request=args.max_tokens_per_request,
+                        allowed_adapter_dir=args.allowed_adapter_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +166,9 @@ def build_engine(args):
     served = args.served_model_name or model_name
     if served in names:
         raise ServeError(f"adapter name {served!r} is the base model's served name; rename the adapter")
+    kind = engine_kind(args)
+    if kind == "vllm":
+        return _build_vllm_engine(args, model_name, served)
     model, tok = load_base(model_name, args.dtype, args.device)
     try:
         engine = Engine(model, tok, mode=args.batching, max_batch_size=args.max_batch_size,
@@ -120,6 +180,37 @@ def build_engine(args):
         raise ServeError(str(exc)) from None
     engine.warmup()
     ctx = args.max_model_len or context_length(model, tok)
+    return engine, served, ctx, model_name
+
+
+def engine_kind(args) -> str:
+    """'hf' or 'vllm' from --engine (auto: vllm when it is installed and no --device other than its own)."""
+    from .vllm_engine import vllm_available
+    if args.engine == "vllm" and not vllm_available():
+        raise ServeError("--engine vllm needs vLLM: pip install -e \".[vllm]\" (see docs/serving.md)")
+    if args.engine == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return args.engine
+
+
+def _build_vllm_engine(args, model_name: str, served: str):
+    from .adapters import AdapterError
+    from .vllm_engine import VllmEngine
+    from ..models.pretrained import resolve_model
+    try:
+        path = resolve_model(model_name)
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        engine = VllmEngine(path, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                            max_model_len=args.max_model_len, default_positions=args.positions,
+                            default_template=args.template, vllm_args=args.vllm_args)
+        for name, adapter_path in args.adapters:
+            engine.load_adapter(name, adapter_path)
+    except (AdapterError, ValueError, TypeError) as exc:
+        raise ServeError(str(exc)) from None
+    engine.warmup()
+    ctx = args.max_model_len or engine.llm.model_config.max_model_len
     return engine, served, ctx, model_name
 
 
@@ -142,12 +233,14 @@ def _serve(args) -> int:
     import transformers
     transformers.logging.set_verbosity_error()
     runtime = args.enable_runtime_adapters or any(_env_true(v) for v in RUNTIME_ENV_VARS)
+    options = serve_options(args)
     engine, served, ctx, root = build_engine(args)
-    app = create_app(engine, served, ctx, enable_runtime_adapters=runtime, model_root=root)
+    app = create_app(engine, served, ctx, enable_runtime_adapters=runtime, model_root=root, options=options)
     logging.getLogger("reft_kernels.serving").info(
         "serving %s + adapters %s on http://%s:%d/v1 (batching: %s, max batch %d, window %.1f ms, runtime "
-        "adapters %s)", served, sorted(engine.specs), args.host, args.port, engine.mode, engine.max_batch_size,
-        1000 * engine.batch_window_s, "on" if runtime else "off")
+        "adapters %s, API key %s)", served, sorted(engine.specs), args.host, args.port, engine.mode,
+        engine.max_batch_size, 1000 * engine.batch_window_s, "on" if runtime else "off",
+        "required" if options.api_key else "off")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -1,0 +1,75 @@
+"""The engine's waiting room: a queue that is fair across client requests.
+
+One HTTP request may carry many prompts (``/v1/completions`` with a list), and each prompt is one
+:class:`~.engine.GenerationRequest`. A plain FIFO would make a one-prompt request wait behind every
+prompt of a large request that arrived just before it. :class:`FairQueue` keeps one FIFO per
+*group* (the HTTP request the prompt came from) and hands items out round-robin over the groups
+that have items waiting: with groups ``A`` (256 prompts) and ``B`` (1 prompt) waiting, the next
+batch holds ``A1, B1, A2, A3, ...``, so ``B`` is served in the first batch instead of the 17th.
+Within a group the order is kept. ``None`` is the stop signal and is delivered after the items
+already queued.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Deque, Dict, Hashable, Optional
+
+__all__ = ["FairQueue", "Empty"]
+
+
+class Empty(Exception):
+    """``get`` timed out with nothing queued."""
+
+
+class FairQueue:
+    """Round-robin over groups, FIFO inside a group; thread-safe (``put`` from any thread)."""
+
+    def __init__(self):
+        self._groups: "collections.OrderedDict[Hashable, Deque[Any]]" = collections.OrderedDict()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._anonymous = 0
+
+    def put(self, item: Any, group: Optional[Hashable] = None) -> None:
+        """Queue ``item`` in ``group`` (``None``: a group of its own); ``put(None)`` stops the reader."""
+        with self._cond:
+            if item is None:
+                self._stopped = True
+            else:
+                if group is None:
+                    self._anonymous += 1
+                    group = ("anonymous", self._anonymous)
+                self._groups.setdefault(group, collections.deque()).append(item)
+            self._cond.notify()
+
+    def get(self, timeout: Optional[float] = None) -> Any:
+        """The next item (round-robin over groups), ``None`` once stopped and drained; raises
+        :class:`Empty` after ``timeout`` seconds with nothing queued (``None``: wait for ever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._groups:
+                if self._stopped:
+                    return None
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Empty()
+                self._cond.wait(left)
+            group, items = next(iter(self._groups.items()))
+            item = items.popleft()
+            del self._groups[group]
+            if items:                       # the group goes to the back of the round
+                self._groups[group] = items
+            return item
+
+    def qsize(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._groups.values())
+
+    def __len__(self) -> int:
+        return self.qsize()
+
+    def waiting_groups(self) -> Dict[Hashable, int]:
+        with self._cond:
+            return {g: len(q) for g, q in self._groups.items()}

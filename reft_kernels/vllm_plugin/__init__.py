@@ -1,0 +1,60 @@
+"""reft_kernels as a vLLM general plugin: ReFT adapters on stock vLLM, one adapter per request.
+
+Installed with ``pip install -e ".[vllm]"``; vLLM finds :func:`register` through the
+``vllm.general_plugins`` entry point and calls it in every vLLM process. It registers
+``Reft<Arch>`` model classes (:mod:`.model`) under vLLM's own architecture names, so a checkpoint
+of a supported family loads with adapter support and behaves exactly as stock vLLM until a
+request selects an adapter.
+
+Using it:
+
+* adapters: ``hf_overrides={"reft_adapters": {NAME: PATH}}`` (or ``{NAME: {"path": PATH,
+  "positions": "l1"}}``), read in every worker with the same reader as ``ReftModel.load``;
+* the batch state: ``logits_processors=[REFT_LOGITS_PROCESSOR]`` (vLLM's public per-request hook);
+* per request: ``SamplingParams(extra_args={"reft_adapter": NAME})`` (``vllm_xargs`` over HTTP) and
+  the prompt's ``cache_salt`` from :func:`cache_salt` (:func:`reft_prompt` builds both).
+
+Modules: :mod:`.model` (classes, layer hooks), :mod:`.store` (adapters, stacking), :mod:`.plan`
+(which tokens a step edits), :mod:`.batch_state` (the logits processor), :mod:`.shim` (the one
+read of vLLM internals, version-checked).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = ["register", "REFT_LOGITS_PROCESSOR", "ADAPTER_KEY", "cache_salt", "reft_prompt"]
+
+REFT_LOGITS_PROCESSOR = "reft_kernels.vllm_plugin.batch_state:ReftBatchState"
+ADAPTER_KEY = "reft_adapter"
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: register the ``Reft<Arch>`` model classes."""
+    from .model import register_models
+    register_models()
+
+
+def cache_salt(adapter: Optional[str], positions: Optional[str], prompt_len: int,
+               version: str = "") -> Optional[str]:
+    """The prefix-cache salt of a request: KV blocks are shared only between requests whose edits agree.
+
+    None (no salt, share with everyone) without an adapter. With one, the adapter's name (and its
+    load ``version``, so a reloaded adapter never reuses its predecessor's blocks); when the adapter
+    edits last-k positions, also the prompt length, because the edited positions ``L-k..L-1``
+    move with it (a prompt that is a prefix of another has its edits elsewhere).
+    """
+    if adapter is None:
+        return None
+    from ..dataset_positions import parse_positions
+    _first, last = parse_positions(positions)
+    salt = f"reft:{adapter}:{version}"
+    return f"{salt}:L{prompt_len}" if last else salt
+
+
+def reft_prompt(prompt_token_ids, adapter: Optional[str], positions: Optional[str], version: str = "") -> dict:
+    """A vLLM token prompt with the salt of :func:`cache_salt` (pair it with ``extra_args``)."""
+    prompt = {"prompt_token_ids": list(prompt_token_ids)}
+    salt = cache_salt(adapter, positions, len(prompt["prompt_token_ids"]), version)
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    return prompt

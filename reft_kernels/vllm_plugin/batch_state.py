@@ -1,0 +1,89 @@
+"""Which adapter each request of the running batch uses, via vLLM's public logits-processor API.
+
+A request names its adapter in ``SamplingParams.extra_args={"reft_adapter": NAME}`` (``vllm_xargs``
+over the OpenAI server). vLLM calls a v1 logits processor's ``update_state(BatchUpdate)`` before
+every forward with the requests added to, removed from and moved within the persistent batch:
+each added one with its batch index, sampling params and prompt token ids. :class:`ReftBatchState`
+keeps ``index -> (adapter name, prompt length)`` from those updates and publishes it for the
+model of the same worker process (:func:`current`). Its ``apply`` leaves the logits unchanged.
+
+Load it with ``LLM(..., logits_processors=[REFT_LOGITS_PROCESSOR])`` or
+``vllm serve ... --logits-processors reft_kernels.vllm_plugin.batch_state:ReftBatchState``
+(``reft-kernels serve --engine vllm`` does this itself). The model refuses to run adapters without
+it (:func:`require`), so a missing processor is an error, not a silently unedited answer.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+__all__ = ["ReftBatchState", "ADAPTER_KEY", "current", "require"]
+
+ADAPTER_KEY = "reft_adapter"
+_active: Optional["ReftBatchState"] = None
+
+
+def adapter_of(params) -> Optional[str]:
+    """The adapter a request's SamplingParams name (None: the base model)."""
+    extra = getattr(params, "extra_args", None) or {}
+    return extra.get(ADAPTER_KEY)
+
+
+class ReftBatchState(LogitsProcessor):
+    """Tracks ``batch index -> (adapter, prompt length)``; never changes logits."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        name = adapter_of(sampling_params)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"extra_args[{ADAPTER_KEY!r}]={name!r} must be an adapter name (a non-empty string), "
+                             "or left out for the base model")
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        global _active
+        self.rows: Dict[int, Tuple[str, int]] = {}   # batch index -> (adapter, prompt length)
+        self.batch_size = 0
+        _active = self
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
+        if batch_update is None:
+            return
+        rows = self.rows
+        for index in batch_update.removed:
+            rows.pop(index, None)
+        for index, params, prompt_ids, _output_ids in batch_update.added:
+            name = adapter_of(params)
+            if name is None:
+                rows.pop(index, None)
+            else:
+                rows[index] = (name, len(prompt_ids) if prompt_ids is not None else -1)
+        for a, b, direction in batch_update.moved:
+            ra, rb = rows.pop(a, None), rows.pop(b, None)
+            if ra is not None:
+                rows[b] = ra
+            if direction == MoveDirectionality.SWAP and rb is not None:
+                rows[a] = rb
+        self.batch_size = batch_update.batch_size
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+def current() -> Optional[ReftBatchState]:
+    """This process's batch state (None until vLLM built the logits processor)."""
+    return _active
+
+
+def require() -> ReftBatchState:
+    """The batch state, or a clear error when vLLM was started without the processor."""
+    if _active is None:
+        raise RuntimeError("reft_kernels adapters are loaded but vLLM runs without the ReFT logits processor, so "
+                           "requests cannot select adapters; pass logits_processors=[\"reft_kernels.vllm_plugin."
+                           "batch_state:ReftBatchState\"] to LLM(...) or --logits-processors "
+                           "reft_kernels.vllm_plugin.batch_state:ReftBatchState to vllm serve")
+    return _active
