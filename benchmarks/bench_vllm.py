@@ -1,7 +1,7 @@
 """vLLM + the reft_kernels plugin vs stock vLLM vs our hf engine, side by side on the real model.
 
     /tmp/reft-vllm-venv/bin/python benchmarks/bench_vllm.py [--requests 16] [--new-tokens 16]
-        [--adapters 16] [--repeats 3] [--out benchmarks/results/vllm.json]
+        [--adapters 16] [--repeats 7] [--out benchmarks/results/vllm.json]
 
 Run in the vLLM venv (``bash .ci/vllm_venv.sh``). SmolLM2-135M-Instruct in fp32
 (``reft-kernels fetch-model``), random LoReFT adapters (rank 4, layer 15, l1 positions).
@@ -15,8 +15,9 @@ Configurations, each in its own process (one engine at a time), greedy, every re
 * ``plugin_adapters``: vLLM with the plugin, requests spread over ``--adapters`` adapters;
 * ``hf``: our hf engine (``serving.Engine``, one mixed ``generate``), same requests and adapters.
 
-Each configuration warms up once, then times ``--repeats`` runs of the whole batch; tokens/s is
-requests x new tokens / the median wall time. The machine is shared: read the ratios.
+All configurations run at once, each in its own process, and the parent times them in rounds
+(one whole batch each per round, ``--repeats`` rounds), so the load of the shared machine hits
+them alike. tokens/s is requests x new tokens / the median (and the best) wall time of a batch.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def run_vllm(a, config):
     tok = AutoTokenizer.from_pretrained(a.model)
     ps = prompts(tok, a.requests)
     adapters = json.loads(a.adapter_json)
-    kw = dict(dtype="float32", max_model_len=512, gpu_memory_utilization=0.08, max_num_seqs=max(16, a.requests),
+    kw = dict(dtype="float32", max_model_len=512, kv_cache_memory_bytes=1 << 29, max_num_seqs=max(16, a.requests),
               enforce_eager=True, seed=0, enable_prefix_caching=False)   # repeats must not hit the cache
     if config == "stock_graphs":
         kw["enforce_eager"] = False
@@ -82,14 +83,13 @@ def run_vllm(a, config):
         reqs.append(reft_prompt(p, name, "l1"))
         params.append(SamplingParams(max_tokens=a.new_tokens, min_tokens=a.new_tokens, temperature=0.0,
                                      extra_args={"reft_adapter": name} if name else None))
-    llm.generate(reqs, params, use_tqdm=False)     # warm-up (also fills the prefix cache: disabled below)
-    times = []
-    for _ in range(a.repeats):
+    def once():
         t = time.perf_counter()
         outs = llm.generate(reqs, params, use_tqdm=False)
-        times.append(time.perf_counter() - t)
-    assert all(len(o.outputs[0].token_ids) == a.new_tokens for o in outs)
-    return {"startup_s": startup, "times_s": times}
+        assert all(len(o.outputs[0].token_ids) == a.new_tokens for o in outs)
+        return time.perf_counter() - t
+    once()                                          # warm-up
+    return startup, once
 
 
 def run_hf(a):
@@ -106,22 +106,32 @@ def run_hf(a):
     names = sorted(adapters)
     reqs = lambda: [GenerationRequest(p, names[i % len(names)], SamplingParams(max_tokens=a.new_tokens))  # noqa: E731
                     for i, p in enumerate(prompts(tok, a.requests))]
-    engine.generate_batch(reqs())
-    times = []
-    for _ in range(a.repeats):
+    def once():
         t = time.perf_counter()
         out = engine.generate_batch(reqs())
-        times.append(time.perf_counter() - t)
-    assert all(len(o.token_ids) == a.new_tokens for o in out), [len(o.token_ids) for o in out]
-    return {"startup_s": None, "times_s": times}
+        assert all(len(o.token_ids) == a.new_tokens for o in out), [len(o.token_ids) for o in out]
+        return time.perf_counter() - t
+    once()                                          # warm-up
+    return None, once
 
 
 def child(a):
     torch_threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     import torch
     torch.set_num_threads(torch_threads)
-    result = run_hf(a) if a.config == "hf" else run_vllm(a, a.config)
-    print("RESULT " + json.dumps(result))
+    startup, once = run_hf(a) if a.config == "hf" else run_vllm(a, a.config)
+    print("READY " + json.dumps(startup), flush=True)
+    for line in sys.stdin:                          # one timed run per line from the parent
+        if line.strip() != "run":
+            break
+        print("TIME " + json.dumps(once()), flush=True)
+
+
+def _expect(proc, tag: str, config: str):
+    for line in proc.stdout:
+        if line.startswith(tag):
+            return json.loads(line[len(tag):])
+    sys.exit(f"{config} exited (rc {proc.wait()}) before answering {tag.strip()}")
 
 
 def plot(result, path):
@@ -146,7 +156,7 @@ def main():
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--adapters", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--configs", default="stock,plugin_base,plugin_adapters,hf")
     p.add_argument("--out", default=os.path.join(HERE, "results", "vllm.json"))
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -163,29 +173,41 @@ def main():
     result = {"model": "smollm2-135m-instruct fp32", "requests": a.requests, "new_tokens": a.new_tokens,
               "adapters": a.adapters, "repeats": a.repeats, "machine": "shared 2-core CPU (other jobs running)",
               "configs": {}}
+    # Every configuration lives in its own process, all at once; the parent runs them in rounds
+    # (one timed batch each per round), so the shared machine's load swings hit all of them alike.
+    procs = {}
     for config in a.configs.split(","):
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
         if config.startswith("stock"):
             env["VLLM_PLUGINS"] = ""
         cmd = [sys.executable, __file__, "--config", config, "--model", model, "--adapter-json", json.dumps(adapters),
-               "--requests", str(a.requests), "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{config} failed:\n{proc.stderr[-4000:]}")
-        r = json.loads(line[-1][7:])
-        r["tokens_per_s"] = a.requests * a.new_tokens / statistics.median(r["times_s"])
-        result["configs"][config] = r
-        print(f"{config:16s} {r['tokens_per_s']:7.1f} tok/s  (median of {r['times_s']})", flush=True)
+               "--requests", str(a.requests), "--new-tokens", str(a.new_tokens)]
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        procs[config] = proc
+        startup = _expect(proc, "READY ", config)  # one engine starting at a time
+        result["configs"][config] = {"startup_s": startup, "times_s": []}
+    for _ in range(a.repeats):
+        for config, proc in procs.items():
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            result["configs"][config]["times_s"].append(_expect(proc, "TIME ", config))
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait(timeout=120)
+    for config, r in result["configs"].items():
+        r["tokens_per_s"] = a.requests * a.new_tokens / statistics.median(r["times_s"])
+        r["tokens_per_s_best"] = a.requests * a.new_tokens / min(r["times_s"])   # least disturbed run
+        print(f"{config:16s} {r['tokens_per_s']:7.1f} tok/s median, {r['tokens_per_s_best']:7.1f} best "
+              f"({[round(t, 2) for t in r['times_s']]})", flush=True)
     c = result["configs"]
-    if "plugin_adapters" in c and "hf" in c:
-        result["plugin_adapters_over_hf"] = c["plugin_adapters"]["tokens_per_s"] / c["hf"]["tokens_per_s"]
-    if "plugin_base" in c and "stock" in c:
-        result["plugin_base_over_stock"] = c["plugin_base"]["tokens_per_s"] / c["stock"]["tokens_per_s"]
-    if "plugin_adapters" in c and "stock" in c:
-        result["plugin_adapters_over_stock"] = c["plugin_adapters"]["tokens_per_s"] / c["stock"]["tokens_per_s"]
+    for a_, b_ in (("plugin_adapters", "hf"), ("plugin_base", "stock"), ("plugin_adapters", "stock"),
+                   ("stock_graphs", "stock")):
+        if a_ in c and b_ in c:
+            for key in ("tokens_per_s", "tokens_per_s_best"):
+                result[f"{a_}_over_{b_}{key[len('tokens_per_s'):]}"] = c[a_][key] / c[b_][key]
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     plot(result, a.out.replace(".json", ".png"))
