@@ -1,6 +1,6 @@
 // Torch-side helpers shared by the CPU and CUDA bindings: argument checks, weight conversion to
 // the compute dtype and the RowParams of reft_rows.h. The launcher contract is the one of
-// reft_kernels/ops/autograd.py (forward_rows / backward_rows).
+// reft_kernels/ops/autograd.py (forward_rows / backward_rows, stacked adapters).
 #pragma once
 
 #include <optional>
@@ -22,22 +22,10 @@ inline at::ScalarType compute_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_rows_args(const at::Tensor& x2d, const at::Tensor& rows, const at::Tensor& proj,
-                            const std::optional<at::Tensor>& weight, const at::Tensor& bias,
-                            bool has_weight) {
-  TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous(), "reft native: x2d must be a contiguous (M, d) tensor");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "reft native: rows must be an int64 (N,) tensor");
-  TORCH_CHECK(rows.device() == x2d.device(), "reft native: rows must be on x2d's device");
-  TORCH_CHECK(proj.dim() == 2 && proj.size(1) == x2d.size(1), "reft native: proj must be (r, d)");
-  TORCH_CHECK(!has_weight || (weight.has_value() && weight->sizes() == proj.sizes()),
-              "reft native: weight must be (r, d) for variants with a learned source");
-  TORCH_CHECK(bias.numel() == proj.size(0), "reft native: bias must be (r,)");
-}
-
-// Per-row adapters: stacked proj/weight (A, r, d), bias (A, r), adapter (N,) like rows.
-inline void check_multi_args(const at::Tensor& x2d, const at::Tensor& rows, const at::Tensor& adapter,
-                      const at::Tensor& proj, const std::optional<at::Tensor>& weight,
-                      const at::Tensor& bias, bool has_weight) {
+// Stacked proj/weight (A, r, d), bias (A, r), adapter (N,) like rows.
+inline void check_rows_args(const at::Tensor& x2d, const at::Tensor& rows, const at::Tensor& adapter,
+                            const at::Tensor& proj, const std::optional<at::Tensor>& weight,
+                            const at::Tensor& bias, bool has_weight) {
   TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous(), "reft native: x2d must be a contiguous (M, d) tensor");
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "reft native: rows must be an int64 (N,) tensor");
   TORCH_CHECK(adapter.sizes() == rows.sizes() && adapter.scalar_type() == at::kLong,
@@ -69,7 +57,7 @@ RowParams<A> make_params(Weights& w, const at::Tensor& x2d, const at::Tensor& pr
   rp.W = w.W.defined() ? w.W.data_ptr<A>() : nullptr;
   rp.b = w.b.data_ptr<A>();
   rp.c = w.c.defined() ? w.c.data_ptr<A>() : nullptr;
-  rp.r = static_cast<int>(proj.size(0));
+  rp.r = static_cast<int>(proj.size(1));  // proj is the (A, r, d) stack
   rp.d = x2d.size(1);
   rp.act = static_cast<int>(act);
   rp.has_weight = has_weight;
@@ -81,14 +69,18 @@ RowParams<A> make_params(Weights& w, const at::Tensor& x2d, const at::Tensor& pr
   return rp;
 }
 
-// The backward's flat fp32/fp64 buffer [grad_P (r d) | grad_W (r d) | grad_b (r) | grad_c (r)]
-// -> (grad_proj, grad_weight, grad_bias, grad_proj_bias); absent ones are undefined tensors.
+// The backward's (A, E) fp32/fp64 buffer, each row [grad_P (r d) | grad_W (r d) | grad_b (r) |
+// grad_c (r)] -> the stacked (grad_proj, grad_weight, grad_bias, grad_proj_bias); absent ones are
+// undefined tensors.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_grads(
-    const at::Tensor& out, int64_t r, int64_t d, bool has_weight, bool has_proj_bias) {
-  auto gP = out.narrow(0, 0, r * d).view({r, d}).clone();
-  auto gW = has_weight ? out.narrow(0, r * d, r * d).view({r, d}).clone() : at::Tensor();
-  auto gb = out.narrow(0, 2 * r * d, r).clone();
-  auto gc = has_proj_bias ? out.narrow(0, 2 * r * d + r, r).clone() : at::Tensor();
+    const at::Tensor& out, int64_t n_adapters, int64_t r, int64_t d, bool has_weight, bool has_proj_bias) {
+  const auto rows = out.view({n_adapters, 2 * r * d + 2 * r});
+  // copies: the outputs of a torch.library custom op may not alias each other
+  auto part = [&](int64_t start, int64_t len) { return rows.narrow(1, start, len).clone(at::MemoryFormat::Contiguous); };
+  auto gP = part(0, r * d).view({n_adapters, r, d});
+  auto gW = has_weight ? part(r * d, r * d).view({n_adapters, r, d}) : at::Tensor();
+  auto gb = part(2 * r * d, r);
+  auto gc = has_proj_bias ? part(2 * r * d + r, r) : at::Tensor();
   return {gP, gW, gb, gc};
 }
 

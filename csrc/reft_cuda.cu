@@ -1,4 +1,4 @@
-// CUDA backend of the ReFT op family (math: reft_rows.h). Torch-free: only c10's BFloat16/Half
+// CUDA backend of the ReFT op (math: reft_rows.h). Torch-free: only c10's BFloat16/Half
 // value types, so CI can compile-check it quickly; reft_cuda_binding.cpp binds it to torch.
 //
 // forward:   one block per selected row. Pass 1: the block's threads stride over the row and
@@ -10,7 +10,7 @@
 //            grad_P[:, j], grad_W[:, j] in registers, then stores them in the chunk's partial;
 //            (3) sum_chunks adds the K partials in chunk order. Memory: K x (2 r d + 2 r) with
 //            K ~ 2 x SMs / column tiles, independent of N; no atomics, so results are deterministic.
-// per-row adapters (reft_kernels/ops/multi.py): the same kernels with `adapter` (N,) non-null;
+// per-row adapters (the op's stacked layout): `adapter` (N,) non-null (null: every entry adapter 0);
 //            P, W (A, r, d) and b, c (A, r) are stacked and a row block uses its entry's slice.
 //            The backward's chunks become (adapter, part) pairs over the entries ordered by
 //            adapter (`order`, `starts`: a stable sort done by the binding), so a column block
@@ -330,24 +330,14 @@ cudaError_t backward_dispatch(DType dt, void* grad, const int64_t* rows, const i
 }  // namespace
 
 #define REFT_LAUNCHERS(A)                                                                        \
-  cudaError_t forward(DType dt, void* x, const int64_t* rows, void* saved, int64_t N,            \
-                      const RowParams<A>& p, cudaStream_t st) {                                  \
-    return forward_dispatch<A>(dt, x, rows, nullptr, saved, N, p, st);                           \
-  }                                                                                              \
-  cudaError_t backward(DType dt, void* grad, const int64_t* rows, const void* saved, int64_t N,  \
-                       const RowParams<A>& p, A* coef, A* partial, int K, A* out,                \
-                       cudaStream_t st) {                                                        \
-    return backward_dispatch<A>(dt, grad, rows, nullptr, nullptr, nullptr, 1, saved, N, p, coef,  \
-                                partial, K, out, st);                                            \
-  }                                                                                              \
-  cudaError_t forward_multi(DType dt, void* x, const int64_t* rows, const int64_t* adapter,      \
-                            void* saved, int64_t N, const RowParams<A>& p, cudaStream_t st) {    \
+  cudaError_t forward(DType dt, void* x, const int64_t* rows, const int64_t* adapter, void* saved, \
+                      int64_t N, const RowParams<A>& p, cudaStream_t st) {                       \
     return forward_dispatch<A>(dt, x, rows, adapter, saved, N, p, st);                           \
   }                                                                                              \
-  cudaError_t backward_multi(DType dt, void* grad, const int64_t* rows, const int64_t* adapter,  \
-                             const int64_t* order, const int64_t* starts, int64_t n_adapters,    \
-                             const void* saved, int64_t N, const RowParams<A>& p, A* coef,       \
-                             A* partial, int K, A* out, cudaStream_t st) {                       \
+  cudaError_t backward(DType dt, void* grad, const int64_t* rows, const int64_t* adapter,        \
+                       const int64_t* order, const int64_t* starts, int64_t n_adapters,          \
+                       const void* saved, int64_t N, const RowParams<A>& p, A* coef, A* partial, \
+                       int K, A* out, cudaStream_t st) {                                         \
     return backward_dispatch<A>(dt, grad, rows, adapter, order, starts, n_adapters, saved, N, p,  \
                                 coef, partial, K, out, st);                                      \
   }

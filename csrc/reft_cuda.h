@@ -12,43 +12,31 @@ namespace reft_cuda {
 
 enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
 
-// Edit x (M, d) in place at rows[n] >= 0 (n < N); saved[n] = pre-edit row (zeros for rows[n] < 0).
-cudaError_t forward(DType dtype, void* x, const int64_t* rows, void* saved, int64_t N,
-                    const reft::RowParams<float>& p, cudaStream_t stream);
-cudaError_t forward(DType dtype, void* x, const int64_t* rows, void* saved, int64_t N,
-                    const reft::RowParams<double>& p, cudaStream_t stream);
-
-// Number of row chunks K of the weight-gradient reduction (the partial buffer is K x E).
+// Number of row chunks K of the weight-gradient reduction (the partial buffer is K x E per adapter).
 int backward_chunks(int64_t N, int64_t d, int sm_count);
 
-// Overwrite grad (M, d) with grad_h at rows[n] >= 0 and write
-// out = [grad_P (r d) | grad_W (r d) | grad_b (r) | grad_c (r)]   (E = 2 r d + 2 r elements).
-// Workspace: coef (N x 3 x r), partial (K x E).
-cudaError_t backward(DType dtype, void* grad, const int64_t* rows, const void* saved, int64_t N,
-                     const reft::RowParams<float>& p, float* coef, float* partial, int K,
-                     float* out, cudaStream_t stream);
-cudaError_t backward(DType dtype, void* grad, const int64_t* rows, const void* saved, int64_t N,
-                     const reft::RowParams<double>& p, double* coef, double* partial, int K,
-                     double* out, cudaStream_t stream);
+// p points at the stacked P, W (A, r, d) and b, c (A, r); entry n uses adapter[n]'s slice
+// (adapter null: every entry uses adapter 0, the single-adapter case).
+//
+// forward: edit x (M, d) in place at rows[n] >= 0 (n < N); saved[n] = pre-edit row (zeros for
+// rows[n] < 0).
+cudaError_t forward(DType dtype, void* x, const int64_t* rows, const int64_t* adapter, void* saved,
+                    int64_t N, const reft::RowParams<float>& p, cudaStream_t stream);
+cudaError_t forward(DType dtype, void* x, const int64_t* rows, const int64_t* adapter, void* saved,
+                    int64_t N, const reft::RowParams<double>& p, cudaStream_t stream);
 
-// Per-row adapters (reft_kernels/ops/multi.py): p points at the stacked P, W (A, r, d) and b, c
-// (A, r); entry n uses adapter[n]'s slice. The backward also takes the live entries ordered by
-// adapter (order (N,), adapter a's entries at order[starts[a] .. starts[a+1])) and writes
-// out = (A, E) (each adapter's E block laid out as above). Workspace: partial (A x K x E).
-cudaError_t forward_multi(DType dtype, void* x, const int64_t* rows, const int64_t* adapter,
-                          void* saved, int64_t N, const reft::RowParams<float>& p,
-                          cudaStream_t stream);
-cudaError_t forward_multi(DType dtype, void* x, const int64_t* rows, const int64_t* adapter,
-                          void* saved, int64_t N, const reft::RowParams<double>& p,
-                          cudaStream_t stream);
-cudaError_t backward_multi(DType dtype, void* grad, const int64_t* rows, const int64_t* adapter,
-                           const int64_t* order, const int64_t* starts, int64_t n_adapters,
-                           const void* saved, int64_t N, const reft::RowParams<float>& p,
-                           float* coef, float* partial, int K, float* out, cudaStream_t stream);
-cudaError_t backward_multi(DType dtype, void* grad, const int64_t* rows, const int64_t* adapter,
-                           const int64_t* order, const int64_t* starts, int64_t n_adapters,
-                           const void* saved, int64_t N, const reft::RowParams<double>& p,
-                           double* coef, double* partial, int K, double* out,
-                           cudaStream_t stream);
+// backward: overwrite grad (M, d) with grad_h at rows[n] >= 0 and write out (A, E), each
+// adapter's row [grad_P (r d) | grad_W (r d) | grad_b (r) | grad_c (r)] (E = 2 r d + 2 r).
+// With A > 1 it takes the live entries ordered by adapter (order (N,), adapter a's entries at
+// order[starts[a] .. starts[a+1])); with A = 1 order, starts and adapter may be null.
+// Workspace: coef (N x 3 x r), partial (A x K x E).
+cudaError_t backward(DType dtype, void* grad, const int64_t* rows, const int64_t* adapter,
+                     const int64_t* order, const int64_t* starts, int64_t n_adapters,
+                     const void* saved, int64_t N, const reft::RowParams<float>& p, float* coef,
+                     float* partial, int K, float* out, cudaStream_t stream);
+cudaError_t backward(DType dtype, void* grad, const int64_t* rows, const int64_t* adapter,
+                     const int64_t* order, const int64_t* starts, int64_t n_adapters,
+                     const void* saved, int64_t N, const reft::RowParams<double>& p, double* coef,
+                     double* partial, int K, double* out, cudaStream_t stream);
 
 }  // namespace reft_cuda

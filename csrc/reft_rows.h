@@ -1,7 +1,7 @@
 // Per-row math of the ReFT op family, shared by the CPU (reft_cpu.cpp) and CUDA (reft_cuda.cu)
 // backends. Plain C++ templates, `__host__ __device__` under nvcc; no torch dependency.
 //
-// Every variant edits a selected hidden row h (width d) as            (reft_kernels/ops/family.py)
+// Every variant edits a selected hidden row h (width d) as            (reft_kernels/ops/variants.py)
 //
 //     s      = A(h) - C(h)                       (an r-vector)
 //     A(h)   = act(W h + b)   if has_weight       (LoReFT, NoReFT, DiReFT, NodiReFT)
@@ -136,7 +136,7 @@ template <typename A> struct RowParams {
   A scale;             // 1 / (1 - p)
 };
 
-// Per-row adapters (reft_kernels/ops/multi.py): A adapters stacked as P, W (A, r, d) and b, c
+// Per-row adapters (reft_kernels/ops/variants.py): A adapters stacked as P, W (A, r, d) and b, c
 // (A, r); adapter a's slice, as a single-adapter RowParams (p points at adapter 0).
 template <typename A> REFT_HD RowParams<A> slice(const RowParams<A>& p, int64_t a) {
   RowParams<A> q = p;

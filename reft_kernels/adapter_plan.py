@@ -17,7 +17,7 @@ a stage is one :class:`SingleEdit` when all its rows use the same intervention (
 single-adapter path: the intervention module called on the masked positions), and otherwise one
 :class:`StackedEdit` per group of interventions sharing ``(variant, act, dropout, width)``: their
 weights are stacked ``[A, r_max, d]`` (ranks zero-padded, which is exact) and one call of the
-per-row op :func:`reft_edit_multi` edits every row with its own adapter. Gradients reach each
+per-row op :func:`reft_kernels.ops.reft_edit_multi` edits every row with its own adapter. Gradients reach each
 adapter's parameters only from its own rows (the stack is built from the parameters on every
 forward that records gradients).
 """
@@ -28,65 +28,7 @@ from typing import Optional
 
 import torch
 
-from .ops import family
-
-__all__ = ["SingleEdit", "StackedEdit", "build_plan", "reft_edit_multi", "reft_edit_multi_fallback",
-           "stack_weights"]
-
-
-def reft_edit_multi_fallback(hidden, positions, adapter_ids, proj, weight, bias, proj_bias=None, *,
-                    variant="loreft", act=None, dropout=0.0, seed=None, inplace=False, ranks=None,
-                    backend="auto"):
-    """Per-row adapters (signature of ``reft_kernels.ops.reft_edit_multi``, docs/multi_adapter_op.md).
-
-    Plain differentiable torch (autograd derives every gradient): the listed positions of row b
-    get the family formula with adapter ``adapter_ids[b]``'s weights ``proj[a], weight[a],
-    bias[a], proj_bias[a]``; rows with id -1 pass through. ``backend`` is accepted for the
-    signature (this fallback is torch only); ``ranks`` is unused (the stack is rebuilt from the
-    parameters on every training step, so padded rows never receive a gradient).
-    """
-    spec = family.VARIANTS[variant]
-    B, T, d = hidden.shape
-    ids = adapter_ids.to(device=hidden.device, dtype=torch.int64)
-    if ids.shape != (B,):
-        raise ValueError(f"adapter_ids has shape {tuple(ids.shape)}; pass one id per batch row ({B},)")
-    A = proj.shape[0]
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= A):
-        raise ValueError(f"adapter_ids holds {ids.tolist()}, outside [-1, {A}); use -1 for 'no adapter'")
-    pos = torch.where(ids[:, None] >= 0, positions.to(torch.int64), torch.full_like(positions, -1, dtype=torch.int64))
-    rows = family.canonical_rows(pos, T)
-    rows = rows[rows >= 0]
-    flat = hidden.reshape(B * T, d)
-    if rows.numel() == 0:
-        return hidden
-    a = ids[rows // T]
-    cd = family.compute_dtype(hidden)
-    h = flat.index_select(0, rows).to(cd)
-    P = proj.to(cd).index_select(0, a)                                     # (N, r, d)
-    if spec.has_weight:
-        z = torch.einsum("nrd,nd->nr", weight.to(cd).index_select(0, a), h) + bias.to(cd).index_select(0, a)
-        s = family.activation(spec.act_name(act), z)
-    else:
-        s = bias.to(cd).index_select(0, a)
-    if spec.subtract_proj:
-        s = s - torch.einsum("nrd,nd->nr", P, h)
-        if proj_bias is not None:
-            s = s - proj_bias.to(cd).index_select(0, a)
-    new = h + torch.einsum("nr,nrd->nd", s, P)
-    if dropout:
-        keep = family.dropout_keep_mask(int(seed or 0), rows, d, dropout)
-        new = new * keep.to(cd) / (1.0 - dropout)
-    new = new.to(hidden.dtype)
-    if inplace:
-        flat.index_put_((rows,), new)
-        return hidden
-    return flat.index_put((rows,), new).view(B, T, d)
-
-
-try:   # the fused per-row op (torch/native/triton backends) where the ops package has it
-    from .ops import reft_edit_multi
-except ImportError:   # pragma: no cover - an ops package without it
-    reft_edit_multi = reft_edit_multi_fallback
+__all__ = ["SingleEdit", "StackedEdit", "build_plan", "stack_weights"]
 
 
 def _pad_rows(t: Optional[torch.Tensor], r_max: int, dtype) -> Optional[torch.Tensor]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from .adapter_plan import build_plan
 from .config import ReftConfig
-from .ops.family import new_seed
+from .ops.variants import new_seed
 from .families import resolve_site
 
 __all__ = ["AdapterMixin", "DEFAULT_ADAPTER"]

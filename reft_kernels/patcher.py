@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .adapter_plan import SingleEdit, reft_edit_multi
+from .adapter_plan import SingleEdit
+from .ops import reft_edit_multi
 from .edit_state import EditState, GeneratedPositions
 from .families import Site, hidden_size, resolve_site  # noqa: F401 (kept importable from here)
 

@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import reft_kernels as pyreft
 from reft_kernels import adapter_plan, patcher
 from reft_kernels.checkpoint import export_pyreft
-from reft_kernels.ops.reference import reft_edit_reference
+from reft_kernels.ops import reft_edit_multi
+from reft_kernels.ops.reference import reft_edit_multi_reference, reft_edit_reference
 from test_patcher import add_reference_hook
 
 H = 64
@@ -189,8 +190,8 @@ def oracle_multi(hidden, positions, ids, ivs):
     return out
 
 
-@pytest.mark.parametrize("op", [adapter_plan.reft_edit_multi_fallback, adapter_plan.reft_edit_multi],
-                         ids=["fallback", "in_use"])
+@pytest.mark.parametrize("op", [reft_edit_multi_reference, reft_edit_multi],
+                         ids=["reference", "op"])
 @pytest.mark.parametrize("variant", [pyreft.LoreftIntervention, pyreft.NoreftIntervention, pyreft.DireftIntervention])
 def test_per_row_op_matches_float64_oracle_and_gradients(variant, op):
     torch.manual_seed(1)

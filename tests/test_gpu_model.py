@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import reft_kernels  # noqa: E402
 from reft_kernels.ops import reft_edit  # noqa: E402
-from reft_kernels.ops.family import canonical_rows, dropout_keep_mask  # noqa: E402
+from reft_kernels.ops.variants import canonical_rows, dropout_keep_mask  # noqa: E402
 from test_ops import available_backends, check_against_oracle, make_params, make_positions  # noqa: E402
 
 CUDA = DEVICE.type == "cuda"

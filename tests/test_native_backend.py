@@ -13,7 +13,7 @@ import torch
 
 from reft_kernels.ops import VARIANTS, reft_edit
 from reft_kernels.ops import native_backend as nb
-from reft_kernels.ops.family import canonical_rows, dropout_keep_mask, philox_randint
+from reft_kernels.ops.variants import canonical_rows, dropout_keep_mask, philox_randint
 from reft_kernels.ops.reference import reft_edit_reference
 
 CPU = torch.device("cpu")

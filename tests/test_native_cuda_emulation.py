@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sysconfig
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 from torch.utils.cpp_extension import include_paths
 
 from reft_kernels.ops import torch_backend
-from reft_kernels.ops.family import ACT_IDS, VARIANTS, canonical_rows
+from reft_kernels.ops.variants import ACT_IDS, VARIANTS, canonical_rows, entry_adapters
 from reft_kernels.ops.native_backend import CSRC
 
 EMU = CSRC.parent / "tests" / "cuda_emu"
@@ -90,8 +91,11 @@ def test_cuda_kernels_match_torch_backend(emulator, tmp_path, variant, act, r, d
 
     xt, gt = x.clone(), g.clone()
     Wt, ct = (W if spec.has_weight else None), (c if has_c else None)
-    saved_t = torch_backend.forward_rows(xt, rows, P, Wt, b, ct, spec, act, p, seed)
-    gp, gw, gb, gc = torch_backend.backward_rows(gt, rows, saved_t, P, Wt, b, ct, spec, act, p, seed)
+    one = [None if t is None else t.unsqueeze(0) for t in (P, Wt, b, ct)]   # the A = 1 stack
+    adapter = torch.zeros_like(rows)
+    saved_t = torch_backend.forward_rows(xt, rows, adapter, *one, spec, act, p, seed)
+    gp, gw, gb, gc = (None if t is None else t[0] for t in torch_backend.backward_rows(
+        gt, rows, adapter, saved_t, *one, spec, act, p, seed))
     valid = rows >= 0
     pairs = {"x": (x_out.view(M, d), xt), "saved": (saved.view(N, d)[valid], saved_t[valid]),
              "grad_h": (grad_h.view(M, d), gt), "grad_proj": (wg[: r * d].view(r, d), gp),
@@ -111,7 +115,7 @@ def test_cuda_kernels_match_torch_backend(emulator, tmp_path, variant, act, r, d
 
 
 # ------------------------------------------------------------------------------------------
-# per-row adapters (forward_multi / backward_multi): against the torch backend's multi path
+# per-row adapters (A > 1: adapter and order arrays): against the torch backend
 @pytest.fixture(scope="module")
 def emulator_multi(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cuda_emu_multi")
@@ -135,7 +139,6 @@ MULTI_CASES = [  # variant, act, r, d, A, K, dropout
 
 @pytest.mark.parametrize("variant,act,r,d,A,K,p", MULTI_CASES)
 def test_cuda_multi_kernels_match_torch_backend(emulator_multi, tmp_path, variant, act, r, d, A, K, p):
-    from reft_kernels.ops.multi_family import entry_adapters
     spec = VARIANTS[variant]
     gen = torch.Generator().manual_seed(r * 100 + d + A)
     B, T = 6, 7
@@ -165,9 +168,9 @@ def test_cuda_multi_kernels_match_torch_backend(emulator_multi, tmp_path, varian
 
     xt, gt = x.clone(), g.clone()
     Wt, ct = (W if spec.has_weight else None), (c if has_c else None)
-    saved_t = torch_backend.forward_rows_multi(xt, rows, adapter, P, Wt, b, ct, spec, act, p, seed)
-    gp, gw, gb, gc = torch_backend.backward_rows_multi(gt, rows, adapter, saved_t, P, Wt, b, ct,
-                                                       spec, act, p, seed)
+    saved_t = torch_backend.forward_rows(xt, rows, adapter, P, Wt, b, ct, spec, act, p, seed)
+    gp, gw, gb, gc = torch_backend.backward_rows(gt, rows, adapter, saved_t, P, Wt, b, ct, spec, act,
+                                                 p, seed)
     valid = rows >= 0
     pairs = {"x": (x_out.view(M, d), xt), "saved": (saved.view(N, d)[valid], saved_t[valid]),
              "grad_h": (grad_h.view(M, d), gt), "grad_proj": (wg[:, : r * d].reshape(A, r, d), gp),
@@ -179,3 +182,13 @@ def test_cuda_multi_kernels_match_torch_backend(emulator_multi, tmp_path, varian
     for name, (ours, ref) in pairs.items():
         err = (ours - ref.float()).abs().max().item() if ours.numel() else 0.0
         assert err <= 2e-5 * max(1.0, ref.abs().max().item() if ref.numel() else 1.0), (name, err)
+
+
+def test_torch_binding_compiles_against_stub_cuda_headers():
+    """reft_cuda_binding.cpp is host C++ built only on a CUDA machine; compile-check it here with
+    stand-ins for the few CUDA / c10::cuda declarations it uses (tests/cuda_emu/binding_stubs)."""
+    cmd = ["g++", "-fsyntax-only", "-std=c++17", f"-I{EMU / 'binding_stubs'}", f"-I{EMU}", f"-I{CSRC}"]
+    cmd += [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    cmd += ["-DTORCH_EXTENSION_NAME=reft_binding_check", str(CSRC / "reft_cuda_binding.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]

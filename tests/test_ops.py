@@ -8,7 +8,7 @@ import torch
 
 from reft_kernels.ops import VARIANTS, reft_edit
 from reft_kernels.ops.autograd import get_backend
-from reft_kernels.ops.family import canonical_rows, dropout_keep_mask
+from reft_kernels.ops.variants import canonical_rows, dropout_keep_mask
 from reft_kernels.ops.reference import reft_edit_reference
 
 DTYPE_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -230,7 +230,7 @@ def test_philox_matches_triton_randint():
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
-    from reft_kernels.ops.family import philox_randint
+    from reft_kernels.ops.variants import philox_randint
 
     if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")

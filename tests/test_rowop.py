@@ -10,26 +10,12 @@ import pytest
 import torch
 
 from reft_kernels.ops import VARIANTS, reft_edit, reft_edit_multi
-from reft_kernels.ops.autograd import get_backend
 from reft_kernels.ops.reference import reft_edit_reference
-from test_ops import CUDA, DTYPE_ATOL, make_params, make_positions
+from test_ops import CUDA, DTYPE_ATOL, available_backends, make_params, make_positions
 
 
-def multi_backends(device=torch.device("cpu")):
-    names = []
-    for name in ("torch", "triton", "native"):
-        try:
-            mod = get_backend(name)
-        except Exception:  # noqa: BLE001 - not importable here
-            continue
-        if getattr(mod, "is_available", lambda d: True)(device) and \
-                getattr(mod, "multi_available", lambda d: True)(device):
-            names.append(name)
-    return names
-
-
-BACKENDS = multi_backends()
-CUDA_BACKENDS = multi_backends(CUDA) if CUDA is not None else []
+BACKENDS = available_backends()          # every backend runs the per-row op
+CUDA_BACKENDS = available_backends(CUDA) if CUDA is not None else []
 
 
 def make_stack(variant, ranks, d, wdtype, gen):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from reft_kernels.ops import torch_backend
-from reft_kernels.ops.family import ACT_IDS, VARIANTS, dropout_keep_mask
+from reft_kernels.ops.variants import ACT_IDS, VARIANTS, dropout_keep_mask
 
 triton_backend = pytest.importorskip("reft_kernels.ops.triton_backend")
-from reft_kernels.ops import triton_common, triton_multi  # noqa: E402
+from reft_kernels.ops import triton_common  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not triton_backend.is_available(DEVICE):
     pytest.skip(triton_backend.unavailable_reason(DEVICE), allow_module_level=True)
@@ -45,10 +45,17 @@ def run_rows(backend, x, grad, rows, params, variant, act, p, seed, dtype, pdtyp
     x2d = x.to(DEVICE, dtype).clone()
     ps = [None if t is None else t.to(DEVICE, dt) for t, dt in zip(params, pdtypes)]
     rows = rows.to(DEVICE)
-    saved = backend.forward_rows(x2d, rows, *ps, spec, act, p, seed)
+    saved = forward_one(backend, x2d, rows, *ps, spec, act, p, seed)
     g2d = grad.to(DEVICE, dtype).clone()
-    grads = backend.backward_rows(g2d, rows, saved, *ps, spec, act, p, seed)
-    return [x2d, saved[rows >= 0], g2d] + [g for g in grads if g is not None]
+    ps = [None if t is None else t.unsqueeze(0) for t in ps]     # the A = 1 stack
+    grads = backend.backward_rows(g2d, rows, torch.zeros_like(rows), saved, *ps, spec, act, p, seed)
+    return [x2d, saved[rows >= 0], g2d] + [g[0] for g in grads if g is not None]
+
+
+def forward_one(backend, x2d, rows, *args):
+    """A backend's forward launcher with one adapter: 2-D proj/weight, 1-D bias/proj_bias."""
+    ps = [None if t is None else t.unsqueeze(0) for t in args[:4]]
+    return backend.forward_rows(x2d, rows, torch.zeros_like(rows), *ps, *args[4:])
 
 
 def assert_matches_torch(variant, act, p, dtype, pdtypes, r, d, **case_kw):
@@ -100,7 +107,7 @@ def test_ranks_with_odd_width(r, variant):
 def test_rows_wider_than_one_chunk(monkeypatch):
     """8-row tiles make 128-column chunks, so d = 150 takes a full and a masked chunk."""
     monkeypatch.setattr(triton_common, "TARGET_PROGRAMS", 2)
-    assert triton_backend._row_tiles(14, 150)[1]["BLOCK_D"] == 128
+    assert triton_common.row_tiles(14, 150)[1]["BLOCK_D"] == 128
     assert_matches_torch("noreft", "gelu", 0.3, *FP32, r=3, d=150)
 
 
@@ -132,8 +139,8 @@ def test_dropout_mask_is_exactly_the_philox_mask():
     assert 0.3 < 1 - keep.float().mean().item() < 0.5
     eager = x.to(DEVICE).clone()
     on_device = [None if t is None else t.to(DEVICE) for t in params]
-    torch_backend.forward_rows(eager, rows.to(DEVICE), *on_device, VARIANTS["lobireft"], "linear",
-                               p, seed)
+    forward_one(torch_backend, eager, rows.to(DEVICE), *on_device, VARIANTS["lobireft"], "linear",
+                p, seed)
     assert torch.equal(x2d, eager)
 
 
@@ -171,8 +178,8 @@ def test_rank_above_limit_is_a_clear_error():
     proj = torch.zeros(r, 16, device=DEVICE)
     rows = torch.tensor([0], device=DEVICE)
     with pytest.raises(ValueError, match=r"r=257.*backend='torch'"):
-        triton_backend.forward_rows(x2d, rows, proj, None, torch.zeros(r, device=DEVICE), None,
-                                    VARIANTS["lobireft"], "linear", 0.0, 0)
+        forward_one(triton_backend, x2d, rows, proj, None, torch.zeros(r, device=DEVICE), None,
+                    VARIANTS["lobireft"], "linear", 0.0, 0)
 
 
 WITHOUT_INTERPRETER = """
@@ -183,7 +190,6 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from reft_kernels.ops import triton_backend as tb
-from reft_kernels.ops import triton_multi as tm
 
 cpu = torch.device("cpu")
 print(tb.is_available(cpu), tb.unavailable_reason(cpu))
@@ -203,10 +209,7 @@ SWITCHES = dict(ACT=3, HAS_WEIGHT=True, SUBTRACT_PROJ=True, HAS_PROJ_BIAS=True, 
 for cap in (80, 90):
     for fn, tiles, warps in ((tb._forward_kernel, dict(BLOCK_N=2, BLOCK_D=512), 4),
                              (tb._backward_rows_kernel, dict(BLOCK_N=8, BLOCK_D=128), 4),
-                             (tb._backward_cols_kernel, dict(BLOCK_N=16, BLOCK_D=32), 8),
-                             (tm._forward_multi_kernel, dict(BLOCK_N=2, BLOCK_D=512), 4),
-                             (tm._backward_rows_multi_kernel, dict(BLOCK_N=8, BLOCK_D=128), 4),
-                             (tm._backward_cols_multi_kernel, dict(BLOCK_N=16, BLOCK_D=32), 8)):
+                             (tb._backward_cols_kernel, dict(BLOCK_N=16, BLOCK_D=32), 8)):
         consts = {k: v for k, v in {**SWITCHES, **tiles}.items() if k in fn.arg_names}
         sig = {k: "constexpr" if k in consts else TYPES[k] for k in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),

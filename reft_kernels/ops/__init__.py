@@ -1,9 +1,13 @@
-"""Functional API of the fused ReFT op family.
+"""Functional API of the fused ReFT op.
 
-Each function takes a layer's hidden states ``hidden`` (B, T, d) and ``positions`` (B, P) (entries
-in [0, T), or -1 for "no edit") and returns ``hidden`` with every listed (row, position) edited.
-The math of all six variants is in :mod:`reft_kernels.ops.family`; in short, with P the rotation
-R (or NoReFT's projection), W/b pyreft's ``learned_source`` and c NoReFT's projection bias:
+THE op is :func:`reft_edit_multi`: it takes a layer's hidden states ``hidden`` (B, T, d),
+``positions`` (B, P) (entries in [0, T), or -1 for "no edit"), a stack of A adapters of one
+variant (proj, weight (A, r, d); bias, proj_bias (A, r)) and ``adapter_ids`` (B,), each batch
+row's stack index (-1: untouched), and returns ``hidden`` with every listed (row, position)
+edited by its row's adapter. :func:`reft_edit` and the six named functions below are that op
+with one adapter (A = 1, 2-D weights). The math of all six variants is in
+:mod:`reft_kernels.ops.variants`; in short, with P the rotation R (or NoReFT's projection), W/b
+pyreft's ``learned_source`` and c NoReFT's projection bias:
 
     loreft    h + R^T (act(W h + b) - R h)
     noreft    h + P^T (act(W h + b) - (P h + c))
@@ -20,9 +24,6 @@ followed by dropout on the whole edited row. Weights may have other dtypes than 
 under ``TRITON_INTERPRET=1``), ``"native"`` (csrc/ C++/CUDA, built on first use) or ``"auto"``.
 The environment variable ``REFT_KERNELS_BACKEND`` overrides ``"auto"``.
 ``seed`` fixes the dropout mask (drawn from torch's CPU generator when None).
-
-:func:`reft_edit_multi` is the same op over a stack of A adapters with one adapter id per batch
-row (per-row adapters in one fused call; see :mod:`reft_kernels.ops.multi`).
 """
 from __future__ import annotations
 
@@ -31,12 +32,58 @@ from typing import Optional
 import torch
 
 from .autograd import BACKENDS, ReftEditFunction, resolve_backend
-from .family import ACTIVATIONS, VARIANTS, check_inputs, new_seed
-from .multi import reft_edit_multi
-from .multi_family import stack_adapters
+from .inputs import check_adapter_inputs, check_inputs, stack_adapters
+from .variants import ACTIVATIONS, VARIANTS, new_seed
 
-__all__ = ["reft_edit", "reft_edit_multi", "stack_adapters", "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
-           "VARIANTS", "ACTIVATIONS", "BACKENDS", "resolve_backend"]
+__all__ = ["reft_edit_multi", "reft_edit", "stack_adapters", "loreft", "noreft", "direft", "nodireft",
+           "consreft", "lobireft", "VARIANTS", "ACTIVATIONS", "BACKENDS", "resolve_backend"]
+
+
+def _spec(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; use one of {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def _apply(spec, hidden, positions, adapter_ids, proj, weight, bias, proj_bias, ranks, act,
+           dropout, seed, inplace, backend):
+    act_name = spec.act_name(act)
+    dropout = float(dropout)
+    if dropout and seed is None:
+        seed = new_seed()
+    name = resolve_backend(backend, hidden.device)
+    return ReftEditFunction.apply(hidden, positions, adapter_ids, proj, weight, bias, proj_bias,
+                                  ranks, spec.name, act_name, dropout, int(seed or 0),
+                                  bool(inplace), name)
+
+
+def reft_edit_multi(hidden: torch.Tensor, positions: torch.Tensor, adapter_ids: Optional[torch.Tensor],
+                    proj: torch.Tensor, weight: Optional[torch.Tensor], bias: torch.Tensor,
+                    proj_bias: Optional[torch.Tensor] = None, *, variant: str = "loreft", act=None,
+                    dropout: float = 0.0, seed: Optional[int] = None, inplace: bool = False,
+                    ranks: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """The ReFT op: edit each batch row with its own adapter from a stack of A adapters, in one call.
+
+    For batch row b with ``a = adapter_ids[b] >= 0``, every listed position t gets
+    ``dropout(h + P_a^T (A_a(h) - C_a(h)))`` (adapter a's slice ``proj[a]``, ``weight[a]``,
+    ``bias[a]``, ``proj_bias[a]``); rows with id -1 pass through untouched; ``adapter_ids=None``
+    gives every row adapter 0. Gradients of the stacked weights: each adapter's slice gets the
+    sum over its own rows only (zeros for an adapter without rows).
+
+    Shapes: hidden (B, T, d); positions (B, P) in [0, T) or -1; adapter_ids (B,) in [-1, A)
+    (stack indices, not adapter names); proj and weight (A, r_max, d); bias and proj_bias
+    (A, r_max). Mixed ranks: zero-pad every adapter's rows r_a..r_max-1 (the padded rows of proj
+    must be zero; :func:`stack_adapters` does it; see docs/multi_adapter_op.md). ``ranks`` (A,),
+    optional, zeroes the gradients of padded rows (needed only for activations with
+    act(0) != 0, i.e. sigmoid, or nonzero padding). ``act`` (an activation name, see
+    ``ACTIVATIONS``), ``dropout``, ``seed``, ``inplace`` (edit ``hidden`` itself; it must be
+    contiguous), ``backend``: shared by every stacked adapter.
+    """
+    spec = _spec(variant)
+    check_inputs(spec, hidden, positions, adapter_ids, proj, weight, bias, proj_bias, dropout,
+                 inplace, ranks)
+    return _apply(spec, hidden, positions, adapter_ids, proj, weight, bias, proj_bias, ranks, act,
+                  dropout, seed, inplace, backend)
 
 
 def reft_edit(hidden: torch.Tensor, positions: torch.Tensor, proj: torch.Tensor,
@@ -44,18 +91,15 @@ def reft_edit(hidden: torch.Tensor, positions: torch.Tensor, proj: torch.Tensor,
               proj_bias: Optional[torch.Tensor] = None, *, variant: str = "loreft", act=None,
               dropout: float = 0.0, seed: Optional[int] = None, inplace: bool = False,
               backend: str = "auto") -> torch.Tensor:
-    """Generic entry point of the family; the named functions below call it."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is unknown; use one of {sorted(VARIANTS)}")
-    spec = VARIANTS[variant]
-    check_inputs(spec, hidden, positions, proj, weight, bias, proj_bias, dropout, inplace)
-    act_name = spec.act_name(act)
-    dropout = float(dropout)
-    if dropout and seed is None:
-        seed = new_seed()
-    name = resolve_backend(backend, hidden.device)
-    return ReftEditFunction.apply(hidden, positions, proj, weight, bias, proj_bias, variant,
-                                  act_name, dropout, int(seed or 0), bool(inplace), name)
+    """:func:`reft_edit_multi` with one adapter: proj, weight (r, d), bias, proj_bias (r,).
+
+    The named functions below call it.
+    """
+    spec = _spec(variant)
+    check_adapter_inputs(spec, hidden, positions, proj, weight, bias, proj_bias, dropout, inplace)
+    one = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731 - the A = 1 stack
+    return _apply(spec, hidden, positions, None, one(proj), one(weight), one(bias), one(proj_bias),
+                  None, act, dropout, seed, inplace, backend)
 
 
 def loreft(hidden, positions, rotation, weight, bias, *, act=None, dropout=0.0, seed=None,

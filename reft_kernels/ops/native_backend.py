@@ -1,16 +1,15 @@
 """The ``native`` backend: the family's kernels in C++ (OpenMP) and CUDA, from ``csrc/``.
 
 Implements the launcher contract of :mod:`reft_kernels.ops.autograd` (``forward_rows`` and
-``backward_rows``). The extensions are compiled on first use with
+``backward_rows``, per-row adapters; one adapter is A = 1). The extensions are compiled on first use with
 :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja; nvcc for CUDA), never at
 import time, and cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/reft_kernels``; later runs
 load the cached build. ``REFT_KERNELS_VERBOSE_BUILD=1`` shows the compiler output.
 
 Sources (``csrc/`` at the repository root):
   * ``reft_rows.h``: the per-row math shared by both (``__host__ __device__``), Philox dropout RNG;
-  * ``reft_cpu.cpp``: OpenMP over rows, per-thread weight-gradient partials;
-  * ``reft_cpu_multi.cpp``: the same rows with per-row adapters (:mod:`reft_kernels.ops.multi`);
-  * ``reft_cpu_rows.h``: the CPU row functions both share;
+  * ``reft_binding.h``: the torch-side argument checks and weight conversion both bindings share;
+  * ``reft_cpu.cpp``: OpenMP over rows, per-chunk weight-gradient partials per adapter;
   * ``reft_cuda.cu``: torch-free CUDA kernels, ``reft_cuda_binding.cpp``: their torch binding.
 
 Weights may have any float dtype (they are converted to the compute dtype once per call, they
@@ -28,15 +27,13 @@ from pathlib import Path
 
 import torch
 
-from .family import ACT_IDS
+from .variants import ACT_IDS
 
-__all__ = ["forward_rows", "backward_rows", "forward_rows_multi", "backward_rows_multi",
-           "multi_available", "is_available", "unavailable_reason", "load_extension",
-           "CSRC"]
+__all__ = ["forward_rows", "backward_rows", "is_available", "unavailable_reason", "load_extension", "CSRC"]
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-_SOURCES = {"cpu": ["reft_cpu.cpp", "reft_cpu_multi.cpp"], "cuda": ["reft_cuda_binding.cpp", "reft_cuda.cu"]}
-_HEADERS = {"cpu": ["reft_rows.h", "reft_binding.h", "reft_cpu_rows.h"],
+_SOURCES = {"cpu": ["reft_cpu.cpp"], "cuda": ["reft_cuda_binding.cpp", "reft_cuda.cu"]}
+_HEADERS = {"cpu": ["reft_rows.h", "reft_binding.h"],
             "cuda": ["reft_rows.h", "reft_binding.h", "reft_cuda.h"]}
 _lock = threading.Lock()
 _modules = {}   # kind -> loaded extension module
@@ -216,47 +213,15 @@ def unavailable_reason(device) -> str:
 # --------------------------------------------------------------------------------------------
 # launcher contract (see reft_kernels/ops/autograd.py)
 # --------------------------------------------------------------------------------------------
-def forward_rows(x2d, rows, proj, weight, bias, proj_bias, spec, act, p, seed):
-    """Edit ``x2d`` (M, d) in place at ``rows``; return the pre-edit rows (N, d)."""
-    ext = load_extension(_kind(x2d.device))
-    return ext.forward_rows(x2d, rows, proj, weight, bias, proj_bias, spec.has_weight,
-                            spec.subtract_proj, ACT_IDS[act], float(p), int(seed))
-
-
-def backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias, spec, act, p, seed):
-    """Overwrite ``grad2d`` with grad_h at ``rows``; return fp32 (fp64) weight gradients."""
-    ext = load_extension(_kind(grad2d.device))
-    gp, gw, gb, gc = ext.backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias,
-                                       spec.has_weight, spec.subtract_proj, ACT_IDS[act],
-                                       float(p), int(seed))
-    return gp, gw, gb, gc
-
-
-# per-row adapters (see reft_kernels/ops/multi.py)
-def multi_available(device) -> bool:
-    """Whether the per-row adapter launchers exist for ``device`` (the CPU build has them)."""
-    return is_available(device) and hasattr(load_extension(_kind(device)), "forward_rows_multi")
-
-
-def _multi_ext(device):
-    ext = load_extension(_kind(device))
-    if not hasattr(ext, "forward_rows_multi"):
-        raise RuntimeError(f"the native backend has no per-row adapter kernel on {torch.device(device).type}"
-                           " yet; use backend='triton' or backend='torch' for reft_edit_multi there")
-    return ext
-
-
-def forward_rows_multi(x2d, rows, adapter, proj, weight, bias, proj_bias, spec, act, p, seed):
-    """Edit ``x2d`` in place at ``rows`` (entry n with adapter ``adapter[n]``); return saved rows."""
-    return _multi_ext(x2d.device).forward_rows_multi(
+def forward_rows(x2d, rows, adapter, proj, weight, bias, proj_bias, spec, act, p, seed):
+    """Edit ``x2d`` (M, d) in place at ``rows`` (entry n with adapter ``adapter[n]``); return saved rows."""
+    return load_extension(_kind(x2d.device)).forward_rows(
         x2d, rows, adapter, proj, weight, bias, proj_bias, spec.has_weight, spec.subtract_proj,
         ACT_IDS[act], float(p), int(seed))
 
 
-def backward_rows_multi(grad2d, rows, adapter, saved, proj, weight, bias, proj_bias, spec, act, p,
-                        seed):
+def backward_rows(grad2d, rows, adapter, saved, proj, weight, bias, proj_bias, spec, act, p, seed):
     """Overwrite ``grad2d`` with grad_h at ``rows``; return the stacked fp32 (fp64) weight grads."""
-    gp, gw, gb, gc = _multi_ext(grad2d.device).backward_rows_multi(
+    return tuple(load_extension(_kind(grad2d.device)).backward_rows(
         grad2d, rows, adapter, saved, proj, weight, bias, proj_bias, spec.has_weight,
-        spec.subtract_proj, ACT_IDS[act], float(p), int(seed))
-    return gp, gw, gb, gc
+        spec.subtract_proj, ACT_IDS[act], float(p), int(seed)))

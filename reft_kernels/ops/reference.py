@@ -1,10 +1,11 @@
 """Plain-PyTorch reference of the ReFT op family: the test oracle and the benchmarks' baselines.
 
-:func:`reft_edit_reference` is written for obviousness, not speed: it deduplicates positions in
-Python, gathers the rows, applies the family formula (see :mod:`reft_kernels.ops.family`) with
-ordinary differentiable torch ops, and writes the rows back with ``index_put``. Autograd derives
-every gradient, so it checks the hand-derived backward of the other backends. Run it in float64
-for the oracle.
+:func:`reft_edit_multi_reference` (per-row adapters) and :func:`reft_edit_reference` (one
+adapter) are written for obviousness, not speed: they deduplicate positions in Python, gather
+each batch row's rows, apply the formula (see :mod:`reft_kernels.ops.variants`) with its
+adapter's slice in ordinary differentiable torch ops, and write the rows back with
+``index_put``. Autograd derives every gradient, so they check the hand-derived backward of the
+other backends. Run them in float64 for the oracle.
 
 :func:`pyvene_style` reproduces what pyreft/pyvene do per intervention call (clone the whole
 hidden state, gather, separate small ops, scatter back); it is the benchmarks' naive baseline.
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .family import VARIANTS, activation, compute_dtype, dropout_keep_mask
+from .variants import VARIANTS, activation, compute_dtype, dropout_keep_mask
 
-__all__ = ["reft_edit_reference", "edit_rows_reference", "pyvene_style"]
+__all__ = ["reft_edit_reference", "reft_edit_multi_reference", "edit_rows_reference", "pyvene_style"]
 
 
 def edit_rows_reference(h, proj, weight, bias, proj_bias, *, variant, act=None, dropout=0.0,
@@ -43,25 +44,42 @@ def edit_rows_reference(h, proj, weight, bias, proj_bias, *, variant, act=None, 
     return out.to(h.dtype)
 
 
-def _unique_rows(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
-    rows = []
-    for b, row in enumerate(positions.tolist()):
-        rows += [b * seq_len + p for p in sorted(set(row)) if p >= 0]
-    return torch.tensor(rows, dtype=torch.int64, device=positions.device)
+def reft_edit_multi_reference(hidden, positions, adapter_ids, proj, weight=None, bias=None,
+                              proj_bias=None, *, variant="loreft", act=None, dropout=0.0, seed=0,
+                              inplace=False, ranks=None, backend=None):
+    """Reference of :func:`reft_kernels.ops.reft_edit_multi` (same signature; ``ranks`` and
+    ``backend`` are accepted and unused): batch row b's listed positions edited with adapter
+    ``adapter_ids[b]``'s slice of the stacked weights (-1 or a None ``adapter_ids``: see there)."""
+    B, T, d = hidden.shape
+    ids = [0] * B if adapter_ids is None else adapter_ids.tolist()
+    flat = hidden.reshape(B * T, d)
+    slice_of = lambda t, a: None if t is None else t[a]  # noqa: E731
+    idx, new = [], []
+    for b, (a, row) in enumerate(zip(ids, positions.tolist())):
+        rows = torch.tensor([b * T + p for p in sorted(set(row)) if p >= 0], dtype=torch.int64,
+                            device=hidden.device)
+        if a < 0 or rows.numel() == 0:
+            continue
+        idx.append(rows)
+        new.append(edit_rows_reference(flat[rows], proj[a], slice_of(weight, a), bias[a],
+                                       slice_of(proj_bias, a), variant=variant, act=act,
+                                       dropout=dropout, seed=seed, rows=rows))
+    if not idx:
+        return hidden if inplace else hidden.clone()
+    idx, new = torch.cat(idx), torch.cat(new)
+    if inplace:
+        hidden.view(B * T, d).index_put_((idx,), new)
+        return hidden
+    return flat.index_put((idx,), new).view(B, T, d)
 
 
 def reft_edit_reference(hidden, positions, proj, weight=None, bias=None, proj_bias=None, *,
                         variant="loreft", act=None, dropout=0.0, seed=0, inplace=False):
     """Reference of :func:`reft_kernels.ops.reft_edit`: hidden (B, T, d) with listed rows edited."""
-    B, T, d = hidden.shape
-    idx = _unique_rows(positions, T)
-    flat = hidden.reshape(B * T, d)
-    new = edit_rows_reference(flat[idx], proj, weight, bias, proj_bias, variant=variant, act=act,
-                              dropout=dropout, seed=seed, rows=idx)
-    if inplace:
-        hidden.view(B * T, d).index_put_((idx,), new)
-        return hidden
-    return flat.index_put((idx,), new).view(B, T, d)
+    one = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731
+    return reft_edit_multi_reference(hidden, positions, None, one(proj), one(weight), one(bias),
+                                     one(proj_bias), variant=variant, act=act, dropout=dropout,
+                                     seed=seed, inplace=inplace)
 
 
 def pyvene_style(hidden, positions, proj, weight, bias, *, act=None):

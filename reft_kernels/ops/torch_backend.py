@@ -1,4 +1,4 @@
-"""The ``torch`` backend: the family's hand-derived forward and backward in plain PyTorch ops.
+"""The ``torch`` backend: the op's hand-derived forward and backward in plain PyTorch ops.
 
 Implements the backend contract of :mod:`reft_kernels.ops.autograd` (``forward_rows`` and
 ``backward_rows``) with a few batched matmuls over the N selected rows, so it runs on any device.
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .family import activation, activation_grad, compute_dtype, dropout_keep_mask
+from .variants import activation, activation_grad, compute_dtype, dropout_keep_mask
 
-__all__ = ["forward_rows", "backward_rows", "forward_rows_multi", "backward_rows_multi"]
+__all__ = ["forward_rows", "backward_rows"]
 
 
 def _targets(rows: torch.Tensor):
@@ -33,90 +33,15 @@ def _targets(rows: torch.Tensor):
     return tgt, valid, fix
 
 
-def _sources(hf, P, weight, bias, proj_bias, spec, act, cd):
-    """s = A(h) - C(h) and, for variants with W, z = W h + b."""
-    z = None
-    if spec.has_weight:
-        z = hf @ weight.to(cd).t() + bias.to(cd)
-        s = activation(act, z)
-    else:
-        s = bias.to(cd).expand(hf.shape[0], -1)
-    if spec.subtract_proj:
-        s = s - hf @ P.t()
-        if proj_bias is not None:
-            s = s - proj_bias.to(cd)
-    return s, z
-
-
-def forward_rows(x2d, rows, proj, weight, bias, proj_bias, spec, act, p, seed):
-    """Edit ``x2d`` (M, d) in place at ``rows``; return the pre-edit rows (N, d)."""
-    N, d = rows.numel(), x2d.shape[1]
-    if N == 0:
-        return x2d.new_empty((0, d))
-    tgt, _, fix = _targets(rows)
-    h = x2d.index_select(0, tgt)
-    cd = compute_dtype(x2d)
-    hf, P = h.to(cd), proj.to(cd)
-    s, _ = _sources(hf, P, weight, bias, proj_bias, spec, act, cd)
-    new = torch.addmm(hf, s, P)
-    if p:
-        new = new * dropout_keep_mask(seed, tgt, d, p).to(cd) * (1.0 / (1.0 - p))
-    x2d.index_copy_(0, tgt, fix(new, hf).to(x2d.dtype))
-    return h
-
-
-def backward_rows(grad2d, rows, saved, proj, weight, bias, proj_bias, spec, act, p, seed):
-    """Edit ``grad2d`` (a private copy of the upstream gradient) at ``rows``; return fp32 weight grads.
-
-    Returns ``(grad_proj, grad_weight, grad_bias, grad_proj_bias)``; absent ones are None.
-    """
-    N, d = rows.numel(), grad2d.shape[1]
-    cd = compute_dtype(grad2d)
-    r = proj.shape[0]
-    if N == 0:
-        z = lambda *shape: grad2d.new_zeros(shape, dtype=cd)  # noqa: E731
-        return (z(r, d), z(r, d) if spec.has_weight else None, z(r),
-                z(r) if proj_bias is not None else None)
-    tgt, valid, fix = _targets(rows)
-    g = grad2d.index_select(0, tgt).to(cd)
-    if p:
-        g = g * dropout_keep_mask(seed, tgt, d, p).to(cd) * (1.0 / (1.0 - p))
-    hf, P = saved.to(cd), proj.to(cd)
-    s, z = _sources(hf, P, weight, bias, proj_bias, spec, act, cd)
-    u = g @ P.t()
-    grad_h = g
-    w = valid.to(cd).unsqueeze(1)
-    grad_w = grad_b = grad_c = None
-    if spec.has_weight:
-        v = u * activation_grad(act, z)
-        grad_h = torch.addmm(grad_h, v, weight.to(cd))
-        vw = v * w
-        grad_w = vw.t() @ hf
-        grad_b = vw.sum(0)
-    else:
-        grad_b = (u * w).sum(0)
-    grad_p = (s * w).t() @ g
-    if spec.subtract_proj:
-        uw = u * w
-        grad_h = grad_h - u @ P
-        grad_p = grad_p - uw.t() @ hf
-        if proj_bias is not None:
-            grad_c = -uw.sum(0)
-    unchanged = grad2d.index_select(0, tgt).to(cd)
-    grad2d.index_copy_(0, tgt, fix(grad_h, unchanged).to(grad2d.dtype))
-    return grad_p, grad_w, grad_b, grad_c
-
-
 # --------------------------------------------------------------------------------------------
-# per-row adapters (see reft_kernels/ops/multi.py): each entry n uses adapter ``adapter[n]``
-#
-# Two exact formulations, chosen by the stack's width A * r:
+# Each entry n uses adapter ``adapter[n]``. Two exact formulations, chosen by the stack's width A * r:
 #   dense  (A * r <= DENSE_MAX_WIDTH): every row against ALL stacked rank rows in one matmul,
 #          (N, d) @ (d, A r), then each row picks its adapter's r columns; the edit and the
 #          gradients use the block one-hot expansion E(t) (N, A r) of a per-row r-vector t
 #          (t in the row's adapter block, zeros elsewhere): out = h + E(s) P_all,
 #          grad_P_all = E(s)^T g' - E(u)^T h, ... Plain matmuls: deterministic, A x the flops of
-#          one adapter, which BLAS absorbs while A r is small (A = 1 is exactly the single path).
+#          one adapter, which BLAS absorbs while A r is small. With A = 1 pick and expand are the
+#          identity: plain (N, d) @ (d, r) matmuls, nothing gathered.
 #   gather (wider stacks): each row's (r, d) slices gathered, batched matmuls over rows, and
 #          the per-row weight-gradient terms summed into their adapter with ``index_add_``.
 # --------------------------------------------------------------------------------------------
@@ -127,20 +52,25 @@ class _Dense:
     """The stack as (A r, d) matrices and the pick / expand maps between r and A r columns."""
 
     def __init__(self, adapter, n_adapters, r):
-        self.idx = adapter.view(-1, 1, 1).expand(-1, 1, r)
-        self.onehot = torch.nn.functional.one_hot(adapter, n_adapters)
         self.A, self.r = n_adapters, r
+        if n_adapters > 1:
+            self.idx = adapter.view(-1, 1, 1).expand(-1, 1, r)
+            self.onehot = torch.nn.functional.one_hot(adapter, n_adapters)
 
     def pick(self, full):                      # (N, A r) -> (N, r): the row's own block
+        if self.A == 1:
+            return full
         return full.view(-1, self.A, self.r).gather(1, self.idx).squeeze(1)
 
     def expand(self, t):                       # (N, r) -> (N, A r): E(t)
+        if self.A == 1:
+            return t
         return (self.onehot.to(t.dtype).unsqueeze(2) * t.unsqueeze(1)).reshape(t.shape[0], -1)
 
 
-def _sources_multi(hf, P, W, b, c, spec, act, dense):
+def _sources(hf, P, W, b, c, spec, act, dense):
     """Per-entry s (N, r) and z (N, r) (z only with W). Dense: P, W are (A r, d) and b, c are
-    already picked (N, r); gather: P, W are the gathered (N, r, d) slices."""
+    already picked (N, r) (or (1, r) with A = 1); gather: P, W are the gathered (N, r, d) slices."""
     mv = (lambda M: dense.pick(hf @ M.t())) if dense else \
         (lambda M: torch.bmm(M, hf.unsqueeze(2)).squeeze(2))  # noqa: E731
     z = None
@@ -148,7 +78,7 @@ def _sources_multi(hf, P, W, b, c, spec, act, dense):
         z = mv(W) + b
         s = activation(act, z)
     else:
-        s = b
+        s = b.expand(hf.shape[0], -1)
     if spec.subtract_proj:
         s = s - mv(P)
         if c is not None:
@@ -156,11 +86,13 @@ def _sources_multi(hf, P, W, b, c, spec, act, dense):
     return s, z
 
 
-def _multi_operands(adapter, proj, weight, bias, proj_bias, cd):
-    """(P, W, b, c, dense) for _sources_multi: dense for narrow stacks, else gathered slices."""
+def _operands(adapter, proj, weight, bias, proj_bias, cd):
+    """(P, W, b, c, dense) for _sources: dense for narrow stacks, else gathered slices."""
     A, r, d = proj.shape
     pick = lambda t: None if t is None else t.to(cd).index_select(0, adapter)  # noqa: E731
-    if A * r <= DENSE_MAX_WIDTH:
+    if A == 1:      # one adapter: its (r,) vectors broadcast over the rows
+        pick = lambda t: None if t is None else t.to(cd)  # noqa: E731
+    if A * r <= DENSE_MAX_WIDTH or A == 1:
         flat = lambda t: None if t is None else t.to(cd).reshape(A * r, d)  # noqa: E731
         return flat(proj), flat(weight), pick(bias), pick(proj_bias), _Dense(adapter, A, r)
     return pick(proj), pick(weight), pick(bias), pick(proj_bias), None
@@ -173,7 +105,7 @@ def _times(t, M, dense):
     return torch.bmm(t.unsqueeze(1), M).squeeze(1)
 
 
-def forward_rows_multi(x2d, rows, adapter, proj, weight, bias, proj_bias, spec, act, p, seed):
+def forward_rows(x2d, rows, adapter, proj, weight, bias, proj_bias, spec, act, p, seed):
     """Edit ``x2d`` (M, d) in place at ``rows``, entry n with adapter ``adapter[n]``; return saved."""
     N, d = rows.numel(), x2d.shape[1]
     if N == 0:
@@ -182,8 +114,8 @@ def forward_rows_multi(x2d, rows, adapter, proj, weight, bias, proj_bias, spec, 
     h = x2d.index_select(0, tgt)
     cd = compute_dtype(x2d)
     hf = h.to(cd)
-    P, W, b, c, dense = _multi_operands(adapter, proj, weight, bias, proj_bias, cd)
-    s, _ = _sources_multi(hf, P, W, b, c, spec, act, dense)
+    P, W, b, c, dense = _operands(adapter, proj, weight, bias, proj_bias, cd)
+    s, _ = _sources(hf, P, W, b, c, spec, act, dense)
     new = hf + _times(s, P, dense)
     if p:
         new = new * dropout_keep_mask(seed, tgt, d, p).to(cd) * (1.0 / (1.0 - p))
@@ -191,8 +123,7 @@ def forward_rows_multi(x2d, rows, adapter, proj, weight, bias, proj_bias, spec, 
     return h
 
 
-def backward_rows_multi(grad2d, rows, adapter, saved, proj, weight, bias, proj_bias, spec, act,
-                        p, seed):
+def backward_rows(grad2d, rows, adapter, saved, proj, weight, bias, proj_bias, spec, act, p, seed):
     """Edit ``grad2d`` at ``rows``; return the stacked fp32 weight grads (A, r, d) / (A, r).
 
     Dense: E(.)^T matmuls (deterministic). Gather: per-entry terms summed into their adapter's
@@ -211,8 +142,8 @@ def backward_rows_multi(grad2d, rows, adapter, saved, proj, weight, bias, proj_b
     if p:
         g = g * dropout_keep_mask(seed, tgt, d, p).to(cd) * (1.0 / (1.0 - p))
     hf = saved.to(cd)
-    P, W, b, c, dense = _multi_operands(adapter, proj, weight, bias, proj_bias, cd)
-    s, z = _sources_multi(hf, P, W, b, c, spec, act, dense)
+    P, W, b, c, dense = _operands(adapter, proj, weight, bias, proj_bias, cd)
+    s, z = _sources(hf, P, W, b, c, spec, act, dense)
     u = dense.pick(g @ P.t()) if dense else torch.bmm(P, g.unsqueeze(2)).squeeze(2)
     w = valid.to(cd).unsqueeze(1)
     if dense:   # sum over rows of t_n x_n^T into each row's adapter block: E(t w)^T x

@@ -1,8 +1,8 @@
 """Device helpers and launch constants shared by the Triton kernels of the op family.
 
-``triton_backend`` (one adapter per call) and ``triton_multi`` (per-row adapters) both build on
-these: the activations and their derivatives (ids of ``family.ACT_IDS``), the Philox dropout
-factor (bit-identical to ``family.dropout_keep_mask``), masked loads of rank rows, and the row
+``triton_backend``'s kernels build on these: the activations and their derivatives (ids of
+``variants.ACT_IDS``), the Philox dropout factor (bit-identical to
+``variants.dropout_keep_mask``), the column helpers of the (BLOCK_N, R_PAD) tiles, and the row
 kernels' tile choice. See :mod:`reft_kernels.ops.triton_backend` for the kernel design.
 """
 from __future__ import annotations
@@ -92,19 +92,6 @@ def _dropout_scale(seed, rows, cols, d, threshold, scale):
 def _as_compute_dtype(scale, ACC: tl.constexpr):
     """The fp64 ``scale`` argument in the compute dtype (in the interpreter it arrives as a float)."""
     return (tl.full((), 0.0, ACC) + scale).to(ACC)
-
-
-@_jit()
-def _load_rk(ptr, stride_r, stride_d, ks, cols, r, d, ACC: tl.constexpr):
-    """An (R_PAD, BLOCK_D) chunk of an (r, d) matrix (P or W), zero-padded, in the compute dtype."""
-    mask = (ks[:, None] < r) & (cols[None, :] < d)
-    return tl.load(ptr + ks[:, None] * stride_r + cols[None, :] * stride_d, mask=mask, other=0.0).to(ACC)
-
-
-@_jit()
-def _load_rank_row(ptr, k, stride_r, stride_d, cols, d, ACC: tl.constexpr):
-    """Chunk ``cols`` of row k of an (r, d) matrix (P or W), in the compute dtype."""
-    return tl.load(ptr + k * stride_r + cols * stride_d, mask=cols < d, other=0.0).to(ACC)
 
 
 @_jit()

@@ -1,4 +1,4 @@
-// Runs the CUDA launchers of csrc/reft_cuda.cu under the host emulation (cuda_runtime.h here):
+// Runs the CUDA launchers of csrc/reft_cuda.cu with one adapter (null adapter / order) under the host emulation (cuda_runtime.h here):
 // reads the problem from argv[1], writes [x after forward, saved, grad_h, weight grads] to argv[2].
 #include <c10/util/BFloat16.h>
 
@@ -19,8 +19,9 @@ template <typename S> void run(reft_cuda::DType dt, std::vector<float>& x, std::
   const int64_t N = rows.size();
   std::vector<S> xs(x.begin(), x.end()), gs(g.begin(), g.end()), ss(saved.size());
   std::vector<float> coef((N ? N : 1) * 3 * p.r), partial(K * out.size());
-  reft_cuda::forward(dt, xs.data(), rows.data(), ss.data(), N, p, nullptr);
-  reft_cuda::backward(dt, gs.data(), rows.data(), ss.data(), N, p, coef.data(), partial.data(), K,
+  reft_cuda::forward(dt, xs.data(), rows.data(), nullptr, ss.data(), N, p, nullptr);
+  reft_cuda::backward(dt, gs.data(), rows.data(), nullptr, nullptr, nullptr, 1, ss.data(), N, p, coef.data(),
+                      partial.data(), K,
                       out.data(), nullptr);
   for (size_t i = 0; i < x.size(); ++i) x[i] = xs[i], g[i] = gs[i];
   for (size_t i = 0; i < saved.size(); ++i) saved[i] = ss[i];

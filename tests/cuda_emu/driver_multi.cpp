@@ -1,4 +1,4 @@
-// Runs the per-row adapter launchers of csrc/reft_cuda.cu (forward_multi / backward_multi) under
+// Runs the per-row adapter launchers of csrc/reft_cuda.cu (forward / backward with per-row adapters) under
 // the host emulation: reads the problem from argv[1], writes [x after forward, saved, grad_h,
 // stacked weight grads (A x E)] to argv[2]. The adapter order is computed here as the torch
 // binding does (stable by adapter, skipped entries last).
@@ -39,9 +39,9 @@ int main(int argc, char** argv) {
   }
   const int64_t E = 2 * r * d + 2 * r;
   std::vector<float> saved(N * d), out(A * E), coef((N ? N : 1) * 3 * r), partial(A * K * E);
-  reft_cuda::forward_multi(reft_cuda::DType::kFloat, x.data(), rows.data(), adapter.data(),
+  reft_cuda::forward(reft_cuda::DType::kFloat, x.data(), rows.data(), adapter.data(),
                            saved.data(), N, rp, nullptr);
-  reft_cuda::backward_multi(reft_cuda::DType::kFloat, g.data(), rows.data(), adapter.data(),
+  reft_cuda::backward(reft_cuda::DType::kFloat, g.data(), rows.data(), adapter.data(),
                             order.data(), starts.data(), A, saved.data(), N, rp, coef.data(),
                             partial.data(), K, out.data(), nullptr);
   FILE* o = fopen(argv[2], "wb");

@@ -1,6 +1,6 @@
-"""The ReFT op family: one parametrised low-rank edit, shared by every backend.
+"""The ReFT op: one parametrised low-rank edit with per-row adapters, shared by every backend.
 
-Every member edits selected hidden rows ``h`` (width d) as
+Every variant edits selected hidden rows ``h`` (width d), each with the weights of its adapter, as
 
     s      = A(h) - C(h)                                  (an r-vector)
     A(h)   = act(W h + b)      if the variant has W        (LoReFT, NoReFT, DiReFT, NodiReFT)
@@ -23,10 +23,21 @@ Backward, with g the upstream gradient of a selected row and m/(1-p) its dropout
     grad_W = sum_rows v h^T,   grad_b = sum_rows v  (with W)  or  sum_rows u  (without W)
     grad_c = -sum_rows u
 
+(each sum over the rows of one adapter, into that adapter's gradients).
+
+Adapters. A adapters of one variant are stacked along a leading axis: P, W (A, r_max, d) and b,
+c (A, r_max); the single-adapter op is A = 1. An adapter of rank r_a < r_max fills rows
+0..r_a-1 of its slice; the rows r_a..r_max-1 of ``P[a]`` must be zero (then its edit is exact
+for any activation, since the edit is P^T s) and should be zero in W, b, c (then every padded
+gradient row is zero except grad_P's, act(0) * sum g'^T, nonzero only for sigmoid; ``ranks``
+masks it, see :func:`rank_mask`).
+
 Conventions shared by all backends:
   * rows are addressed as flat indices ``b * T + t`` into a (B*T, d) view; ``-1`` means "skip";
   * :func:`canonical_rows` sorts each batch row's positions and turns duplicates into ``-1``,
     so a position listed twice is edited (and differentiated) once;
+  * :func:`entry_adapters` gives each flat entry its adapter's stack index (0 for skips);
+    :func:`adapter_segments` orders the entries by adapter for the per-adapter reductions;
   * dropout keeps element ``(row, col)`` iff ``philox(seed, row * d + col) >> 8 >= threshold``
     with ``threshold = floor(p * 2**24)``; the mask is a pure function of (seed, row, col), so it
     is identical across backends, in forward and backward, and is never stored;
@@ -40,7 +51,8 @@ from typing import Optional
 import torch
 
 __all__ = [
-    "EditSpec", "VARIANTS", "ACTIVATIONS", "canonical_rows", "check_inputs", "dropout_threshold",
+    "EditSpec", "VARIANTS", "ACTIVATIONS", "canonical_rows", "entry_adapters", "adapter_segments",
+    "rank_mask", "dropout_threshold",
     "philox_randint", "dropout_keep_mask", "activation", "activation_grad", "compute_dtype",
 ]
 
@@ -142,7 +154,7 @@ def canonical_rows(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
 
     Each batch row's positions are sorted, so the result is a set per batch row: a position
     listed twice is edited once. Pure tensor ops: no host sync. With no tokens (``seq_len == 0``)
-    every position is -1 (check_inputs) and nothing is selected: the result is empty, so every
+    every position is -1 (inputs.check_inputs) and nothing is selected: the result is empty, so every
     backend takes its N = 0 path on empty inputs.
     """
     if positions.numel() == 0 or seq_len == 0:
@@ -155,92 +167,41 @@ def canonical_rows(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     return rows.reshape(-1)
 
 
-# --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
-_FLOAT_HIDDEN = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+def entry_adapters(rows: torch.Tensor, adapter_ids, n_positions: int):
+    """(rows with adapter-less batch rows set to -1, each entry's adapter stack index (0 for skips)).
 
-
-def _check_matrix(name, t, r, d, hidden):
-    if t is None:
-        raise ValueError(f"{name} is required for this variant; pass a ({r}, {d}) tensor")
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} has dtype {t.dtype}; it must be floating point (fp32, bf16 or fp16)")
-    if t.device != hidden.device:
-        raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move it with .to({str(hidden.device)!r})")
-
-
-def check_inputs(spec: EditSpec, hidden, positions, proj, weight, bias, proj_bias, dropout, inplace):
-    """Validate the functional API's arguments; raises ValueError/TypeError naming the argument.
-
-    Positions are range-checked on the host for CPU tensors. For CUDA tensors (and under
-    ``torch.compile``) the check is an asynchronous device assert (``torch._assert_async``), so it
-    adds no host sync per call.
+    ``rows`` is canonical_rows' (B * P,) output (entry i belongs to batch row i // P);
+    ``adapter_ids`` (B,) holds each batch row's stack index (-1: no adapter), or is None when
+    every batch row uses adapter 0 (the single-adapter op).
     """
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor of shape (B, T, d), got {type(hidden).__name__}")
-    if hidden.dtype not in _FLOAT_HIDDEN:
-        raise TypeError(
-            f"hidden has dtype {hidden.dtype}; it must be float32, bfloat16 or float16 (float64 for checks)."
-            " Cast it with hidden.float()")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape (B, T, d), got shape {tuple(hidden.shape)}")
-    B, T, d = hidden.shape
-    if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be an integer torch.Tensor of shape (B, P), got {type(positions).__name__}")
-    if positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"positions has dtype {positions.dtype}; it must be int32 or int64. Use positions.long()")
-    if positions.dim() != 2 or positions.shape[0] != B:
-        raise ValueError(
-            f"positions must have shape (B, P) = ({B}, P) to match hidden, got {tuple(positions.shape)}")
-    if positions.device != hidden.device:
-        raise ValueError(
-            f"positions is on {positions.device} but hidden is on {hidden.device}; build it there or"
-            f" use positions.to({str(hidden.device)!r})")
-    if inplace and not hidden.is_contiguous():
-        raise ValueError("inplace=True needs a contiguous hidden tensor; call hidden.contiguous() or use inplace=False")
-    if not (0.0 <= float(dropout) < 1.0):
-        raise ValueError(f"dropout={dropout} must be in [0, 1)")
-    if dropout and not spec.has_dropout:
-        raise ValueError(f"{spec.name} has no dropout (as in pyreft); pass dropout=0.0")
+    if adapter_ids is None or rows.numel() == 0:
+        return rows, torch.zeros_like(rows)
+    ids = adapter_ids.to(torch.int64).repeat_interleave(n_positions)
+    rows = torch.where(ids >= 0, rows, torch.full_like(rows, -1))
+    return rows, ids.clamp(min=0)
 
-    r = proj.shape[0] if isinstance(proj, torch.Tensor) and proj.dim() == 2 else None
-    _check_matrix("rotation/proj", proj, "r", d, hidden)
-    if proj.dim() != 2 or proj.shape[1] != d:
-        raise ValueError(f"rotation/proj must have shape (r, d) = (r, {d}) to match hidden, got {tuple(proj.shape)}")
-    if spec.has_weight:
-        _check_matrix("weight", weight, r, d, hidden)
-        if tuple(weight.shape) != (r, d):
-            raise ValueError(
-                f"weight must have shape (r, d) = ({r}, {d}) to match rotation/proj and hidden,"
-                f" got {tuple(weight.shape)}")
-    elif weight is not None:
-        raise ValueError(f"{spec.name} takes no weight; pass weight=None")
-    if bias is None:
-        raise ValueError(f"bias is required for {spec.name}; pass a ({r},) tensor")
-    _check_matrix("bias", bias, r, d, hidden)
-    if tuple(bias.shape) != (r,):
-        raise ValueError(f"bias must have shape (r,) = ({r},), got {tuple(bias.shape)}")
-    if proj_bias is not None:
-        if not spec.subtract_proj:
-            raise ValueError(f"{spec.name} does not subtract P h, so proj_bias must be None")
-        _check_matrix("proj_bias", proj_bias, r, d, hidden)
-        if tuple(proj_bias.shape) != (r,):
-            raise ValueError(f"proj_bias must have shape (r,) = ({r},), got {tuple(proj_bias.shape)}")
 
-    if positions.numel():
-        if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = int(positions.min()), int(positions.max())
-            if lo < -1 or hi >= T:
-                bad = lo if lo < -1 else hi
-                raise ValueError(
-                    f"positions contains {bad}, outside [-1, {T}) for a sequence of length T={T};"
-                    " use -1 for 'no edit' and indices 0..T-1 for tokens")
-        else:
-            torch._assert_async(((positions >= -1) & (positions < T)).all(),
-                                "reft_kernels: positions outside [-1, T)")
+def adapter_segments(rows: torch.Tensor, adapter: torch.Tensor, n_adapters: int):
+    """Entries ordered by adapter: ``order`` (N,) and ``starts`` (A + 1,), both int64.
+
+    ``order[starts[a]:starts[a+1]]`` are adapter a's live entries in their original order (a
+    stable sort); skipped entries (rows = -1) come last, after ``starts[A]``. No host sync. With
+    one adapter nothing is sorted: every entry is in adapter 0's segment (skips included; the
+    kernels give them zero weight).
+    """
+    if n_adapters == 1:
+        n = rows.numel()
+        return (torch.arange(n, device=rows.device),
+                torch.tensor([0, n], dtype=torch.int64, device=rows.device))
+    key = torch.where(rows >= 0, adapter, torch.full_like(adapter, n_adapters))
+    sorted_key, order = torch.sort(key, stable=True)
+    starts = torch.searchsorted(sorted_key, torch.arange(n_adapters + 1, device=rows.device))
+    return order, starts
+
+
+def rank_mask(ranks: torch.Tensor, r_max: int, dtype) -> torch.Tensor:
+    """(A, r_max) mask, 1 on each adapter's first ``ranks[a]`` rows, 0 on its padding."""
+    return (torch.arange(r_max, device=ranks.device)[None, :] < ranks[:, None]).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
