@@ -309,8 +309,10 @@ def main(argv=None):
                          "cpus": os.cpu_count(), "note": "shared 2-core CPU, other jobs running"}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         assets = make_assets(tmp)
-        for ref in ["working tree", *a.code_ref]:
-            path = ROOT if ref == "working tree" else checkout(ref, tempfile.mkdtemp(dir=tmp))
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        for ref in [f"this checkout ({head})", *a.code_ref]:
+            path = ROOT if ref.startswith("this checkout") else checkout(ref, tempfile.mkdtemp(dir=tmp))
             proc, url = start_server(assets, pythonpath=path)
             try:
                 before = rss_mib(proc.pid)
@@ -319,14 +321,14 @@ def main(argv=None):
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-            extra = ["--max-prompts-per-request", "256"] if ref == "working tree" else []
+            extra = ["--max-prompts-per-request", "256"] if path == ROOT else []
             proc, url = start_server(assets, extra, pythonpath=path)
             try:
                 run["fairness"] = fairness(url)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-            results["runs"][ref] = run
+            results["runs"][ref if path == ROOT else f"{ref} (older code)"] = run
             print(json.dumps({ref: run}, indent=1), flush=True)
     if not a.no_write:
         out = os.path.join(HERE, "results", "server_faults.json")

@@ -20,9 +20,10 @@ What differs from pyreft, deliberately:
 * the frozen layers below the lowest intervention run once per example, not once per epoch
   (:mod:`reft_kernels.prefix_cache`; exact; ``prefix_cache=False`` turns it off,
   ``prefix_cache_max_gb`` bounds it, default 1);
-* the rotation parameters are never weight-decayed (pyreft's are not either, so the trajectory
-  stays pyreft's; decay would pull a Householder R back towards its initial value and shrink a
-  Cholesky-QR basis towards a badly conditioned one);
+* the rotation parameters are never weight-decayed (decay would pull a Householder R back
+  towards its initial value and shrink a Cholesky-QR basis towards a badly conditioned one);
+  ``learned_source`` is (pyreft's Trainer, by a name mismatch, decays no intervention parameter,
+  so with weight decay > 0 the paths differ);
 * ``ReftTrainerForSequenceClassification`` uses the standard evaluation loop and computes MSE in
   the logits' dtype (pyreft casts regression labels to bf16).
 """
