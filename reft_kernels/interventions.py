@@ -15,7 +15,10 @@ fp32 vector b (``torch.rand(r)`` init); ``proj_layer`` is P, c (No/Nodi; Nodi ne
 pyreft); ``rotate_layer`` is an :class:`OrthonormalRotation` whose ``.weight`` is R (r, d),
 parametrised as pyreft's (same optimisation trajectory) unless ``orthogonal_map="cholesky_qr"``;
 ``pyreft_base=True`` also keeps pyreft's random d x d completion, so training from the same
-seed follows pyreft's exact path, not only its statistics.
+seed follows pyreft's exact path, not only its statistics (``None``, the default, means False
+unless :func:`set_pyreft_base_default` changed it; :func:`reft_kernels.as_pyreft` does). Through
+the trainer that path also needs pyreft's data order (on by default with ``pyreft_base``; see
+:mod:`reft_kernels.trainer`), dropout 0 and weight decay 0.
 
 ``load_state_dict`` also takes pyreft 0.1.0's state dicts (LoReFT's slim ``{weight, bias,
 rotate_layer}`` and every class's ``nn.Module`` dict with ``embed_dim``, ``interchange_dim`` and
@@ -46,7 +49,7 @@ from .rotation import ORTHOGONAL_MAPS, OrthonormalRotation
 __all__ = [
     "OrthonormalRotation", "ReftIntervention", "LoreftIntervention", "NoreftIntervention",
     "DireftIntervention", "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention",
-    "INTERVENTION_CLASSES", "intervention_class", "LowRankRotateLayer",
+    "INTERVENTION_CLASSES", "intervention_class", "LowRankRotateLayer", "set_pyreft_base_default",
 ]
 
 INTERVENTION_CLASSES: dict = {}   # class name -> module class (every public subclass)
@@ -208,6 +211,26 @@ class ReftIntervention(nn.Module):
                 f"dropout={self.dropout_p}, act_fn={self.act_fn}")
 
 
+_PYREFT_BASE_DEFAULT = [False]   # see set_pyreft_base_default
+
+
+def set_pyreft_base_default(enabled: bool) -> bool:
+    """What ``pyreft_base=None`` (the default) means for rotations built from now on: True makes
+    every Householder rotation keep pyreft's d x d base, so a seeded run follows pyreft's exact
+    path without passing ``pyreft_base=True`` to each intervention (what
+    :func:`reft_kernels.as_pyreft` turns on for unmodified pyreft scripts). Returns the old value."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled={enabled!r} must be True or False")
+    old, _PYREFT_BASE_DEFAULT[0] = _PYREFT_BASE_DEFAULT[0], enabled
+    return old
+
+
+def _pyreft_base(pyreft_base, orthogonal_map) -> bool:
+    if pyreft_base is None:
+        return _PYREFT_BASE_DEFAULT[0] and orthogonal_map == "householder"
+    return bool(pyreft_base)
+
+
 def _check_map(orthogonal_map) -> str:
     if orthogonal_map not in ORTHOGONAL_MAPS:
         raise ValueError(f"orthogonal_map={orthogonal_map!r} is unknown; use one of {ORTHOGONAL_MAPS} "
@@ -219,10 +242,11 @@ class _RotatedWithSource(ReftIntervention):
     """R plus ``learned_source = nn.Linear(d, r)`` in ``dtype`` (LoReFT, DiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False, **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
+                 **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=pyreft_base)
+                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map))
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
 
     def config_kwargs(self) -> dict:
@@ -250,10 +274,11 @@ class _RotatedConstant(ReftIntervention):
     """R plus a constant fp32 ``learned_source`` vector b (ConsReFT, LobiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
-                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: bool = False, **ignored):
+                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
+                 **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=pyreft_base)
+                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map))
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))
 
     def config_kwargs(self) -> dict:

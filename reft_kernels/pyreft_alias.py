@@ -11,6 +11,12 @@ A script, unmodified: ``python -m reft_kernels.pyreft_alias train.py --its --fla
 (the script runs as ``__main__`` with its own folder first on ``sys.path``, as ``python
 train.py`` would).
 
+pyreft's numbers from the same seed: ``as_pyreft()`` (and so the runner) also makes rotations
+keep pyreft's d x d base by default (:func:`reft_kernels.interventions.set_pyreft_base_default`),
+which makes ``ReftTrainerForCausalLM`` use pyreft's data order too; with dropout 0 and weight
+decay 0 a seeded run then logs pyreft's losses. ``as_pyreft(exact=False)`` / the runner's
+``--no-exact`` keep our lighter rotation (no d x d buffer; same statistics, another path).
+
 ``pyreft`` becomes the very module object ``reft_kernels`` and ``pyreft.X`` the module
 ``reft_kernels.X`` (imported on first use; one object under both names, so classes compare
 equal whichever name imported them). ``pyvene`` is *not* provided: pyreft's example code uses
@@ -59,13 +65,16 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__spec__ = self._real_specs.pop(module.__spec__.name, module.__spec__)
 
 
-def as_pyreft(name: str = "pyreft", replace: bool = False):
+def as_pyreft(name: str = "pyreft", replace: bool = False, exact: bool = True):
     """Make ``import <name>`` and ``import <name>.<sub>`` give reft_kernels (and its submodules).
 
+    ``exact``: rotations built from now on keep pyreft's d x d base (``pyreft_base=True`` unless
+    an intervention says otherwise), so seeded runs follow pyreft's path (module docstring).
     Raises RuntimeError if another module is already imported under ``name`` (e.g. the real
     pyreft) unless ``replace=True``. Returns the reft_kernels module. Idempotent.
     """
     pkg = importlib.import_module(_PACKAGE)
+    importlib.import_module(_PACKAGE + ".interventions").set_pyreft_base_default(bool(exact))
     current = sys.modules.get(name)
     if current is not None and current is not pkg and not replace:
         raise RuntimeError(f"a different module is already imported as {name!r} "
@@ -82,9 +91,9 @@ def as_pyreft(name: str = "pyreft", replace: bool = False):
     return pkg
 
 
-def run_script(path: str, argv=(), alias: str = "pyreft") -> None:
+def run_script(path: str, argv=(), alias: str = "pyreft", exact: bool = True) -> None:
     """Run the script at ``path`` as ``__main__`` with ``argv`` after installing the alias."""
-    as_pyreft(alias)
+    as_pyreft(alias, exact=exact)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"script {path!r} does not exist")
     sys.argv = [path, *argv]
@@ -94,11 +103,15 @@ def run_script(path: str, argv=(), alias: str = "pyreft") -> None:
 
 def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    exact = True
+    if argv and argv[0] == "--no-exact":
+        exact, argv = False, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m reft_kernels.pyreft_alias SCRIPT.py [ARGS...]\n"
-              "runs a pyreft script unchanged, with 'import pyreft' resolving to reft_kernels")
+        print("usage: python -m reft_kernels.pyreft_alias [--no-exact] SCRIPT.py [ARGS...]\n"
+              "runs a pyreft script unchanged, with 'import pyreft' resolving to reft_kernels;\n"
+              "rotations keep pyreft's d x d base (pyreft's path from a seed) unless --no-exact")
         return 0 if argv else 2
-    run_script(argv[0], argv[1:])
+    run_script(argv[0], argv[1:], exact=exact)
     return 0
 
 

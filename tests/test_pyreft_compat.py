@@ -43,6 +43,14 @@ def test_as_pyreft_makes_pyreft_imports_resolve_to_reft_kernels():
         assert ReftTrainerForCausalLM is rk.ReftTrainerForCausalLM
         assert real.__spec__.name == "reft_kernels.reft_trainer"   # the shared module keeps its name
         assert rk.as_pyreft() is rk                                 # idempotent
+        # exact (default): rotations keep pyreft's d x d base unless an intervention says otherwise
+        iv = pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2)
+        assert iv.rotate_layer.base is not None and iv.rotate_layer.base.shape == (16, 16)
+        assert pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2, pyreft_base=False).rotate_layer.base is None
+        assert pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2,
+                                         orthogonal_map="cholesky_qr").rotate_layer.orthogonal_map == "cholesky_qr"
+        rk.as_pyreft(exact=False)
+        assert pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2).rotate_layer.base is None
         print("OK")
     """))
     assert out.returncode == 0, out.stderr
@@ -71,6 +79,10 @@ def test_pyreft_alias_runs_a_script_unmodified(tmp_path):
                  "--seed", "42", cwd=str(tmp_path.parent))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "7 CAUSAL_LM True ['--seed', '42']"
+
+
+def test_rotations_stay_light_by_default():
+    assert rk.LoreftIntervention(embed_dim=16, low_rank_dimension=2).rotate_layer.base is None
 
 
 def test_namespace_names_resolve_as_attributes():
