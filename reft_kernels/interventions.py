@@ -172,7 +172,9 @@ class ReftIntervention(nn.Module):
         :mod:`reft_kernels.pyreft_keys`); detached. Read directly, not through ``state_dict()``,
         whose FSDP2 hooks would turn them into sharded DTensors (a collective on one rank)."""
         t = {k: v.detach() for k, v in self.named_parameters()}
-        t.update({k: v.detach() for k, v in self.named_buffers()})
+        derived = {f"{name}.{b}".lstrip(".") for name, m in self.named_modules()
+                   for b in m._non_persistent_buffers_set}   # rebuilt from saved state: not saved
+        t.update({k: v.detach() for k, v in self.named_buffers() if k not in derived})
         if isinstance(getattr(self, "rotate_layer", None), OrthonormalRotation):
             with torch.no_grad():
                 t["rotate_layer.weight"] = self.rotate_layer.weight.detach()
@@ -243,14 +245,18 @@ class _RotatedWithSource(ReftIntervention):
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
                  act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
-                 **ignored):
+                 completion: Optional[str] = None, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
+        if completion is not None:   # an explicit completion overrides set_pyreft_base_default
+            pyreft_base = bool(pyreft_base)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map))
+                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map),
+                                                completion=completion)
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
 
     def config_kwargs(self) -> dict:
-        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
+                "completion": self.rotate_layer.completion}
 
     def op_tensors(self):
         return self.rotate_layer.weight, self.learned_source.weight, self.learned_source.bias, None
@@ -275,14 +281,18 @@ class _RotatedConstant(ReftIntervention):
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
                  act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
-                 **ignored):
+                 completion: Optional[str] = None, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
+        if completion is not None:   # an explicit completion overrides set_pyreft_base_default
+            pyreft_base = bool(pyreft_base)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map))
+                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map),
+                                                completion=completion)
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))
 
     def config_kwargs(self) -> dict:
-        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
+                "completion": self.rotate_layer.completion}
 
     def op_tensors(self):
         return self.rotate_layer.weight, None, self.learned_source, None

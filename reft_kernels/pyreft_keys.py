@@ -20,6 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .completions import complete_columns, hartley_factors
 from .intervention_types import lookup
 from .rotation import PYREFT_BASE, PYREFT_ORIGINAL, apply_householder_base, householder_form, \
     rotation_from_pyreft, rotation_to_pyreft
@@ -90,7 +91,11 @@ def _pyreft_rotation(t: Dict[str, torch.Tensor]):
         base = t.get("rotate_layer.base")
         if base is None:
             form = t["rotate_layer.base_householder"].float()
-            base = apply_householder_base(form, torch.eye(form.shape[0], device=form.device))
+            eye = torch.eye(form.shape[0], device=form.device)
+            seed = t.get("rotate_layer.completion_seed")
+            if seed is not None:   # the hartley completion: base = B_c blockdiag(I, S)
+                eye = complete_columns(eye, hartley_factors(form.shape[0] - form.shape[1], int(seed), form.device))
+            base = apply_householder_base(form, eye)
         return original, base.detach().float().clone()
     return rotation_to_pyreft(t["rotate_layer.weight"])
 

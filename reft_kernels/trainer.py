@@ -17,9 +17,10 @@ What differs from pyreft, deliberately:
   (:func:`reft_kernels.checkpoint.save_reft_model`), so ``resume_from_checkpoint`` restores
   them in place and continues exactly, and ``load_best_model_at_end`` works;
 * evaluation runs the interventions in eval mode (no dropout);
-* the rotation parameters are never weight-decayed (pyreft's are not either, so the trajectory
-  stays pyreft's; decay would pull a Householder R back towards its initial value and shrink a
-  Cholesky-QR basis towards a badly conditioned one);
+* the rotation parameters are never weight-decayed (decay would pull a Householder R back
+  towards its initial value and shrink a Cholesky-QR basis towards a badly conditioned one);
+  ``learned_source`` is (pyreft's Trainer, by a name mismatch, decays no intervention parameter,
+  so with weight decay > 0 the paths differ);
 * ``ReftTrainerForSequenceClassification`` uses the standard evaluation loop and computes MSE in
   the logits' dtype (pyreft casts regression labels to bf16).
 """

@@ -56,6 +56,7 @@ class InterventionSpec:
     dropout: float = 0.0
     act_fn: Optional[str] = None
     add_bias: Optional[bool] = None
+    completion: Optional[str] = None   # the rotation base's completion; None (older files): from the tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +102,8 @@ def _spec_from_module(iv) -> Dict[str, Any]:
     kw = iv.config_kwargs() if hasattr(iv, "config_kwargs") else {}
     return {"cls": cls, "embed_dim": kw.get("embed_dim"), "dtype": kw.get("dtype"),
             "dropout": float(kw.get("dropout") or 0.0), "act_fn": kw.get("act_fn"),
-            "add_bias": kw.get("add_bias") if cls in PROJECTED else None}
+            "add_bias": kw.get("add_bias") if cls in PROJECTED else None,
+            "completion": kw.get("completion") if cls in ROTATED else None}
 
 
 def _specs_from_config(config, key_format="new"):
@@ -120,7 +122,8 @@ def _specs_from_config(config, key_format="new"):
             spec = _spec_from_module(obj)
         else:
             spec = {"cls": _class_name(iv), "dtype": kw.get("dtype"), "act_fn": kw.get("act_fn"),
-                    "dropout": float(kw.get("dropout") or 0.0), "add_bias": kw.get("add_bias")}
+                    "dropout": float(kw.get("dropout") or 0.0), "add_bias": kw.get("add_bias"),
+                    "completion": kw.get("completion")}
             dtype = spec["dtype"]
             spec["dtype"] = None if dtype is None else dtype_name(as_dtype(dtype))
         specs.append(InterventionSpec(key=key, layer=layer, component=comp, unit=unit,
@@ -150,6 +153,7 @@ def _check_tensor_set(t: Dict[str, torch.Tensor], cls: str, where: str):
     shapes = {"rotate_layer.weight": (r, d), "rotate_layer.basis": (r, d), "proj_layer.weight": (r, d),
               "rotate_layer.reflectors": (d, r), "rotate_layer.signs": (r,),
               "rotate_layer.base_householder": (d, r), "rotate_layer.base": (d, d),
+              "rotate_layer.completion_seed": (),
               "proj_layer.bias": (r,), "learned_source.weight": (r, d),
               "learned_source.bias": (r,), "learned_source": (r,)}
     for name, v in t.items():

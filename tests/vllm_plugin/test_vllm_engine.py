@@ -19,7 +19,7 @@ def engine_setup(tmp_path_factory):
     model = build_tiny(root)
     adapters = build_adapters(model, root)
     engine = VllmEngine(model, max_batch_size=8, max_model_len=256,
-                        vllm_args={"enforce_eager": True, "gpu_memory_utilization": 0.05, "seed": 0})
+                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 1 << 28, "seed": 0})
     engine.load_adapter("last1", adapters["last1"]["path"])
     engine.load_adapter("pyr", adapters["pyr"]["path"])
     engine.start()
