@@ -25,8 +25,10 @@ def setup(tmp_path_factory):
     return model, adapters, [(p, NAMES[i]) for i, p in enumerate(prompts)]
 
 
-def test_tensor_parallel_2_equals_hf(setup):
+def test_tensor_parallel_2_equals_hf(setup, monkeypatch):
     model, adapters, requests = setup
+    # vLLM's CPU backend binds each rank to a NUMA node; a one-node machine binds ranks to cores
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1"))
     reference = hf_reference(model, adapters, requests, 6)
     out = run_vllm({"model": model, "adapters": adapters, "max_tokens": 6,
                     "engine": {"tensor_parallel_size": 2, "enable_prefix_caching": False},

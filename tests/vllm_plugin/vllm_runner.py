@@ -30,7 +30,7 @@ def main() -> None:
                                          extra_args=extra))
         outs = llm.generate(prompts, params, use_tqdm=False)
         results.append([list(o.outputs[0].token_ids) for o in outs])
-    print(json.dumps({"outputs": results}))
+    print("RESULT " + json.dumps({"outputs": results}), flush=True)
 
 
 if __name__ == "__main__":
