@@ -7,6 +7,9 @@
 #  not yet run on a GPU: docs/gpu_check.md)
 #   bash benchmarks/gpu_check.sh --dry-run      # on CPU, tiny, no install: proves the script works
 #   bash benchmarks/gpu_check.sh --no-install   # use the python environment as it is
+#   bash benchmarks/gpu_check.sh --vllm         # also: vLLM 0.32 (the plain CUDA wheel) in its own venv,
+#        the plugin == HF equality tests (tests/vllm_plugin, V1 model runner) and a throughput line
+#        (benchmarks/bench_vllm.py: stock vLLM eager and with CUDA graphs, plugin, hf engine) -> $OUT/vllm*
 #
 # Results: $OUT (default ./gpu_results): gpu_check.json, gpu_check.md, gpu_check.log, pytest.xml,
 # ops.json, model.json, launch.json. Exit status: 0 passed, 1 a correctness test failed,
@@ -16,15 +19,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-MODE=() INSTALL=1
+MODE=() INSTALL=1 VLLM=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) MODE+=(--dry-run); INSTALL=0 ;;
     --quick) MODE+=(--quick) ;;
     --no-install) INSTALL=0 ;;
     --skip-bench) MODE+=(--skip-bench) ;;
+    --vllm) VLLM=1 ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$arg' (use --dry-run, --quick, --no-install, --skip-bench)" >&2; exit 64 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (use --dry-run, --quick, --no-install, --skip-bench, --vllm)" >&2; exit 64 ;;
   esac
 done
 OUT="${OUT:-./gpu_results}"
@@ -77,5 +81,20 @@ EOF
 
 "$PYTHON" benchmarks/gpu_check.py --out "$OUT" ${MODE[@]+"${MODE[@]}"} 2>&1 | tee -a "$LOG"
 code=${PIPESTATUS[0]}
+
+if [ "$VLLM" = 1 ] && [[ " ${MODE[*]:-} " == *" --dry-run "* ]]; then
+  say "vLLM section: skipped in --dry-run (on CPU it is bash .ci/vllm_venv.sh --test)"
+elif [ "$VLLM" = 1 ]; then
+  VENV="$OUT/vllm-venv"
+  say "vLLM section: vllm==0.32.0 in $VENV"
+  "$PYTHON" -m venv "$VENV" && timeout 900 "$VENV/bin/pip" install -q vllm==0.32.0 pytest 2>&1 | tee -a "$LOG"
+  "$VENV/bin/pip" install -q --no-deps -e . 2>&1 | tee -a "$LOG"
+  # the plugin reads the V1 runner's logits-processor interface; vLLM picks V2 on CUDA by default
+  export VLLM_USE_V2_MODEL_RUNNER=0
+  "$VENV/bin/python" -m pytest tests/vllm_plugin -q -p no:cacheprovider 2>&1 | tee "$OUT/vllm_pytest.log" | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" = 0 ] || { say "vLLM plugin tests FAILED (see $OUT/vllm_pytest.log)"; code=1; }
+  "$VENV/bin/python" benchmarks/bench_vllm.py --configs stock_graphs,stock,plugin_base,plugin_adapters,hf \
+    --out "$OUT/vllm.json" 2>&1 | tee -a "$LOG" || say "WARNING: the vLLM benchmark failed"
+fi
 say "exit $code; results in $OUT (gpu_check.md, gpu_check.json, gpu_check.log)"
 exit "$code"

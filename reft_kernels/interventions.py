@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .intervention_types import TYPES, type_name
 from .ops import reft_edit
 from .ops.variants import VARIANTS, resolve_activation
 from .pyreft_keys import from_pyreft, is_pyreft_state, to_pyreft
@@ -51,9 +52,7 @@ __all__ = [
     "INTERVENTION_CLASSES", "intervention_class", "LowRankRotateLayer", "set_pyreft_base_default",
 ]
 
-INTERVENTION_CLASSES: dict = {}
-_PYREFT_NAMES = ("LoreftIntervention", "NoreftIntervention", "DireftIntervention",
-                 "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention")
+INTERVENTION_CLASSES: dict = {}   # class name -> module class (every public subclass)
 
 
 def intervention_class(name) -> type:
@@ -93,15 +92,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ReftIntervention(nn.Module):
     """Shared constructor, fused edit and pyvene-style forward of the six pyreft interventions.
 
-    Subclasses set ``variant`` (a key of :data:`reft_kernels.ops.variants.VARIANTS`) and implement
-    :meth:`op_tensors`. Unknown constructor keywords are ignored, as in pyreft (``device``,
-    ``layer``, ``component``, ``keep_last_dim``, ...).
+    A subclass named like a record of :mod:`reft_kernels.intervention_types` takes its op
+    ``variant`` from it and implements :meth:`op_tensors`. Unknown constructor keywords are
+    ignored, as in pyreft (``device``, ``layer``, ``component``, ``keep_last_dim``, ...).
     """
 
     variant = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.__name__ in TYPES:
+            cls.variant = TYPES[cls.__name__].variant
         if not cls.__name__.startswith("_"):
             INTERVENTION_CLASSES[cls.__name__] = cls
 
@@ -171,7 +172,9 @@ class ReftIntervention(nn.Module):
         :mod:`reft_kernels.pyreft_keys`); detached. Read directly, not through ``state_dict()``,
         whose FSDP2 hooks would turn them into sharded DTensors (a collective on one rank)."""
         t = {k: v.detach() for k, v in self.named_parameters()}
-        t.update({k: v.detach() for k, v in self.named_buffers()})
+        derived = {f"{name}.{b}".lstrip(".") for name, m in self.named_modules()
+                   for b in m._non_persistent_buffers_set}   # rebuilt from saved state: not saved
+        t.update({k: v.detach() for k, v in self.named_buffers() if k not in derived})
         if isinstance(getattr(self, "rotate_layer", None), OrthonormalRotation):
             with torch.no_grad():
                 t["rotate_layer.weight"] = self.rotate_layer.weight.detach()
@@ -186,7 +189,7 @@ class ReftIntervention(nn.Module):
 
     @classmethod
     def _pyreft_name(cls) -> str:
-        return next(c.__name__ for c in cls.__mro__ if c.__name__ in _PYREFT_NAMES)
+        return type_name(cls)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -242,14 +245,18 @@ class _RotatedWithSource(ReftIntervention):
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
                  act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
-                 **ignored):
+                 completion: Optional[str] = None, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
+        if completion is not None:   # an explicit completion overrides set_pyreft_base_default
+            pyreft_base = bool(pyreft_base)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map))
+                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map),
+                                                completion=completion)
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
 
     def config_kwargs(self) -> dict:
-        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
+                "completion": self.rotate_layer.completion}
 
     def op_tensors(self):
         return self.rotate_layer.weight, self.learned_source.weight, self.learned_source.bias, None
@@ -274,14 +281,18 @@ class _RotatedConstant(ReftIntervention):
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
                  act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
-                 **ignored):
+                 completion: Optional[str] = None, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
+        if completion is not None:   # an explicit completion overrides set_pyreft_base_default
+            pyreft_base = bool(pyreft_base)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map))
+                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map),
+                                                completion=completion)
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))
 
     def config_kwargs(self) -> dict:
-        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map}
+        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
+                "completion": self.rotate_layer.completion}
 
     def op_tensors(self):
         return self.rotate_layer.weight, None, self.learned_source, None
@@ -290,19 +301,13 @@ class _RotatedConstant(ReftIntervention):
 class LoreftIntervention(_RotatedWithSource):
     """LoReFT: ``Phi(h) = dropout(h + R^T (act(W h + b) - R h))``."""
 
-    variant = "loreft"
-
 
 class DireftIntervention(_RotatedWithSource):
     """DiReFT: ``Phi(h) = dropout(h + R^T act(W h + b))`` (no ``- R h`` term)."""
 
-    variant = "direft"
-
 
 class NoreftIntervention(_ProjectedWithSource):
     """NoReFT: ``Phi(h) = dropout(h + P^T (act(W h + b) - (P h + c)))``, P = proj_layer (not orthogonal)."""
-
-    variant = "noreft"
 
     def op_tensors(self):
         return (self.proj_layer.weight, self.learned_source.weight, self.learned_source.bias,
@@ -312,8 +317,6 @@ class NoreftIntervention(_ProjectedWithSource):
 class NodireftIntervention(_ProjectedWithSource):
     """NodiReFT: ``Phi(h) = dropout(h + P^T act(W h + b))``; proj_layer.bias is unused, as in pyreft."""
 
-    variant = "nodireft"
-
     def op_tensors(self):
         return self.proj_layer.weight, self.learned_source.weight, self.learned_source.bias, None
 
@@ -321,13 +324,9 @@ class NodireftIntervention(_ProjectedWithSource):
 class ConsreftIntervention(_RotatedConstant):
     """ConsReFT: ``Phi(h) = h + R^T (b - R h)`` (pyreft gives it no dropout; ``dropout`` is ignored)."""
 
-    variant = "consreft"
-
 
 class LobireftIntervention(_RotatedConstant):
     """LobiReFT: ``Phi(h) = dropout(h + R^T b)``."""
-
-    variant = "lobireft"
 
 
 class LowRankRotateLayer(nn.Module):

@@ -58,6 +58,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .completions import COMPACT, COMPLETIONS, HARTLEY, PYREFT, complete_columns, \
+    hartley_factors, resolve_completion, seed_from_draw
+from .householder import apply_householder_base, householder_columns, householder_form
 from .pyreft_rotation import pyreft_completion, rotation_from_pyreft, rotation_to_pyreft
 
 __all__ = ["OrthonormalRotation", "ORTHOGONAL_MAPS", "householder_columns", "householder_form",
@@ -68,61 +71,9 @@ HOUSEHOLDER, CHOLESKY_QR = "householder", "cholesky_qr"
 ORTHOGONAL_MAPS = (HOUSEHOLDER, CHOLESKY_QR)
 PYREFT_ORIGINAL = "parametrizations.weight.original"   # pyreft's keys under rotate_layer.
 PYREFT_BASE = "parametrizations.weight.0.base"
-_HOUSEHOLDER_STATE = ("reflectors", "signs", "base_householder", "base")
+_HOUSEHOLDER_STATE = ("reflectors", "signs", "base_householder", "base", "completion_seed")
 _ORTHONORMAL_ATOL = 1e-4
 _MIN_PIVOT_RATIO = 1e-5   # Cholesky diag ratio below which the basis counts as rank-deficient
-
-
-def _compact_wy(form: torch.Tensor):
-    """(V1, T^{-1}) of H_1 ... H_r = I - V1 T V1^T for the reflector tails in ``tril(form, -1)``.
-
-    V1 = tril(form, -1) + I[:, :r] (unit lower trapezoidal), tau_j = 2 / (v_j^T v_j) (torch's
-    ``2 / (1 + |tail|^2)``), and by the UT transform T^{-1} = triu(G, 1) + diag(G) / 2 with
-    G = V1^T V1 (the diagonal is 1 / tau).
-    """
-    d, r = form.shape
-    v = form.tril(-1) + torch.eye(d, r, dtype=form.dtype, device=form.device)
-    gram = v.mT @ v
-    return v, gram.triu(1) + torch.diag_embed(gram.diagonal() / 2)
-
-
-def householder_columns(tails: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Q (d, r) = householder_product(A, tau) * signs with A = tril(tails, -1) and torch's tau.
-
-    Computed as ``(I - V1 T V1^T)[:, :r] = I[:, :r] - V1 T V1[:r]^T`` (compact WY form), equal
-    to ``torch.linalg.householder_product`` to fp32 rounding: the same function, with plain
-    matmul/triangular-solve autograd, O(d r^2) forward and backward, where torch's
-    ``householder_product`` backward costs about a second at d = 2048, r = 16 on one CPU core
-    (see benchmarks/bench_rotation.py).
-    """
-    d, r = tails.shape
-    v, t_inv = _compact_wy(tails)
-    eye = torch.eye(d, r, dtype=tails.dtype, device=tails.device)
-    return (eye - v @ torch.linalg.solve_triangular(t_inv, v[:r].mT, upper=True)) * signs
-
-
-@torch.no_grad()
-def householder_form(columns: torch.Tensor) -> torch.Tensor:
-    """(d, r) torch non-trivialised Householder form of orthonormal ``columns`` (d, r).
-
-    Strict lower triangle: the reflector tails of ``geqrf(columns)``; diagonal: the signs t with
-    ``householder_columns(form, t) == columns`` to rounding (torch's ``right_inverse``: sign of
-    the R factor's diagonal, flipped where LAPACK's tau is 0, i.e. no reflection was needed).
-    """
-    A, tau = torch.geqrf(columns.float())
-    signs = A.diagonal().sign()
-    signs[tau == 0.0] *= -1
-    form = A.tril(-1)
-    form.diagonal().copy_(signs)
-    return form
-
-
-def apply_householder_base(form: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``base @ x`` for ``base = H_1 ... H_r diag(t, 1, ..., 1)`` given by ``form`` (see module doc)."""
-    r = form.shape[1]
-    v, t_inv = _compact_wy(form)
-    y = torch.cat([x[:r] * form.diagonal().unsqueeze(-1), x[r:]])
-    return y - v @ torch.linalg.solve_triangular(t_inv, v.mT @ y, upper=True)
 
 
 def _orthonormal_error(R: torch.Tensor) -> float:
@@ -181,13 +132,14 @@ class OrthonormalRotation(nn.Module):
     base: Optional[torch.Tensor]
 
     def __init__(self, embed_dim: int, low_rank_dimension: int, orthogonal_map: str = HOUSEHOLDER,
-                 pyreft_base: bool = False):
+                 pyreft_base: bool = False, completion: Optional[str] = None):
         super().__init__()
         if orthogonal_map not in ORTHOGONAL_MAPS:
             raise ValueError(f"orthogonal_map={orthogonal_map!r} is unknown; use one of {ORTHOGONAL_MAPS}")
-        if pyreft_base and orthogonal_map != HOUSEHOLDER:
-            raise ValueError(f"pyreft_base=True needs orthogonal_map={HOUSEHOLDER!r} (pyreft's map), "
-                             f"not {orthogonal_map!r}")
+        if orthogonal_map != HOUSEHOLDER and (pyreft_base or completion not in (None, COMPACT)):
+            raise ValueError(f"pyreft_base=True / completion={completion!r} need orthogonal_map="
+                             f"{HOUSEHOLDER!r} (the map with a base), not {orthogonal_map!r}")
+        completion = resolve_completion(completion, pyreft_base)
         d, r = int(embed_dim), int(low_rank_dimension)
         self.orthogonal_map = orthogonal_map
         init = torch.empty(d, r)
@@ -199,8 +151,33 @@ class OrthonormalRotation(nn.Module):
         self.reflectors = nn.Parameter(torch.zeros(d, r))
         self.register_buffer("signs", torch.full((r,), -1.0))
         self.register_buffer("base_householder", householder_form(init))
-        # (a checkpoint load skips the draw: its state brings the base, if any)
-        self.register_buffer("base", pyreft_completion(init, fill) if pyreft_base and fill is not None else None)
+        # (a checkpoint load skips the draw: its state brings the base or the seed, if any)
+        self.register_buffer("base", pyreft_completion(init, fill) if completion == PYREFT and fill is not None else None)
+        seed = seed_from_draw(fill) if fill is not None else 0
+        self.register_buffer("completion_seed", torch.tensor(seed) if completion == HARTLEY else None)
+        self._set_factors()
+
+    def _set_factors(self) -> None:
+        """(Re)build the hartley completion's O(d) factors from ``completion_seed`` (not saved)."""
+        factors = (None, None)
+        if self.completion_seed is not None:
+            r, d = self.shape
+            factors = hartley_factors(d - r, int(self.completion_seed), self.reflectors.device)
+        self.register_buffer("hartley_signs", factors[0], persistent=False)
+        self.register_buffer("hartley_perm", factors[1], persistent=False)
+
+    @property
+    def completion(self) -> str:
+        """Which completion of the base the state holds: "pyreft" (a d x d base), "hartley" (a
+        seed) or "compact" (neither); see :mod:`reft_kernels.completions`."""
+        if getattr(self, "base", None) is not None:
+            return PYREFT
+        return HARTLEY if getattr(self, "completion_seed", None) is not None else COMPACT
+
+    def _complete(self, q: torch.Tensor) -> torch.Tensor:
+        if self.hartley_signs is None:
+            return q
+        return complete_columns(q, (self.hartley_signs, self.hartley_perm))
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -226,7 +203,7 @@ class OrthonormalRotation(nn.Module):
         q = householder_columns(self.reflectors.float(), self.signs.float())
         if self.base is not None:
             return _FullBaseProduct.apply(self.base.float(), q)
-        return apply_householder_base(self.base_householder.float(), q).mT.contiguous()
+        return apply_householder_base(self.base_householder.float(), self._complete(q)).mT.contiguous()
 
     @staticmethod
     def _cholesky_qr(basis: torch.Tensor) -> torch.Tensor:
@@ -293,7 +270,7 @@ class OrthonormalRotation(nn.Module):
             return original, self.base.detach().clone()
         d = self.reflectors.shape[0]
         eye = torch.eye(d, dtype=torch.float32, device=self._device)
-        return original, apply_householder_base(self.base_householder, eye)
+        return original, apply_householder_base(self.base_householder.float(), self._complete(eye))
 
     @torch.no_grad()
     def _convert(self, incoming: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -316,13 +293,15 @@ class OrthonormalRotation(nn.Module):
             state = {"reflectors": original.tril(-1), "signs": signs,
                      "base_householder": householder_form(base[:, :r]), "base": base}
         elif "reflectors" in get:
-            state = {k: get[k].float() for k in _HOUSEHOLDER_STATE if k in get}
+            state = {k: get[k] if k == "completion_seed" else get[k].float() for k in _HOUSEHOLDER_STATE if k in get}
             missing = [k for k in _HOUSEHOLDER_STATE[:3] if k not in state]
             if missing:
                 raise ValueError(f"Householder rotation state lacks {missing}")
         if state is not None:
             q = householder_columns(state["reflectors"], state["signs"])
-            full = state.get("base")
+            full, seed = state.get("base"), state.get("completion_seed")
+            if full is None and seed is not None:
+                q = complete_columns(q, hartley_factors(d - r, int(seed), dev))
             R = (full @ q if full is not None else apply_householder_base(state["base_householder"], q)).mT
             _check_orthonormal(R, "the loaded rotation R")
             if full is not None and not _base_is_orthogonal(full):
@@ -348,8 +327,11 @@ class OrthonormalRotation(nn.Module):
             return {"basis": R.contiguous()}
         if state is not None:
             return state
-        return {"reflectors": torch.zeros(d, r, device=dev), "signs": torch.full((r,), -1.0, device=dev),
-                "base_householder": householder_form(R.mT)}
+        state = {"reflectors": torch.zeros(d, r, device=dev), "signs": torch.full((r,), -1.0, device=dev),
+                 "base_householder": householder_form(R.mT)}
+        if getattr(self, "completion_seed", None) is not None:   # a bare R says nothing of the completion: keep ours
+            state["completion_seed"] = self.completion_seed.clone()
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -360,17 +342,21 @@ class OrthonormalRotation(nn.Module):
                 converted = self._convert(incoming)
             except ValueError as e:   # raised at once: torch's aggregate would add noise
                 raise ValueError(f"loading {prefix[:-1] or type(self).__name__}: {e}") from None
-            if self.orthogonal_map == HOUSEHOLDER:
-                full = converted.get("base")
+            if self.orthogonal_map == HOUSEHOLDER:   # the state says which completion it has
+                full, seed = converted.get("base"), converted.get("completion_seed")
                 self.base = None if full is None else torch.empty_like(full)
+                self.completion_seed = None if seed is None else torch.empty((), dtype=torch.int64,
+                                                                             device=self._device)
             state_dict.update({prefix + k: v for k, v in converted.items()})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if incoming and self.orthogonal_map == HOUSEHOLDER:
+            self._set_factors()
 
     def extra_repr(self) -> str:
         r, d = self.shape
-        full = ", base=d x d (pyreft's)" if getattr(self, "base", None) is not None else ""
-        return f"embed_dim={d}, low_rank_dimension={r}, orthogonal_map={self.orthogonal_map!r}{full}"
+        completion = f", completion={self.completion!r}" if self.orthogonal_map == HOUSEHOLDER else ""
+        return f"embed_dim={d}, low_rank_dimension={r}, orthogonal_map={self.orthogonal_map!r}{completion}"
 
 
 class _FullBaseProduct(torch.autograd.Function):

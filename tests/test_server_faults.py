@@ -145,6 +145,22 @@ def test_engine_poison_rows_fail_alone(assets):
     assert engine.stats["failed_requests"] == 6
 
 
+def test_engine_abandoned_row_stops_early(assets):
+    """A row nobody waits for any more (its stream was closed) ends at its next token; the others
+    in its batch are unaffected."""
+    from reft_kernels.serving import GenerationRequest, SamplingParams
+    engine = _engine(assets)
+    prompt = _ids(assets, PROMPTS[1])
+    want = reference(assets, "alpha", prompt, 10)
+    assert len(want) >= 3   # the test needs an answer longer than one token
+    gone = GenerationRequest(prompt, "alpha", SamplingParams(max_tokens=10))
+    gone.on_delta = lambda text, done, reason: setattr(gone, "abandoned", True)   # the client leaves
+    jobs, good = _good_requests(assets)
+    results = engine.generate_batch([gone] + good)
+    assert results[0].token_ids == want[:1] and results[0].finish_reason == "abort"
+    _check_good(assets, jobs, results[1:])
+
+
 def test_engine_queue_answers_innocents_and_fails_the_poison(assets):
     """Through the batching worker (futures): a batch with a failing row sets that future's
     exception only."""
@@ -458,3 +474,8 @@ def test_token_limit_names_the_flag(assets):
         r = http.post("/v1/completions", json={"model": "alpha", "prompt": [[5] * 10] * 2, "max_tokens": 6})
         err = _assert_error(r.status_code, r.text, 400, "max_tokens")
         assert "--max-tokens-per-request" in err["message"] and "32" in err["message"]
+        # chat without max_tokens: the default (the rest of the context) stays within the limit
+        r = http.post("/v1/chat/completions", json={"model": "alpha", "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "the cat sat"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["total_tokens"] <= 30

@@ -34,7 +34,7 @@ _NONE = type(None)
 _FIELD_TYPES = {"key": (str,), "cls": (str,), "layer": (int, _NONE), "component": (str,),
                 "unit": (str,), "max_number_of_units": (int,), "embed_dim": (int, _NONE),
                 "rank": (int, _NONE), "dtype": (str, _NONE), "dropout": (int, float),
-                "act_fn": (str, _NONE), "add_bias": (bool, _NONE)}
+                "act_fn": (str, _NONE), "add_bias": (bool, _NONE), "completion": (str, _NONE)}
 _REQUIRED_FIELDS = ("key", "cls", "layer", "component")
 _JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", _NONE: "null"}
 _RESAVE = "the file is corrupt or was edited by hand: restore it, or save the checkpoint again"

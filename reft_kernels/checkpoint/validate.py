@@ -90,6 +90,17 @@ def check_module_fits(iv, t, cls, where):
                               f"proj_layer.bias")
 
 
+def saved_completion(t):
+    """The rotation base's completion that tensors ``t`` hold: "hartley" (a seed), "pyreft" (a
+    d x d base), "compact" (reflectors, neither: every file from before the option), or None (no
+    Householder state: a bare R or a Cholesky-QR basis)."""
+    if "rotate_layer.completion_seed" in t:
+        return "hartley"
+    if "rotate_layer.base" in t:
+        return "pyreft"
+    return "compact" if "rotate_layer.reflectors" in t else None
+
+
 def build_module(spec: InterventionSpec, t, dtype):
     """A fresh intervention module of the class, sizes and settings of ``spec`` and tensors ``t``."""
     d, r = _dims(t, spec.cls)
@@ -97,6 +108,9 @@ def build_module(spec: InterventionSpec, t, dtype):
           "act_fn": spec.act_fn}
     if "rotate_layer.basis" in t:  # saved with the Cholesky-QR map: resume with it, exactly
         kw["orthogonal_map"] = "cholesky_qr"
+    completion = saved_completion(t)   # the state decides (reft_config.json records it too)
+    if completion is not None:
+        kw["completion"] = completion
     if spec.cls in PROJECTED:
         kw["add_bias"] = "proj_layer.bias" in t if spec.add_bias is None else bool(spec.add_bias)
     with torch.random.fork_rng(devices=[]), without_rng_parity_draw():  # init values we overwrite

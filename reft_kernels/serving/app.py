@@ -84,8 +84,9 @@ class _Server:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt has "
                            f"{prompt_len} tokens, which leaves no room for the completion. Please reduce the "
                            "length of the prompt.", param=prompt_param, code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = default_max if default_max is not None else (ctx - prompt_len if ctx else 256)
+        if max_tokens is None:   # chat's default: the rest of the context, within --max-tokens-per-request
+            max_tokens = default_max if default_max is not None else max(1, min(
+                ctx - prompt_len if ctx else 256, self.options.max_tokens_per_request - prompt_len))
         if ctx is not None and prompt_len + max_tokens > ctx:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
@@ -156,6 +157,13 @@ class _Server:
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, ("done", f, None)))
 
         async def gen():
+            try:
+                async for event in events_of():
+                    yield event
+            finally:   # done, or the client went away: either way the row need not run on
+                request.abandoned = True
+
+        async def events_of():
             first = chunk(None, None)
             if first is not None:
                 yield f"data: {json.dumps(first)}\n\n"

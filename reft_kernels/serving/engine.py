@@ -71,6 +71,7 @@ class GenerationRequest:
     params: SamplingParams
     on_delta: Optional[Callable[[str, bool, Optional[str]], None]] = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    abandoned: bool = False   # set when nobody waits any more (a closed stream): the row stops early
 
 
 @dataclass
@@ -253,7 +254,8 @@ class Engine:
                 if r.adapter is not None and r.adapter not in self.specs:
                     out[i] = UnknownAdapterError(r.adapter)
                 else:
-                    states[i] = RowState(self.tokenizer, r.params, self.eos_ids, r.on_delta)
+                    states[i] = RowState(self.tokenizer, r.params, self.eos_ids, r.on_delta,
+                                         abandoned=lambda r=r: r.abandoned)
             if self.mode == "mixed":
                 groups = [list(states)] if states else []
             else:

@@ -70,12 +70,15 @@ class RowState:
     could still turn out to start a stop string, or an incomplete multi-byte character, is held back).
     ``seed`` is the request's seed, or a random one drawn here, so a rerun of the row (``rerun``) draws
     the same tokens. ``error`` is the exception of a failed row (then ``finished`` is True).
+    ``abandoned()`` True means nobody waits for the row any more (a closed stream): it ends at its
+    next token with ``finish_reason="abort"``, so it stops costing the batch.
     """
 
     def __init__(self, tokenizer, params: SamplingParams, eos_ids: Sequence[int],
                  on_delta: Optional[Callable[[str, bool, Optional[str]], None]] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, abandoned: Optional[Callable[[], bool]] = None):
         self.tokenizer = tokenizer
+        self.abandoned = abandoned
         self.seed = seed if seed is not None else (params.seed if params.seed is not None
                                                    else random.SystemRandom().randrange(2**62))
         self.error: Optional[BaseException] = None
@@ -92,7 +95,8 @@ class RowState:
     def rerun(self) -> "RowState":
         """A fresh state for running this row again: same seed, and the text already sent through
         ``on_delta`` is not sent twice (the rerun computes the same tokens)."""
-        again = RowState(self.tokenizer, self.params, self.eos_ids, self.on_delta, seed=self.seed)
+        again = RowState(self.tokenizer, self.params, self.eos_ids, self.on_delta, seed=self.seed,
+                         abandoned=self.abandoned)
         again.emitted = self.emitted
         return again
 
@@ -106,6 +110,9 @@ class RowState:
         if self.finished:
             return
         try:
+            if self.abandoned is not None and self.abandoned():
+                self._finish("abort")
+                return
             self._push(token)
         except Exception as exc:  # noqa: BLE001 - this row fails, the batch goes on
             self.fail(exc)

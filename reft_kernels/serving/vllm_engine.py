@@ -54,7 +54,8 @@ class VllmEngine:
         from ..vllm_plugin import REFT_LOGITS_PROCESSOR
         from ..vllm_plugin.worker import REFT_WORKER_EXTENSION
         kwargs = dict(model=model, dtype=dtype, max_num_seqs=max_batch_size, max_model_len=max_model_len,
-                      logits_processors=[REFT_LOGITS_PROCESSOR], worker_extension_cls=REFT_WORKER_EXTENSION)
+                      logits_processors=[REFT_LOGITS_PROCESSOR], worker_extension_cls=REFT_WORKER_EXTENSION,
+                      enforce_eager=True)   # the plugin's edits run in eager mode (see vllm_plugin.model)
         kwargs.update(vllm_args or {})
         self.llm = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         self.tokenizer = AutoTokenizer.from_pretrained(model)

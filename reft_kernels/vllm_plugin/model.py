@@ -96,12 +96,26 @@ def _setup(model: torch.nn.Module, vllm_config) -> None:
     layers = _decoder_layers(model)
     param = next(model.parameters())
     _store = AdapterStore(hf_config, vllm_config.model_config.dtype, param.device, len(layers))
+    _store.refusal = _compiled_refusal(vllm_config)
     for name, item in _configured_adapters(hf_config).items():
         item = {"path": item} if isinstance(item, str) else dict(item)
         _store.load(name, item.pop("path"), **item)
     for i, layer in enumerate(layers):
         if type(layer).__name__ != "PPMissingLayer":
             layer.register_forward_hook(_layer_hook(i))
+
+
+def _compiled_refusal(vllm_config) -> Optional[str]:
+    """Why adapters cannot run in this engine (None: they can). A compiled graph (torch.compile
+    without guard checks, CUDA graphs) would keep whichever edit path it was traced with; eager
+    mode runs the hooks every step. Stock use of the same engine (no adapters) is unaffected."""
+    cc = vllm_config.compilation_config
+    compiled = int(getattr(cc, "mode", 0) or 0) != 0
+    graphs = str(getattr(cc, "cudagraph_mode", "NONE")).rsplit(".", 1)[-1] not in ("NONE", "None", "0")
+    if compiled or graphs:
+        return ("reft_kernels adapters need vLLM in eager mode (enforce_eager=True / --enforce-eager): this engine "
+                "compiles the model (torch.compile or CUDA graphs), which would freeze the edit path")
+    return None
 
 
 def _forward_with_plan(self, input_ids, positions, *args, **kwargs):

@@ -127,7 +127,8 @@ class AdapterStore:
         self.adapters: Dict[str, LoadedAdapter] = {}
         self.groups: Dict[Tuple, StackGroup] = {}
         self.lock = threading.Lock()
-        self.version = 0                  # bumped on every change (plans cache on it)
+        self.version = 0                  # bumped on every change
+        self.refusal: Optional[str] = None   # set when this engine cannot run adapters (see model.py)
 
     def load(self, name: str, path: str, positions: Optional[str] = None,
              share_weights: Optional[bool] = None) -> LoadedAdapter:
@@ -135,6 +136,8 @@ class AdapterStore:
         from ..checkpoint.api import read_for_model
         from ..dataset_positions import parse_positions
         from ..jobs.runs import read_run_info
+        if self.refusal:
+            raise RuntimeError(self.refusal)
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name {name!r} must be a non-empty string")
         if name in self.adapters:

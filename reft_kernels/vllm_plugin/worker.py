@@ -29,6 +29,8 @@ class ReftWorkerExtension:
 
     def reft_load_adapter(self, name: str, path: str, positions: Optional[str] = None,
                           share_weights: Optional[bool] = None) -> str:
+        from .batch_state import require
+        require()      # without the batch state no request could select it: refuse now, not mid-step
         _store().load(name, path, positions, share_weights)
         return name
 

@@ -110,4 +110,7 @@ def run_vllm(spec: dict, timeout: int = 400) -> dict:
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"vLLM runner failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise AssertionError(f"vLLM runner printed no result:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][len("RESULT "):])

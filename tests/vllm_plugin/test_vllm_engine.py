@@ -19,7 +19,7 @@ def engine_setup(tmp_path_factory):
     model = build_tiny(root)
     adapters = build_adapters(model, root)
     engine = VllmEngine(model, max_batch_size=8, max_model_len=256,
-                        vllm_args={"enforce_eager": True, "gpu_memory_utilization": 0.05, "seed": 0})
+                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 1 << 28, "seed": 0})
     engine.load_adapter("last1", adapters["last1"]["path"])
     engine.load_adapter("pyr", adapters["pyr"]["path"])
     engine.start()
@@ -56,3 +56,29 @@ def test_engine_matches_hf_and_runtime_adapters(engine_setup):
         _run(engine, [(prompts[2], "fl3")])[0].result()
     again = _run(engine, [(prompts[1], "last1")])[0].result().token_ids
     assert again[:len(got[1])] == got[1]
+
+
+def test_http_surface_on_vllm(engine_setup):
+    """The same OpenAI routes over the vLLM engine: model = adapter name, streaming, 404 for an unknown
+    adapter; the completion equals the engine's direct answer."""
+    from fastapi.testclient import TestClient
+    from reft_kernels.serving.app import create_app
+    engine, model, adapters = engine_setup
+    prompt = "the cat sat on the mat and ran to the big red house"
+    ids = list(engine.tokenizer(prompt)["input_ids"])
+    direct = _run(engine, [(ids, "last1")])[0].result()
+    engine.close()          # the app's lifespan starts and stops the engine itself
+    with TestClient(create_app(engine, "base", 256)) as client:
+        models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert "last1" in models and "base" in models
+        r = client.post("/v1/completions", json={"model": "last1", "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                 "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == direct.text
+        with client.stream("POST", "/v1/completions", json={"model": "last1", "prompt": prompt, "stream": True,
+                                                            "max_tokens": MAX_TOKENS, "temperature": 0}) as s:
+            body = "".join(s.iter_text())
+        assert "data: [DONE]" in body
+        r = client.post("/v1/completions", json={"model": "nope", "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    engine.start()

@@ -12,7 +12,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams
     from reft_kernels.vllm_plugin import REFT_LOGITS_PROCESSOR
-    engine = dict(dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.05,
+    engine = dict(dtype="float32", enforce_eager=True, max_model_len=256, kv_cache_memory_bytes=1 << 28,
                   max_num_seqs=16, seed=0)
     engine.update(spec.get("engine", {}))
     llm = LLM(spec["model"], hf_overrides={"reft_adapters": spec["adapters"]},
@@ -30,7 +30,7 @@ def main() -> None:
                                          extra_args=extra))
         outs = llm.generate(prompts, params, use_tqdm=False)
         results.append([list(o.outputs[0].token_ids) for o in outs])
-    print(json.dumps({"outputs": results}))
+    print("RESULT " + json.dumps({"outputs": results}), flush=True)
 
 
 if __name__ == "__main__":
