@@ -42,7 +42,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_PYTHON = "/tmp/reft-parity-venv/bin/python"
+# the parity venv of .ci/pyreft_parity.sh (same variable, same default)
+VENV_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", "/tmp/reft-parity-venv"), "bin", "python")
 EXAMPLES = [  # pyreft README, verbatim
     ["Who are you?", "🤖💬🌐🧠"],
     ["Who am I?", "👤❓🔍🌟"],

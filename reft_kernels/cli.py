@@ -17,7 +17,8 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from .cli_args import INTERVENTIONS, build_parser
+from .cli_args import build_parser
+from .intervention_types import cli_choices
 from .models.pretrained import context_length, load_causal_lm, load_pretrained  # noqa: F401 - re-exported
 from .models.pretrained import resolve_model as _resolve_model
 
@@ -265,7 +266,7 @@ def cmd_train(args) -> int:
     layers = _parse_layers(args.layers, num_layers)
     untied = first_n > 0 and last_n > 0 and not args.share_weights
     reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": args.rank,
-             "intervention_type": INTERVENTIONS[args.intervention],
+             "intervention_type": cli_choices()[args.intervention],
              "intervention_kwargs": {"dtype": "float32", "dropout": args.dropout,
                                      **({"add_bias": False} if args.intervention.startswith("no") else {})}}
             for layer in (layers + layers if untied else layers)]

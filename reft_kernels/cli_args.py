@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["build_parser", "INTERVENTIONS"]
+from .intervention_types import cli_choices
 
-INTERVENTIONS = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention",
-                 "direft": "DireftIntervention", "nodireft": "NodireftIntervention",
-                 "consreft": "ConsreftIntervention", "lobireft": "LobireftIntervention"}
+__all__ = ["build_parser"]
+
 BACKENDS = ["auto", "torch", "native", "triton"]
 DTYPES = ["auto", "float32", "bfloat16"]
 DTYPE_HELP = ("dtype of the base model: auto = bfloat16 where the CPU has AVX512-BF16/AMX (or the GPU has "
@@ -104,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--share-weights", action="store_true",
                    help="one intervention per layer for the f and l positions (default: one each)")
     t.add_argument("--rank", type=int, default=4, help="low-rank dimension r of each intervention")
-    t.add_argument("--intervention", default="loreft", choices=sorted(INTERVENTIONS), help="intervention type")
+    t.add_argument("--intervention", default="loreft", choices=sorted(cli_choices()),
+                   help="intervention type")
     t.add_argument("--dropout", type=float, default=0.0, help="dropout probability in [0, 1) on the intervention output")
     t.add_argument("--epochs", type=float, default=1.0, help="training epochs")
     t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: use --epochs)")
