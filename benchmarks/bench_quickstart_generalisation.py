@@ -30,6 +30,7 @@ Appends one JSON line per run to ``--out`` (default benchmarks/results/quickstar
 
     OMP_NUM_THREADS=1 python benchmarks/bench_quickstart_generalisation.py --config compact --seed 0
     /tmp/reft-parity-venv/bin/python benchmarks/bench_quickstart_generalisation.py --config pyreft --seed 0
+    python benchmarks/bench_quickstart_generalisation.py --summarise     # the tables
 """
 from __future__ import annotations
 
@@ -148,6 +149,8 @@ def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, thr
         opt.step()
         sched.step()
         losses.append(total)
+        if len(losses) % 10 == 0:
+            print(f"epoch {len(losses)} loss {total:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
     train_s = time.perf_counter() - t0
 
     if hasattr(iv, "eval"):
@@ -193,16 +196,41 @@ def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, thr
     }
 
 
+def summarise(path: str) -> str:
+    """Markdown: one row per run, then mean +- SD (sample, n - 1) per config."""
+    import statistics
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    out = ["| config | seed | final loss | exact (of 10) | emoji-only unseen (of 10) |", "|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["seed"], CONFIGS.index(r["config"]))):
+        out.append(f"| {r['config']} | {r['seed']} | {r['final_loss']:.4f} | {r['exact']} | {r['emoji_only_unseen']} |")
+    out += ["", "| config | seeds | final loss | exact | emoji-only unseen |", "|---|---:|---:|---:|---:|"]
+
+    def ms(xs, f):
+        return f"{statistics.mean(xs):{f}} ± {statistics.stdev(xs):{f}}" if len(xs) > 1 else f"{xs[0]:{f}}"
+    for c in CONFIGS:
+        rs = [r for r in rows if r["config"] == c]
+        if rs:
+            out.append(f"| {c} | {len(rs)} | {ms([r['final_loss'] for r in rs], '.4f')} | "
+                       f"{ms([r['exact'] for r in rs], '.1f')} | {ms([r['emoji_only_unseen'] for r in rs], '.1f')} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=CONFIGS, required=True)
-    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--config", choices=CONFIGS)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--summarise", action="store_true", help="print the tables of --out's runs and exit")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=DEFAULT_OUT)
     a = ap.parse_args(argv)
+    if a.summarise:
+        print(summarise(a.out))
+        return
+    if a.config is None or a.seed is None:
+        ap.error("--config and --seed are required (or --summarise)")
     row = run(a.config, a.seed, a.epochs, a.lr, a.max_new_tokens, a.threads)
     with open(a.out, "a") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -42,7 +42,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_PYTHON = "/tmp/reft-parity-venv/bin/python"
+# the parity venv of .ci/pyreft_parity.sh (same variable, same default)
+VENV_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", "/tmp/reft-parity-venv"), "bin", "python")
 EXAMPLES = [  # pyreft README, verbatim
     ["Who are you?", "🤖💬🌐🧠"],
     ["Who am I?", "👤❓🔍🌟"],
@@ -78,7 +79,8 @@ RECIPES = {
 }
 
 
-def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe: str = "quickstart") -> dict:
+def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe: str = "quickstart",
+          dtype: str = "float32", prefix_cache: bool = False, gen_rounds: int = 3) -> dict:
     import statistics
 
     import torch
@@ -91,7 +93,7 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(getattr(torch, dtype)).eval()
     fractions, positions = RECIPES[recipe]
     layers = [int(model.config.num_hidden_layers * f) for f in fractions]
     d = model.config.hidden_size
@@ -129,7 +131,8 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
         def on_step_end(self, *a, **k):
             step_times.append(time.perf_counter() - t["s"])
 
-    trainer = pyreft.ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=args, **data_module)
+    cache_kw = {} if impl == "pyreft" else {"prefix_cache": prefix_cache}   # ours: on by default, so always said
+    trainer = pyreft.ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=args, **data_module, **cache_kw)
     trainer.add_callback(Timer())
     rss_before = _rss_mb()
     trainer.train()
@@ -141,17 +144,26 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
     # with a zero-cost trainable hook at the same layers (what any ReFT engine must pay) ----
     batch = data_module["data_collator"]([data_module["train_dataset"][i] for i in range(len(EXAMPLES))])
     scale = torch.nn.Parameter(torch.zeros(()))
+    cache = None
+    if prefix_cache:   # the trainer's cache is gone after train(): time the paired pass with one of its own
+        from reft_kernels.prefix_cache import PrefixCache
+        cache = PrefixCache(reft_model)
+        cache.install()
 
     def base_fwd_bwd():
         handles = [model.model.layers[layer].register_forward_hook(
-            lambda m, i, o: ((o[0] + scale,) + tuple(o[1:])) if isinstance(o, tuple) else o + scale)
-            for layer in layers]
+            lambda m, i, o: ((o[0] + scale.to(o[0].dtype),) + tuple(o[1:])) if isinstance(o, tuple)
+            else o + scale.to(o.dtype)) for layer in layers]
+        if cache is not None:
+            cache.paused = True   # the floor is the whole frozen base
         try:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   labels=batch["labels"]).loss.backward()
         finally:
             for handle in handles:
                 handle.remove()
+            if cache is not None:
+                cache.paused = False
 
     def reft_fwd_bwd():
         trainer.compute_loss(reft_model, dict(batch)).backward()
@@ -167,6 +179,9 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
         if i:                                   # the first pair warms up
             reft_times.append(tr)
             base_times.append(tb)
+    cache_hits = cache.hits if cache is not None else None
+    if cache is not None:
+        cache.remove()
 
     # ---- generation: time per token with and without the adapter; answers ----
     def generate(q, intervene, n=32):
@@ -194,11 +209,12 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
     for iv in reft_model.interventions.values():   # pyreft never switches its interventions to eval
         (iv[0] if isinstance(iv, (list, tuple)) else iv).eval()
     generate(HELD_OUT[0], True, 4)
-    gen_pairs = [(generate(q, True)[0], generate(q, False)[0]) for q in HELD_OUT * 3]   # alternating
+    gen_pairs = [(generate(q, True)[0], generate(q, False)[0]) for q in HELD_OUT * gen_rounds]   # alternating
     per_tok_adapter = statistics.median(a for a, _ in gen_pairs)
     per_tok_base = statistics.median(b for _, b in gen_pairs)
     answers = {q: generate(q, True, 24)[1] for q in [EXAMPLES[0][0]] + HELD_OUT}
-    return {"impl": impl, "transformers": transformers.__version__, "torch": torch.__version__,
+    return {"impl": impl, "dtype": dtype, "prefix_cache": prefix_cache, "paired_cache_hits": cache_hits,
+            "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": threads, "steps": len(step_times), "recipe": recipe, "layers": layers,
             "positions": positions, "interventions": len(site_layers),
             "step_s_median": statistics.median(step_times[1:] or step_times),
@@ -214,11 +230,15 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
 # ------------------------------------------------------------------------------------------------
 # parent: run each implementation, write JSON + PNG
 # ------------------------------------------------------------------------------------------------
-def _run(python, impl, args, env_extra=None) -> dict:
-    out = os.path.join("/tmp", f"bench_real_{impl}_{os.getpid()}.json")
-    env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+def _run(python, impl, args, config=None) -> dict:
+    """One child run; ``config``: {"dtype": ..., "cache": bool}."""
+    config = config or {}
+    dtype, cache = config.get("dtype", "float32"), config.get("cache", False)
+    out = os.path.join("/tmp", f"bench_real_{impl}_{dtype}_{int(cache)}_{os.getpid()}.json")
+    env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [python, os.path.abspath(__file__), "--child", impl, "--model", args.model, "--steps", str(args.steps),
-           "--seed", str(args.seed), "--threads", str(args.threads), "--recipe", args.recipe, "--child-out", out]
+           "--seed", str(args.seed), "--threads", str(args.threads), "--recipe", args.recipe, "--child-out", out,
+           "--dtype", dtype, "--gen-rounds", str(args.gen_rounds)] + (["--prefix-cache"] if cache else [])
     print(f"running {impl} with {python} ...", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -286,28 +306,43 @@ def main(argv=None) -> int:
     p.add_argument("--pyreft-python", default=VENV_PYTHON, help="python with pyreft 0.1.0 installed")
     p.add_argument("--ours-latest", action="store_true", help="also run ours under the main python")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/real_model[_f7l7].json)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the base model's dtype for every run (--matrix runs both)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="ours: cache the frozen layers below the lowest intervention (reft_kernels.prefix_cache)")
+    p.add_argument("--gen-rounds", type=int, default=3, help="generation timing: pairs per held-out question")
+    p.add_argument("--matrix", action="store_true",
+                   help="pyreft fp32, pyreft bf16, ours fp32, ours bf16, ours bf16 + prefix cache, one run (parity venv)")
     p.add_argument("--child", choices=["pyreft", "ours", "ours_pyreft_base"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        result = child(args.child, args.model, args.steps, args.seed, args.threads, args.recipe)
+        result = child(args.child, args.model, args.steps, args.seed, args.threads, args.recipe, args.dtype,
+                       args.prefix_cache, args.gen_rounds)
         with open(args.child_out, "w") as f:
             json.dump(result, f, ensure_ascii=False)
         return 0
     if args.out is None:
-        suffix = "" if args.recipe == "quickstart" else "_" + args.recipe
+        suffix = ("" if args.recipe == "quickstart" else "_" + args.recipe) + ("_bf16_cache" if args.matrix else "")
         args.out = os.path.join(ROOT, "benchmarks", "results", f"real_model{suffix}.json")
     if args.model is None:
         sys.path.insert(0, ROOT)
         from reft_kernels.models.real import fetch_model
         args.model = fetch_model()
-    runs = [("pyreft 0.1.0", args.pyreft_python, "pyreft"), ("reft_kernels", args.pyreft_python, "ours"),
-            ("reft_kernels pyreft_base", args.pyreft_python, "ours_pyreft_base")]
+    same = {"dtype": args.dtype, "cache": args.prefix_cache}
+    runs = [("pyreft 0.1.0", args.pyreft_python, "pyreft", same), ("reft_kernels", args.pyreft_python, "ours", same),
+            ("reft_kernels pyreft_base", args.pyreft_python, "ours_pyreft_base", same)]
     if args.ours_latest:
-        runs += [("reft_kernels", sys.executable, "ours"), ("reft_kernels pyreft_base", sys.executable, "ours_pyreft_base")]
+        runs += [("reft_kernels", sys.executable, "ours", same),
+                 ("reft_kernels pyreft_base", sys.executable, "ours_pyreft_base", same)]
+    if args.matrix:
+        f32, b16 = {"dtype": "float32"}, {"dtype": "bfloat16"}
+        runs = [("pyreft fp32", args.pyreft_python, "pyreft", f32), ("pyreft bf16", args.pyreft_python, "pyreft", b16),
+                ("ours fp32", args.pyreft_python, "ours", f32), ("ours bf16", args.pyreft_python, "ours", b16),
+                ("ours bf16+cache", args.pyreft_python, "ours", {**b16, "cache": True})]
     results = []
-    for label, python, impl in runs:
-        r = _run(python, impl, args)
+    for label, python, impl, extra in runs:
+        r = _run(python, impl, args, dict(extra))
         r["label"] = label
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}, ensure_ascii=False, indent=1), flush=True)

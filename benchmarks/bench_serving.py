@@ -39,7 +39,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PYREFT_PYTHON = "/tmp/reft-parity-venv/bin/python"
+# the parity venv of .ci/pyreft_parity.sh (same variable, same default)
+PYREFT_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", "/tmp/reft-parity-venv"), "bin", "python")
 
 
 def llama_config(a):

@@ -37,6 +37,8 @@ _EXPORTS = {
     # trainers (import transformers)
     "ReftTrainer": "trainer", "ReftTrainerForCausalLM": "trainer",
     "ReftTrainerForCausalLMDistributed": "trainer", "ReftTrainerForSequenceClassification": "trainer",
+    # frozen-prefix activation cache and the base model's dtype (issue 18)
+    "PrefixCacheCallback": "prefix_cache", "resolve_dtype": "precision",
 }
 
 # pyreft's submodules (``pyreft.utils`` ...): listed by dir() before their first use

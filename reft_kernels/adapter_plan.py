@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from .ops import reft_edit_multi
+
 __all__ = ["SingleEdit", "StackedEdit", "build_plan", "stack_weights"]
 
 
@@ -72,13 +74,20 @@ class SingleEdit:
     seed_key: tuple
     rows: Optional[torch.Tensor] = None
 
+    def apply(self, hidden, positions, *, seed, inplace, backend):
+        """``hidden`` with the edit at ``positions`` (B, P) (already restricted to ``rows``)."""
+        return self.intervention(hidden, positions=positions, inplace=inplace, backend=backend,
+                                 seed=seed)   # via __call__: FSDP/ZeRO hooks run
+
 
 @dataclass
 class StackedEdit:
-    """One per-row op call: row b uses ``interventions[ids[b]]`` (-1: none) at location ``locations[b]``."""
+    """One per-row op call: row b uses ``interventions[stack_ids[b]]`` (-1: none) at location
+    ``locations[b]``. The interventions share ``(variant, act_fn, dropout, width)`` (the plan
+    groups them so); ``stack_ids`` are indices into ``interventions``, not adapter names."""
 
     interventions: list
-    ids: torch.Tensor
+    stack_ids: torch.Tensor
     locations: torch.Tensor
     seed_key: tuple
     single_location: Optional[int] = None
@@ -91,6 +100,25 @@ class StackedEdit:
         if self._cache is None:
             self._cache = stack_weights(self.interventions)
         return self._cache
+
+    def apply(self, hidden, positions, *, seed, inplace, backend):
+        """``hidden`` with each row's edit at ``positions`` (B, P): one call of the per-row op."""
+        proj, weight, bias, proj_bias, ranks = self.weights()
+        first = self.interventions[0]           # the group's shared variant, act_fn and dropout
+        stack_ids = expand_rows(self.stack_ids, hidden.shape[0])
+        return reft_edit_multi(hidden, positions, stack_ids, proj, weight, bias, proj_bias,
+                               variant=first.variant, act=first.act_fn,
+                               dropout=first.dropout_p if first.training else 0.0, seed=seed,
+                               inplace=inplace, ranks=ranks, backend=backend)
+
+
+def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-row data for the call's batch (generate repeats each input row for beams/return sequences)."""
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"the model was called with batch {batch} but adapters were given for {t.shape[0]} rows")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)
 
 
 def _signature(iv) -> tuple:
@@ -140,14 +168,14 @@ def _edit_for(members: dict, stage: list, B: int, device):
             mask = mask.to(device)
         return SingleEdit(iv, i, (name, i), mask)
     slots = list(members)
-    ids = torch.full((B,), -1, dtype=torch.int64)
+    stack_ids = torch.full((B,), -1, dtype=torch.int64)
     locations = torch.zeros(B, dtype=torch.int64)
     ivs = []
     for a, slot in enumerate(slots):
         rows = members[slot]
-        ids[rows] = a
+        stack_ids[rows] = a
         locations[rows] = slot[1]
         ivs.append(stage[rows[0]][2])
     distinct = {slot[1] for slot in slots}
     single = distinct.pop() if len(distinct) == 1 else None
-    return StackedEdit(ivs, ids.to(device), locations.to(device), slots[0], single)
+    return StackedEdit(ivs, stack_ids.to(device), locations.to(device), slots[0], single)

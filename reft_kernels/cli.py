@@ -4,7 +4,7 @@
     reft-kernels demo --real [--output DIR]   # emoji chatbot LoReFT on the real model (minutes)
     reft-kernels demo [--output DIR] [--quick]  # tiny Llama, seconds, no download
     reft-kernels train --model PATH --data FILE --output DIR [--layers 0,1] [--positions f7+l7]
-                       [--rank 4] [--intervention loreft] [--epochs 1] [--lr 4e-3] [--batch-size 4] [--bf16]
+                       [--rank 4] [--intervention loreft] [--epochs 1] [--lr 4e-3] [--batch-size 4] [--dtype auto]
     reft-kernels generate --adapter DIR --prompt "..." [--prompt "..."]
 
 Bad arguments or data end with a one-line message and exit code 2 (no traceback).
@@ -17,7 +17,8 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from .cli_args import INTERVENTIONS, build_parser
+from .cli_args import build_parser
+from .intervention_types import cli_choices
 from .models.pretrained import context_length, load_causal_lm, load_pretrained  # noqa: F401 - re-exported
 from .models.pretrained import resolve_model as _resolve_model
 
@@ -139,13 +140,25 @@ def _load_base(name: str, dtype=None):
         raise CliError(str(exc)) from None
 
 
-def _parse_layers(spec: str, num_layers: int) -> List[int]:
+def _resolve_dtype(name: Optional[str]):
+    from .precision import resolve_dtype
+    import torch
+    return resolve_dtype(name or "auto", "cuda" if torch.cuda.is_available() else "cpu",
+                         log=lambda msg: print(msg, file=sys.stderr))
+
+
+def _parse_layers(spec: str, num_layers: Optional[int] = None) -> List[int]:
+    """``--layers``: syntax checked before the model loads (``num_layers`` None), range after."""
     if spec == "all":
-        return list(range(num_layers))
+        return list(range(num_layers or 0))
     try:
         layers = [int(x) for x in spec.replace(";", ",").split(",") if x.strip()]
     except ValueError:
         raise CliError(f"--layers {spec!r}: use comma-separated layer numbers (e.g. 0,2) or 'all'") from None
+    if num_layers is None:
+        if not layers or min(layers) < 0:
+            raise CliError(f"--layers {spec!r}: use layer numbers >= 0 (e.g. 0,2) or 'all'")
+        return layers
     bad = [x for x in layers if not 0 <= x < num_layers]
     if not layers or bad:
         raise CliError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
@@ -181,13 +194,14 @@ def cmd_demo(args) -> int:
             result = run_chat_demo(model_dir=model, output_dir=args.output, seed=args.seed,
                                    epochs=args.epochs if args.epochs is not None else 40,
                                    lr=args.lr if args.lr is not None else 1e-2,
-                                   max_steps=args.max_steps, backend=args.backend)
+                                   max_steps=args.max_steps, backend=args.backend,
+                                   dtype=_resolve_dtype(args.dtype))
         except ModelUnavailable as exc:
             raise CliError(f"{exc} (or run the tiny demo without --real)") from None
     else:
         from .jobs.tiny_demo import run_tiny_demo
-        if args.model or args.lr is not None:
-            raise CliError("--model and --lr are for the real-model demo; add --real")
+        if args.model or args.lr is not None or args.dtype != "auto":
+            raise CliError("--model, --lr and --dtype are for the real-model demo; add --real")
         result = run_tiny_demo(output_dir=args.output, epochs=args.epochs if args.epochs is not None else 60,
                                quick=args.quick, seed=args.seed, backend=args.backend, ops=args.ops)
     if args.json:
@@ -209,8 +223,17 @@ def _check_train_args(args):
         raise CliError(f"--lr must be positive, got {args.lr}")
     if not 0.0 <= args.dropout < 1.0:
         raise CliError(f"--dropout {args.dropout} is a probability: use a value in [0, 1), e.g. 0.05")
+    if not args.prefix_cache_max_gb > 0:
+        raise CliError(f"--prefix-cache-max-gb must be positive, got {args.prefix_cache_max_gb}; "
+                       "use --no-prefix-cache to turn the cache off")
     if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
         raise CliError(f"--output {args.output!r} exists and is not empty; choose a new directory or pass --overwrite")
+    _parse_layers(args.layers)
+    if args.data != "builtin" and not os.path.isdir(args.data):   # cheap data checks before the model loads
+        if not os.path.exists(args.data):
+            _read_rows(args.data)   # raises the 'does not exist' message
+        elif os.path.getsize(args.data) == 0:
+            raise CliError(f"--data {args.data!r} is empty; it needs one example per line/row")
     return first_n, last_n
 
 
@@ -224,7 +247,8 @@ def cmd_train(args) -> int:
     from .trainer import ReftTrainerForCausalLM
     _quiet_transformers()
     first_n, last_n = _check_train_args(args)
-    model, tok, model_path = _load_base(args.model)
+    dtype = _resolve_dtype(args.dtype)
+    model, tok, model_path = _load_base(args.model, dtype)
     width = model.config.hidden_size
     if args.rank > width:
         raise CliError(f"--rank {args.rank} is larger than the model's hidden size {width}; "
@@ -242,7 +266,7 @@ def cmd_train(args) -> int:
     layers = _parse_layers(args.layers, num_layers)
     untied = first_n > 0 and last_n > 0 and not args.share_weights
     reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": args.rank,
-             "intervention_type": INTERVENTIONS[args.intervention],
+             "intervention_type": cli_choices()[args.intervention],
              "intervention_kwargs": {"dtype": "float32", "dropout": args.dropout,
                                      **({"add_bias": False} if args.intervention.startswith("no") else {})}}
             for layer in (layers + layers if untied else layers)]
@@ -262,7 +286,8 @@ def cmd_train(args) -> int:
         report_to=[], save_strategy="no", seed=args.seed, weight_decay=0.0, max_steps=args.max_steps,
         gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available())
-    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=targs, **data)
+    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=targs, prefix_cache=args.prefix_cache,
+                                     prefix_cache_max_gb=args.prefix_cache_max_gb, **data)
     trainer.train()
     adapter = os.path.join(args.output, "adapter")
     reft_model.save(adapter)
@@ -271,7 +296,7 @@ def cmd_train(args) -> int:
     tok.save_pretrained(os.path.join(args.output, "tokenizer"))
     write_run_info(args.output, model=os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
                    positions=args.positions, num_interventions=len(reps), share_weights=not untied,
-                   template=template)
+                   template=template, dtype=str(dtype).replace("torch.", ""))
     print(f"saved the adapter to {adapter}" + (f" (loss curve: {plot})" if plot else "")
           + f"; generate with: reft-kernels generate --adapter {args.output} --prompt ...")
     return 0
@@ -289,6 +314,9 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens <= 0:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     info, run_dir = read_run_info(args.adapter)
+    if not info and not os.listdir(args.adapter):
+        raise CliError(f"--adapter {args.adapter!r} is an empty directory: no adapter was saved there; pass the "
+                       "--output of 'reft-kernels train' / 'demo'")
     model_name = args.model or info.get("model")
     if model_name is None:
         raise CliError(f"{args.adapter!r} has no reft_run.json naming its base model; pass --model")
@@ -301,7 +329,7 @@ def cmd_generate(args) -> int:
     except ValueError as exc:
         raise CliError(f"--positions: {exc}") from None
     adapter = os.path.join(run_dir, "adapter") if os.path.isdir(os.path.join(run_dir, "adapter")) else args.adapter
-    model, tok, model_name = _load_base(model_name)
+    model, tok, model_name = _load_base(model_name, _resolve_dtype(args.dtype or info.get("dtype")))
     try:
         reft_model = ReftModel.load(adapter, model, backend=args.backend)
     except (ValueError, OSError) as exc:

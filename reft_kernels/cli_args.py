@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["build_parser", "INTERVENTIONS"]
+from .intervention_types import cli_choices
 
-INTERVENTIONS = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention",
-                 "direft": "DireftIntervention", "nodireft": "NodireftIntervention",
-                 "consreft": "ConsreftIntervention", "lobireft": "LobireftIntervention"}
+__all__ = ["build_parser"]
+
 BACKENDS = ["auto", "torch", "native", "triton"]
+DTYPES = ["auto", "float32", "bfloat16"]
+DTYPE_HELP = ("dtype of the base model: auto = bfloat16 where the CPU has AVX512-BF16/AMX (or the GPU has "
+              "bf16), else float32; the adapter and its optimizer state stay float32")
 BACKEND_HELP = ("kernel backend for the interventions; auto = native C++ on CPU (built once, ~1 min), "
                 "triton on CUDA, else torch")
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny demo: 2 epochs, short pretraining (for tests)")
     d.add_argument("--seed", type=int, default=0, help="random seed")
     d.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
+    d.add_argument("--dtype", default="auto", choices=DTYPES, help="with --real: " + DTYPE_HELP)
     d.add_argument("--ops", default="all", choices=["all", "torch", "none"],
                    help="tiny demo: which op backends to time at the end")
     d.add_argument("--json", help="also write the measurements and generations to this JSON file")
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--share-weights", action="store_true",
                    help="one intervention per layer for the f and l positions (default: one each)")
     t.add_argument("--rank", type=int, default=4, help="low-rank dimension r of each intervention")
-    t.add_argument("--intervention", default="loreft", choices=sorted(INTERVENTIONS), help="intervention type")
+    t.add_argument("--intervention", default="loreft", choices=sorted(cli_choices()),
+                   help="intervention type")
     t.add_argument("--dropout", type=float, default=0.0, help="dropout probability in [0, 1) on the intervention output")
     t.add_argument("--epochs", type=float, default=1.0, help="training epochs")
     t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: use --epochs)")
@@ -108,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=4, help="examples per device per step")
     t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute the base model's activations")
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
+    t.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    t.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast of an fp32 base (CPU or GPU); --dtype bfloat16 stores the base in bf16")
+    t.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute the frozen layers below the lowest --layers every step (default: computed "
+                        "once per example and cached, exact)")
+    t.add_argument("--prefix-cache-max-gb", type=float, default=1.0,
+                   help="memory budget of the prefix cache in GiB; past it, rows are not stored")
     t.add_argument("--template", default="auto", choices=["auto", "instruction", "chat", "none"],
                    help="prompt format: chat = the tokenizer's chat template, instruction = "
                         "'### Instruction: ... ### Response:', auto = chat if the tokenizer has one")
@@ -128,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", choices=["auto", "instruction", "chat", "none"],
                    help="prompt format (default: the one used in training)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    g.add_argument("--dtype", choices=DTYPES, help="dtype of the base model (default: the one used in training, "
+                   "else auto: bfloat16 where the CPU has AVX512-BF16/AMX, else float32)")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
     g.set_defaults(command_func="generate")
     from .serving.server import add_arguments as add_serve_arguments

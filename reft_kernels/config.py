@@ -23,6 +23,7 @@ from typing import Optional
 
 from torch import nn
 
+from .intervention_types import REPRESENTATION_FIELDS, intervention_key
 from .interventions import ReftIntervention, intervention_class
 
 __all__ = ["Representation", "ReftConfig", "representation_key"]
@@ -51,9 +52,7 @@ class Representation:
         if isinstance(rep, Representation):
             return rep
         if isinstance(rep, (list, tuple)):  # pyvene config.json: positional RepresentationConfig
-            names = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
-                     "intervention_type", "intervention")
-            rep = dict(zip(names, rep))
+            rep = dict(zip(REPRESENTATION_FIELDS, rep))
         if not isinstance(rep, dict):
             raise TypeError(f"representation {rep!r} must be a dict like "
                             "{'layer': 3, 'component': 'block_output', 'low_rank_dimension': 4, ...}")
@@ -99,11 +98,7 @@ def representation_key(rep: Representation, counter: dict) -> str:
     String components drop the layer: ``comp_model_layers[3]_output_unit_pos_nunit_1#0``.
     ``#i`` counts earlier representations with the same key proposal (``counter`` is updated).
     """
-    unit = rep.unit.replace(".", "_")
-    if "." in rep.component:
-        proposal = f"comp_{rep.component.replace('.', '_')}_unit_{unit}_nunit_{rep.max_number_of_units}"
-    else:
-        proposal = f"layer_{rep.layer}_comp_{rep.component}_unit_{unit}_nunit_{rep.max_number_of_units}"
+    proposal = intervention_key(rep.layer, rep.component, rep.unit, rep.max_number_of_units)[:-2]
     counter[proposal] = counter.get(proposal, -1) + 1
     return f"{proposal}#{counter[proposal]}"
 

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .intervention_types import TYPES, type_name
 from .ops import reft_edit
 from .ops.variants import VARIANTS, resolve_activation
 from .pyreft_keys import from_pyreft, is_pyreft_state, to_pyreft
@@ -51,9 +52,7 @@ __all__ = [
     "INTERVENTION_CLASSES", "intervention_class", "LowRankRotateLayer", "set_pyreft_base_default",
 ]
 
-INTERVENTION_CLASSES: dict = {}
-_PYREFT_NAMES = ("LoreftIntervention", "NoreftIntervention", "DireftIntervention",
-                 "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention")
+INTERVENTION_CLASSES: dict = {}   # class name -> module class (every public subclass)
 
 
 def intervention_class(name) -> type:
@@ -93,15 +92,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ReftIntervention(nn.Module):
     """Shared constructor, fused edit and pyvene-style forward of the six pyreft interventions.
 
-    Subclasses set ``variant`` (a key of :data:`reft_kernels.ops.variants.VARIANTS`) and implement
-    :meth:`op_tensors`. Unknown constructor keywords are ignored, as in pyreft (``device``,
-    ``layer``, ``component``, ``keep_last_dim``, ...).
+    A subclass named like a record of :mod:`reft_kernels.intervention_types` takes its op
+    ``variant`` from it and implements :meth:`op_tensors`. Unknown constructor keywords are
+    ignored, as in pyreft (``device``, ``layer``, ``component``, ``keep_last_dim``, ...).
     """
 
     variant = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.__name__ in TYPES:
+            cls.variant = TYPES[cls.__name__].variant
         if not cls.__name__.startswith("_"):
             INTERVENTION_CLASSES[cls.__name__] = cls
 
@@ -188,7 +189,7 @@ class ReftIntervention(nn.Module):
 
     @classmethod
     def _pyreft_name(cls) -> str:
-        return next(c.__name__ for c in cls.__mro__ if c.__name__ in _PYREFT_NAMES)
+        return type_name(cls)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -300,19 +301,13 @@ class _RotatedConstant(ReftIntervention):
 class LoreftIntervention(_RotatedWithSource):
     """LoReFT: ``Phi(h) = dropout(h + R^T (act(W h + b) - R h))``."""
 
-    variant = "loreft"
-
 
 class DireftIntervention(_RotatedWithSource):
     """DiReFT: ``Phi(h) = dropout(h + R^T act(W h + b))`` (no ``- R h`` term)."""
 
-    variant = "direft"
-
 
 class NoreftIntervention(_ProjectedWithSource):
     """NoReFT: ``Phi(h) = dropout(h + P^T (act(W h + b) - (P h + c)))``, P = proj_layer (not orthogonal)."""
-
-    variant = "noreft"
 
     def op_tensors(self):
         return (self.proj_layer.weight, self.learned_source.weight, self.learned_source.bias,
@@ -322,8 +317,6 @@ class NoreftIntervention(_ProjectedWithSource):
 class NodireftIntervention(_ProjectedWithSource):
     """NodiReFT: ``Phi(h) = dropout(h + P^T act(W h + b))``; proj_layer.bias is unused, as in pyreft."""
 
-    variant = "nodireft"
-
     def op_tensors(self):
         return self.proj_layer.weight, self.learned_source.weight, self.learned_source.bias, None
 
@@ -331,13 +324,9 @@ class NodireftIntervention(_ProjectedWithSource):
 class ConsreftIntervention(_RotatedConstant):
     """ConsReFT: ``Phi(h) = h + R^T (b - R h)`` (pyreft gives it no dropout; ``dropout`` is ignored)."""
 
-    variant = "consreft"
-
 
 class LobireftIntervention(_RotatedConstant):
     """LobiReFT: ``Phi(h) = dropout(h + R^T b)``."""
-
-    variant = "lobireft"
 
 
 class LowRankRotateLayer(nn.Module):

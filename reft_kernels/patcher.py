@@ -29,8 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .adapter_plan import SingleEdit
-from .ops import reft_edit_multi
+from .adapter_plan import SingleEdit, expand_rows as _expand_rows
 from .edit_state import EditState, GeneratedPositions
 from .families import Site, hidden_size, resolve_site  # noqa: F401 (kept importable from here)
 
@@ -217,17 +216,8 @@ class ModelPatch:
             positions = self._step_positions(step, local, hidden.shape[0])
             if positions is None:
                 continue
-            seed = self.state.seeds.get(step.seed_key, 0)
-            if isinstance(step, SingleEdit):
-                new = step.intervention(hidden, positions=positions, inplace=inplace, backend=self.backend,
-                                        seed=seed)   # via __call__: FSDP/ZeRO hooks run
-            else:
-                proj, weight, bias, proj_bias, ranks = step.weights()
-                first = step.interventions[0]
-                new = reft_edit_multi(hidden, positions, _expand_rows(step.ids, hidden.shape[0]), proj, weight,
-                                      bias, proj_bias, variant=first.variant, act=first.act_fn,
-                                      dropout=first.dropout_p if first.training else 0.0, seed=seed,
-                                      inplace=inplace, ranks=ranks, backend=self.backend)
+            new = step.apply(hidden, positions, seed=self.state.seeds.get(step.seed_key, 0),
+                             inplace=inplace, backend=self.backend)
             inplace = inplace or new is not hidden   # our own copy is fresh: edit it in place next
             hidden = new
         return hidden
@@ -275,11 +265,3 @@ class ModelPatch:
         self.handles, self.site_hooks = [], {}
         self.state.local = None
 
-
-def _expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-row data for the call's batch (generate repeats each input row for beams/return sequences)."""
-    if t.shape[0] == batch:
-        return t
-    if batch % t.shape[0]:
-        raise ValueError(f"the model was called with batch {batch} but adapters were given for {t.shape[0]} rows")
-    return t.repeat_interleave(batch // t.shape[0], dim=0)

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from .completions import complete_columns, hartley_factors
+from .intervention_types import lookup
 from .rotation import PYREFT_BASE, PYREFT_ORIGINAL, apply_householder_base, householder_form, \
     rotation_from_pyreft, rotation_to_pyreft
 
@@ -28,8 +29,6 @@ __all__ = ["from_pyreft", "to_pyreft", "is_pyreft_state", "ORIGINAL", "BASE"]
 
 ORIGINAL = "rotate_layer." + PYREFT_ORIGINAL
 BASE = "rotate_layer." + PYREFT_BASE
-_PROJECTED = {"NoreftIntervention", "NodireftIntervention"}
-_VECTOR_SOURCE = {"ConsreftIntervention", "LobireftIntervention"}
 _PYREFT_ONLY = {"weight", "bias", "rotate_layer", "embed_dim", "interchange_dim", ORIGINAL, BASE}
 
 
@@ -58,7 +57,8 @@ def from_pyreft(sd: Dict[str, torch.Tensor], cls: str, embed_dim: Optional[int] 
         out.update(_householder_state(original, base))
     elif "rotate_layer.weight" in out and "rotate_layer" not in sd:  # unparametrised (d, r) layer
         out["rotate_layer.weight"] = out["rotate_layer.weight"].float().mT.contiguous()
-    if cls not in _VECTOR_SOURCE and cls not in _PROJECTED:
+    kind = lookup(cls)
+    if kind.rotated and not kind.vector_source:
         for slim, ours in (("weight", "learned_source.weight"), ("bias", "learned_source.bias")):
             if slim in out:
                 out[ours] = out.pop(slim)
@@ -103,24 +103,24 @@ def _pyreft_rotation(t: Dict[str, torch.Tensor]):
 def to_pyreft(t: Dict[str, torch.Tensor], cls: str) -> "OrderedDict[str, torch.Tensor]":
     """Exactly the state dict pyreft's ``cls.state_dict()`` holds (keys, order, dtypes)."""
     sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    m = t["proj_layer.weight"] if cls in _PROJECTED else t["rotate_layer.weight"]
-    d = int(m.shape[1])
-    if cls == "LoreftIntervention":
+    kind = lookup(cls)
+    d = int(t[kind.projection_tensor].shape[1])
+    if kind.pyreft_slim:
         sd["weight"] = t["learned_source.weight"].detach().clone()
         sd["bias"] = t["learned_source.bias"].detach().clone()
         sd["rotate_layer"] = t["rotate_layer.weight"].detach().float().mT.contiguous()
         return sd
-    if cls in _VECTOR_SOURCE:
+    if kind.vector_source:
         sd["learned_source"] = t["learned_source"].detach().clone()
     sd["embed_dim"] = torch.tensor(d)
     sd["interchange_dim"] = torch.tensor(d)
-    if cls in _PROJECTED:
+    if kind.projected:
         sd["proj_layer.weight"] = t["proj_layer.weight"].detach().clone()
         if "proj_layer.bias" in t:
             sd["proj_layer.bias"] = t["proj_layer.bias"].detach().clone()
     else:
         sd[ORIGINAL], sd[BASE] = _pyreft_rotation(t)
-    if cls not in _VECTOR_SOURCE:
+    if not kind.vector_source:
         sd["learned_source.weight"] = t["learned_source.weight"].detach().clone()
         sd["learned_source.bias"] = t["learned_source.bias"].detach().clone()
     return sd

@@ -17,6 +17,9 @@ What differs from pyreft, deliberately:
   (:func:`reft_kernels.checkpoint.save_reft_model`), so ``resume_from_checkpoint`` restores
   them in place and continues exactly, and ``load_best_model_at_end`` works;
 * evaluation runs the interventions in eval mode (no dropout);
+* the frozen layers below the lowest intervention run once per example, not once per epoch
+  (:mod:`reft_kernels.prefix_cache`; exact; ``prefix_cache=False`` turns it off,
+  ``prefix_cache_max_gb`` bounds it, default 1);
 * the rotation parameters are never weight-decayed (decay would pull a Householder R back
   towards its initial value and shrink a Cholesky-QR basis towards a badly conditioned one);
   ``learned_source`` is (pyreft's Trainer, by a name mismatch, decays no intervention parameter,
@@ -123,7 +126,8 @@ class ReftTrainer(Trainer):
     ``processing_class``). ``pyreft_data_order``: see the module docstring.
     """
 
-    def __init__(self, *args, pyreft_data_order: Optional[bool] = None, **kwargs):
+    def __init__(self, *args, pyreft_data_order: Optional[bool] = None, prefix_cache: bool = True,
+                 prefix_cache_max_gb: float = 1.0, **kwargs):
         if pyreft_data_order not in (None, True, False):
             raise ValueError(f"pyreft_data_order={pyreft_data_order!r}; pass True (pyreft's plain shuffled "
                              "loader), False (HF's loader) or None (True when pyreft_base=True)")
@@ -142,6 +146,9 @@ class ReftTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.can_return_loss = True
+        if prefix_cache:   # the frozen layers below the first intervention run once per example
+            from .prefix_cache import PrefixCacheCallback
+            self.add_callback(PrefixCacheCallback(max_gb=prefix_cache_max_gb))
         self.model_accepts_loss_kwargs = False   # compute_loss returns a per-batch mean
         if hasattr(self, "loss_is_scaled_for_ga"):
             self.loss_is_scaled_for_ga = False

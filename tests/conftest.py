@@ -28,6 +28,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# The fast run (`python -m pytest tests -q -m "not slow"`) leaves these out; CI (.ci/run) runs everything.
+# Slow: a real model, several processes, a compiler, or an emulated GPU build.
+SLOW_FILES = {"test_real_model.py", "test_distributed.py", "test_native_build.py", "test_native_cuda_emulation.py"}
+SLOW_TESTS = {"test_full_demo_cuts_the_loss_by_half"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: needs SmolLM2-135M-Instruct (reft-kernels fetch-model); "
                             "skips when it is not cached and REFT_KERNELS_FETCH_MODEL is not 1")
+    config.addinivalue_line("markers", "slow: left out of the fast run (-m 'not slow'); CI runs every test")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.fspath.basename in SLOW_FILES or item.originalname in SLOW_TESTS
+                or item.get_closest_marker("real_model")):
+            item.add_marker(pytest.mark.slow)

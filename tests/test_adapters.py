@@ -123,13 +123,13 @@ def test_mixed_batch_forward_equals_each_row_alone(multi, ids):
 def test_stacked_adapters_use_one_op_call_per_site(multi, monkeypatch):
     _, reft, _, _ = multi
     calls = []
-    real = patcher.reft_edit_multi
+    real = adapter_plan.reft_edit_multi
 
     def counting(hidden, positions, ids, proj, *args, **kw):
         calls.append((ids.tolist(), tuple(proj.shape)))
         return real(hidden, positions, ids, proj, *args, **kw)
 
-    monkeypatch.setattr(patcher, "reft_edit_multi", counting)
+    monkeypatch.setattr(adapter_plan, "reft_edit_multi", counting)
     with torch.no_grad():
         reft(input_ids=IDS, adapter_ids=["b", "default", None, "b"], unit_locations=units(LOCS))
     assert calls == [([0, 1, -1, 0], (2, 4, H))]          # default (r4) and b (r2) stacked, ranks padded

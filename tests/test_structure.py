@@ -149,3 +149,17 @@ def test_module_size(name):
         pytest.skip(f"TODO: {rel} has {lines} lines, known to be over {MAX_LINES} (being split)")
     assert lines <= MAX_LINES, (f"{rel} has {lines} lines (limit {MAX_LINES}): split it along what "
                                 "it does")
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout section names every top-level module, subpackage and ops module."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Layout")
+    layout = text[start:text.index("```", text.index("```", start) + 3)]
+    package = ROOT / PACKAGE
+    wanted = [p for p in package.iterdir() if p.suffix == ".py" and not p.name.startswith("__")]
+    wanted += [p for p in package.iterdir() if (p / "__init__.py").is_file()]
+    wanted += [p for p in (package / "ops").glob("*.py") if not p.name.startswith("__")]
+    missing = sorted(p.relative_to(ROOT).as_posix() for p in wanted if p.name not in layout
+                     and p.name + "/" not in layout)
+    assert not missing, f"README.md's layout section does not name {missing}; add a line for each"

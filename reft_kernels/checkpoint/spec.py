@@ -2,7 +2,8 @@
 
 * :class:`InterventionSpec`: everything needed to rebuild one intervention (one entry of
   ``reft_config.json``; for pyreft directories what ``config.json`` or a user config gives).
-* pyvene's intervention keys in both generations (:func:`intervention_key`), pyreft class names.
+* pyvene's intervention keys and the class names come from :mod:`reft_kernels.intervention_types`
+  (re-exported: :func:`intervention_key`).
 * Canonical tensors: one intervention's weights as a dict with the tensor names of our format:
   ``rotate_layer.weight`` R (r, d) fp32 with orthonormal rows (Lo/Cons/Lobi/DiReFT) and, in our
   format, the rotation's own state for bit-exact resume (``rotate_layer.reflectors``/``.signs``/
@@ -16,19 +17,20 @@ Nothing here touches a model or a file.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from ..intervention_types import (REPRESENTATION_FIELDS, intervention_key, lookup, names_where,  # noqa: F401
+                                  representation_keys, type_name)
 from ..interventions import as_dtype, dtype_name
 
-CLASSES = ("LoreftIntervention", "NoreftIntervention", "ConsreftIntervention",
-           "LobireftIntervention", "DireftIntervention", "NodireftIntervention")
-ROTATED = {"LoreftIntervention", "ConsreftIntervention", "LobireftIntervention", "DireftIntervention"}
-PROJECTED = {"NoreftIntervention", "NodireftIntervention"}
-VECTOR_SOURCE = {"ConsreftIntervention", "LobireftIntervention"}
+# live views of the registry (reft_kernels.intervention_types): they follow later registrations
+CLASSES = names_where("name")
+ROTATED = names_where("rotated")
+PROJECTED = names_where("projected")
+VECTOR_SOURCE = names_where("vector_source")
 
 
 class CheckpointError(ValueError):
@@ -60,43 +62,17 @@ class InterventionSpec:
 # --------------------------------------------------------------------------------------------
 # keys and class names
 
-def intervention_key(layer, component, unit="pos", max_number_of_units=1, index=0,
-                     key_format="new") -> str:
-    """pyvene's intervention key; ``key_format`` "new" (pyvene >= 0.1.7) or "old" (<= 0.1.6)."""
-    if key_format == "new":
-        u = unit.replace(".", "_")
-        if "." in component:
-            return f"comp_{component.replace('.', '_')}_unit_{u}_nunit_{max_number_of_units}#{index}"
-        return f"layer_{layer}_comp_{component}_unit_{u}_nunit_{max_number_of_units}#{index}"
-    if key_format == "old":
-        if "." in component:
-            return f"comp.{component}.unit.{unit}.nunit.{max_number_of_units}#{index}"
-        return f"layer.{layer}.comp.{component}.unit.{unit}.nunit.{max_number_of_units}#{index}"
-    raise ValueError(f"key_format={key_format!r} is unknown; use 'new' or 'old'")
-
-
 def _keys(reps, key_format):
     """Keys for (layer, component, unit, nunit) tuples in order, with pyvene's collision counter."""
-    seen: Dict[str, int] = {}
-    out = []
-    for layer, comp, unit, n in reps:
-        base = intervention_key(layer, comp, unit, n, 0, key_format)[:-2]
-        seen[base] = seen.get(base, -1) + 1
-        out.append(f"{base}#{seen[base]}")
-    return out
+    return representation_keys(reps, key_format)
 
 
 def _class_name(obj_or_str) -> str:
-    """Pyreft class name of an intervention object, class, or pyvene type string."""
-    if isinstance(obj_or_str, str):
-        name = re.sub(r"^<class '(.*)'>$", r"\1", obj_or_str).rsplit(".", 1)[-1]
-    else:
-        cls = obj_or_str if isinstance(obj_or_str, type) else type(obj_or_str)
-        name = next((c.__name__ for c in cls.__mro__ if c.__name__ in CLASSES), cls.__name__)
-    if name not in CLASSES:
-        raise CheckpointError(f"intervention type {obj_or_str!r} is not supported; the supported "
-                              f"pyreft classes are {', '.join(CLASSES)}")
-    return name
+    """Registered class name of an intervention object, class, or pyvene type string."""
+    try:
+        return type_name(obj_or_str)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,10 +82,8 @@ def _rep_fields(rep):
     """(layer, component, unit, max_number_of_units, low_rank_dimension, intervention, kwargs) of
     a representation: a dict, a pyvene positional list, or an object with those attributes.
     ``intervention`` is the module, else the ``intervention_type``."""
-    names = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
-             "intervention_type", "intervention")
     if isinstance(rep, (list, tuple)) and not hasattr(rep, "_asdict"):
-        vals = dict(zip(names, rep))
+        vals = dict(zip(REPRESENTATION_FIELDS, rep))
     elif isinstance(rep, dict):
         vals = rep
     else:
@@ -162,14 +136,11 @@ def _specs_from_config(config, key_format="new"):
 # canonical tensor sets
 
 def _required(cls: str):
-    req = ["rotate_layer.weight"] if cls in ROTATED else ["proj_layer.weight"]
-    req += ["learned_source"] if cls in VECTOR_SOURCE else ["learned_source.weight",
-                                                            "learned_source.bias"]
-    return req
+    return lookup(cls).required_tensors()
 
 
 def _dims(t, cls):
-    m = t["rotate_layer.weight"] if cls in ROTATED else t["proj_layer.weight"]
+    m = t[lookup(cls).projection_tensor]
     return int(m.shape[1]), int(m.shape[0])
 
 

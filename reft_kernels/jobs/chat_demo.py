@@ -56,33 +56,44 @@ def _emoji_share(text: str) -> float:
 
 def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = None, epochs: float = 40,
                   max_steps: int = -1, layer: Optional[int] = None, rank: int = 4, lr: float = 1e-2,
-                  seed: int = 0, backend: str = "auto", max_new_tokens: int = 24, log=print) -> dict:
+                  seed: int = 0, backend: str = "auto", max_new_tokens: int = 24, log=print,
+                  dtype=torch.float32, prefix_cache: bool = True) -> dict:
     """Train the emoji LoReFT on a real chat model; returns a dict of measurements and texts.
 
     ``model_dir``: a local chat model (default: SmolLM2-135M-Instruct, fetched and cached on first
     use). ``layer``: default the middle one. ``max_steps`` > 0 overrides ``epochs`` (tests).
+    ``dtype``: the base model's (a torch dtype or "auto"/"float32"/"bfloat16", see
+    :mod:`reft_kernels.precision`); the intervention and optimizer state stay fp32.
+    ``prefix_cache``: run layers 0..layer-1 once per example (exact; :mod:`reft_kernels.prefix_cache`).
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import LoreftIntervention, ReftConfig, get_reft_model
     from ..dataset import make_last_position_supervised_data_module
+    from ..models.pretrained import load_pretrained
     from ..models.real import fetch_model
+    from ..ops import resolve_backend
+    from ..precision import resolve_dtype
     from ..trainer import ReftTrainerForCausalLM
 
     t_start = time.perf_counter()
     if model_dir is None:
         model_dir = fetch_model(log=log)
     output_dir = output_dir or tempfile.mkdtemp(prefix="reft_chat_demo_")
+    dtype = resolve_dtype(dtype, log=log)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    model = load_pretrained(AutoModelForCausalLM, model_dir, dtype).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     cfg = model.config
     layer = cfg.num_hidden_layers // 2 if layer is None else layer
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[1/5] {os.path.basename(os.path.normpath(model_dir))}: {n_params / 1e6:.0f}M params, "
-        f"d={cfg.hidden_size}, {cfg.num_hidden_layers} layers (from {model_dir})")
+        f"d={cfg.hidden_size}, {cfg.num_hidden_layers} layers, {str(dtype).replace('torch.', '')} "
+        f"(from {model_dir})")
+    device = next(model.parameters()).device
+    resolve_backend(backend, device)   # builds the native kernels now (once, with its own message), not in step 1
 
     torch.manual_seed(seed)
     reft_model = get_reft_model(model, ReftConfig(representations=[{
@@ -96,7 +107,8 @@ def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = N
     shown = [chat_prompt(tokenizer, q) for q in shown_q]
     gen = dict(positions="l1", num_interventions=1, max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
-    before, _ = generate_text(reft_model, tokenizer, shown, intervene=False, **gen)
+    before, _ = generate_text(reft_model, tokenizer, shown, intervene=False, progress="[2/5] base model's answers",
+                              **gen)
     log(f"[2/5] base model's answers ({time.perf_counter() - t0:.0f} s); LoReFT rank {rank} on layer "
         f"{layer}'s block output at the last prompt token: {reft_model.count_parameters():,} trainable "
         f"params ({100 * reft_model.count_parameters() / n_params:.4f}% of the model)")
@@ -107,7 +119,7 @@ def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = N
         num_train_epochs=epochs, max_steps=max_steps, learning_rate=lr, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=seed, weight_decay=0.0)
     trainer = use_progress_bar(ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=args,
-                                                      **data), desc="[3/5] training")
+                                                      prefix_cache=prefix_cache, **data), desc="[3/5] training")
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
@@ -117,7 +129,7 @@ def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = N
         f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}")
 
     t0 = time.perf_counter()
-    after, after_ids = generate_text(reft_model, tokenizer, shown, **gen)
+    after, after_ids = generate_text(reft_model, tokenizer, shown, progress="[4/5] answers with the adapter", **gen)
     gen_s = time.perf_counter() - t0
     log(f"[4/5] answers before -> after (greedy, {max_new_tokens} new tokens at most):")
     for q, b, a in zip(shown_q, before, after):
@@ -129,13 +141,13 @@ def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = N
     plot = save_loss_curve(losses, adapter, title=f"emoji LoReFT on {os.path.basename(os.path.normpath(model_dir))}",
                            log=log)
     write_run_info(output_dir, model=os.path.abspath(model_dir), positions="l1", num_interventions=1,
-                   share_weights=False, template="chat")
+                   share_weights=False, template="chat", dtype=str(dtype).replace("torch.", ""))
     total = time.perf_counter() - t_start
     log(f"[5/5] saved the adapter to {adapter}" + (f" and its loss curve to {plot}" if plot else ""))
     log(f"      try it: reft-kernels generate --adapter {output_dir} --prompt \"Give me a recipe for pancakes.\"")
     log(f"done in {total:.0f} s")
     held = [a for q, a in zip(shown_q, after) if q in HELD_OUT_PROMPTS]
-    return {"model_dir": model_dir, "output_dir": output_dir, "adapter": adapter, "loss_plot": plot,
+    return {"model_dir": model_dir, "dtype": str(dtype).replace("torch.", ""), "output_dir": output_dir, "adapter": adapter, "loss_plot": plot,
             "layer": layer, "steps": steps, "loss_first": losses[0][1], "loss_last": losses[-1][1],
             "losses": losses, "train_seconds": train_s, "seconds_per_step": train_s / max(steps, 1),
             "generate_seconds_after": gen_s, "total_seconds": total, "prompts": shown_q,

@@ -27,8 +27,10 @@ def read_run_info(directory: str) -> Tuple[dict, str]:
 
 
 def generate_text(reft_model, tokenizer, prompts, positions: str, num_interventions: int,
-                  share_weights: bool = False, max_new_tokens: int = 20, intervene: bool = True):
+                  share_weights: bool = False, max_new_tokens: int = 20, intervene: bool = True,
+                  progress: Optional[str] = None):
     """Greedy generations for ``prompts`` (left-padded batch), with or without the interventions.
+    ``progress``: show a bar with this label, one tick per generated token.
 
     Returns ``(texts, new_token_ids)``.
     """
@@ -39,12 +41,25 @@ def generate_text(reft_model, tokenizer, prompts, positions: str, num_interventi
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
               eos_token_id=tokenizer.eos_token_id)
     reft_model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        from transformers import LogitsProcessor, LogitsProcessorList
+        bar = tqdm(total=max_new_tokens, desc=progress, unit="tok", dynamic_ncols=True, leave=False)
+
+        class _Tick(LogitsProcessor):   # one call per generated token; scores unchanged
+            def __call__(self, input_ids, scores):
+                bar.update(1)
+                return scores
+        kw["logits_processor"] = LogitsProcessorList([_Tick()])
     with torch.no_grad():
         if intervene:
             out = reft_model.generate(**batch, **kw)
         else:
             out = reft_model.model.generate(input_ids=batch["input_ids"],
                                             attention_mask=batch["attention_mask"], **kw)
+    if bar is not None:
+        bar.close()
     new = out[:, batch["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], new
 

@@ -97,9 +97,10 @@ def reft_edit(hidden: torch.Tensor, positions: torch.Tensor, proj: torch.Tensor,
     """
     spec = _spec(variant)
     check_adapter_inputs(spec, hidden, positions, proj, weight, bias, proj_bias, dropout, inplace)
-    one = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731 - the A = 1 stack
-    return _apply(spec, hidden, positions, None, one(proj), one(weight), one(bias), one(proj_bias),
-                  None, act, dropout, seed, inplace, backend)
+    return _apply(spec, hidden, positions, None, proj.unsqueeze(0),         # the A = 1 stack
+                  None if weight is None else weight.unsqueeze(0), bias.unsqueeze(0),
+                  None if proj_bias is None else proj_bias.unsqueeze(0), None, act, dropout, seed,
+                  inplace, backend)
 
 
 def loreft(hidden, positions, rotation, weight, bias, *, act=None, dropout=0.0, seed=None,

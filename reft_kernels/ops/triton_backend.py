@@ -77,13 +77,13 @@ def _load_slices(ptr, a_off, k, stride_r, stride_d, cols, m2, ACC: tl.constexpr)
 
 
 @_jit()
-def _tile_sources(src_ptr, rows, live, a, saved_ptr, idx, in_range, p_ptr, stride_pa,
-                        stride_p0, stride_p1, w_ptr, stride_wa, stride_w0, stride_w1, b_ptr,
-                        stride_ba, c_ptr, stride_ca, seed, threshold, scale, r, d,
-                        ACT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
-                        HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                        FORWARD: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile_sources(src_ptr, rows, live, a, saved_ptr, idx, in_range, p_ptr, stride_pa, stride_p0,
+                  stride_p1, w_ptr, stride_wa, stride_w0, stride_w1, b_ptr, stride_ba, c_ptr,
+                  stride_ca, seed, threshold, scale, r, d, ACT: tl.constexpr,
+                  HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
+                  HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FORWARD: tl.constexpr,
+                  ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     """One pass over d for a tile of entries: z = W h + b, s = act(z) - [C](P h + c), u = P g',
     each entry with its adapter ``a``'s slice of the weights.
 
@@ -129,26 +129,30 @@ def _tile_sources(src_ptr, rows, live, a, saved_ptr, idx, in_range, p_ptr, strid
     return z, s, u
 
 
-@_jit(do_not_specialize=["n_rows", "seed"])
-def _forward_kernel(x_ptr, rows_ptr, ad_ptr, saved_ptr, p_ptr, w_ptr, b_ptr, c_ptr, n_rows,
-                          d, r, stride_pa, stride_p0, stride_p1, stride_wa, stride_w0, stride_w1,
-                          stride_ba, stride_ca, seed: tl.int64, threshold, scale: tl.float64,
-                          ACT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
-                          HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+@_jit()
+def _tile_entries(rows_ptr, ad_ptr, n_rows, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_N entries: index, in range, flat row (-1 = skip), adapter, live."""
     idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = idx < n_rows
     rows = tl.load(rows_ptr + idx, mask=in_range, other=-1).to(tl.int64)
     a = tl.load(ad_ptr + idx, mask=in_range, other=0).to(tl.int64)
-    live = rows >= 0
-    idx = idx.to(tl.int64)
+    return idx.to(tl.int64), in_range, rows, a, rows >= 0
+
+
+@_jit(do_not_specialize=["n_rows", "seed"])
+def _forward_kernel(x_ptr, rows_ptr, ad_ptr, saved_ptr, p_ptr, w_ptr, b_ptr, c_ptr, n_rows, d, r,
+                    stride_pa, stride_p0, stride_p1, stride_wa, stride_w0, stride_w1, stride_ba,
+                    stride_ca, seed: tl.int64, threshold, scale: tl.float64, ACT: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
+                    HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr,
+                    R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    idx, in_range, rows, a, live = _tile_entries(rows_ptr, ad_ptr, n_rows, BLOCK_N)
     scale = _as_compute_dtype(scale, ACC)
     _, s, _ = _tile_sources(x_ptr, rows, live, a, saved_ptr, idx, in_range, p_ptr, stride_pa,
-                                  stride_p0, stride_p1, w_ptr, stride_wa, stride_w0, stride_w1,
-                                  b_ptr, stride_ba, c_ptr, stride_ca, seed, threshold, scale, r, d,
-                                  ACT, HAS_WEIGHT, SUBTRACT_PROJ, HAS_PROJ_BIAS, HAS_DROPOUT, True,
-                                  ACC, R_PAD, BLOCK_N, BLOCK_D)
+                            stride_p0, stride_p1, w_ptr, stride_wa, stride_w0, stride_w1, b_ptr,
+                            stride_ba, c_ptr, stride_ca, seed, threshold, scale, r, d, ACT,
+                            HAS_WEIGHT, SUBTRACT_PROJ, HAS_PROJ_BIAS, HAS_DROPOUT, True, ACC, R_PAD,
+                            BLOCK_N, BLOCK_D)
     ks = tl.arange(0, R_PAD)
     p_off = a * stride_pa
     for d0 in range(0, d, BLOCK_D):
@@ -166,26 +170,20 @@ def _forward_kernel(x_ptr, rows_ptr, ad_ptr, saved_ptr, p_ptr, w_ptr, b_ptr, c_p
 
 
 @_jit(do_not_specialize=["n_rows", "seed"])
-def _backward_rows_kernel(g_ptr, rows_ptr, ad_ptr, saved_ptr, p_ptr, w_ptr, b_ptr, c_ptr,
-                                s_ptr, u_ptr, v_ptr, n_rows, d, r, stride_pa, stride_p0, stride_p1,
-                                stride_wa, stride_w0, stride_w1, stride_ba, stride_ca,
-                                seed: tl.int64, threshold, scale: tl.float64, ACT: tl.constexpr,
-                                HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
-                                HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                                ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_range = idx < n_rows
-    rows = tl.load(rows_ptr + idx, mask=in_range, other=-1).to(tl.int64)
-    a = tl.load(ad_ptr + idx, mask=in_range, other=0).to(tl.int64)
-    live = rows >= 0
-    idx = idx.to(tl.int64)
+def _backward_rows_kernel(g_ptr, rows_ptr, ad_ptr, saved_ptr, p_ptr, w_ptr, b_ptr, c_ptr, s_ptr,
+                          u_ptr, v_ptr, n_rows, d, r, stride_pa, stride_p0, stride_p1, stride_wa,
+                          stride_w0, stride_w1, stride_ba, stride_ca, seed: tl.int64, threshold,
+                          scale: tl.float64, ACT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          SUBTRACT_PROJ: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr,
+                          HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    idx, in_range, rows, a, live = _tile_entries(rows_ptr, ad_ptr, n_rows, BLOCK_N)
     scale = _as_compute_dtype(scale, ACC)
     z, s, u = _tile_sources(g_ptr, rows, live, a, saved_ptr, idx, in_range, p_ptr, stride_pa,
-                                  stride_p0, stride_p1, w_ptr, stride_wa, stride_w0, stride_w1,
-                                  b_ptr, stride_ba, c_ptr, stride_ca, seed, threshold, scale, r, d,
-                                  ACT, HAS_WEIGHT, SUBTRACT_PROJ, HAS_PROJ_BIAS, HAS_DROPOUT, False,
-                                  ACC, R_PAD, BLOCK_N, BLOCK_D)
+                            stride_p0, stride_p1, w_ptr, stride_wa, stride_w0, stride_w1, b_ptr,
+                            stride_ba, c_ptr, stride_ca, seed, threshold, scale, r, d, ACT,
+                            HAS_WEIGHT, SUBTRACT_PROJ, HAS_PROJ_BIAS, HAS_DROPOUT, False, ACC,
+                            R_PAD, BLOCK_N, BLOCK_D)
     if ACT == 0:
         v = u
     else:
@@ -199,14 +197,13 @@ def _backward_rows_kernel(g_ptr, rows_ptr, ad_ptr, saved_ptr, p_ptr, w_ptr, b_pt
 
 
 @_jit(do_not_specialize=["n_parts", "seed"])
-def _backward_cols_kernel(g_ptr, rows_ptr, order_ptr, starts_ptr, saved_ptr, p_ptr, w_ptr,
-                                s_ptr, u_ptr, v_ptr, gp_ptr, gw_ptr, gb_ptr, gc_ptr, n_parts, d,
-                                r, stride_pa, stride_p0, stride_p1, stride_wa, stride_w0,
-                                stride_w1, seed: tl.int64, threshold, scale: tl.float64,
-                                HAS_WEIGHT: tl.constexpr, SUBTRACT_PROJ: tl.constexpr,
-                                HAS_PROJ_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                                ACC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
+def _backward_cols_kernel(g_ptr, rows_ptr, order_ptr, starts_ptr, saved_ptr, p_ptr, w_ptr, s_ptr,
+                          u_ptr, v_ptr, gp_ptr, gw_ptr, gb_ptr, gc_ptr, n_parts, d, r, stride_pa,
+                          stride_p0, stride_p1, stride_wa, stride_w0, stride_w1, seed: tl.int64,
+                          threshold, scale: tl.float64, HAS_WEIGHT: tl.constexpr,
+                          SUBTRACT_PROJ: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr,
+                          HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, R_PAD: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d, pid = tl.program_id(0), tl.program_id(1)
     a = pid // n_parts
     part = pid % n_parts

@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model directory or hub name (default: the one recorded in the first "
                    "adapter's reft_run.json)")
     p.add_argument("--served-model-name", help="the name clients use for the base model alone (default: --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--max-batch-size", type=int, default=16, help="most requests in one batched generate")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long a batch waits for more requests after the last arrival (at most 4 windows)")
@@ -58,9 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--template", choices=["instruction", "chat", "none"],
                    help="prompt template for chat requests when the tokenizer has no chat template "
                    "(default: each adapter's training template)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the base model; adapters keep their own (default: float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"],
+                   help="kernel backend for the interventions; auto = native C++ on CPU, triton on CUDA, "
+                        "else torch (default: auto)")
     p.add_argument("--enable-runtime-adapters", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also on when "
                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
