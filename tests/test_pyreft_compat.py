@@ -155,6 +155,24 @@ def test_pyreft_data_order_is_a_plain_shuffle_from_the_global_stream(tok, tmp_pa
         trainer(tmp_path, model, data, pyreft_data_order="yes")
 
 
+def test_training_with_pyreft_data_order(tok, tmp_path):
+    """The plain loader trains through the whole HF loop (here: this transformers version), with
+    gradient accumulation, and the same seed gives the same run."""
+    def run():
+        torch.manual_seed(1)   # the interventions' initialisation
+        model = reft(tok, True)
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[],
+                                 use_cpu=True, save_strategy="no", seed=0, max_steps=3, logging_steps=1,
+                                 gradient_accumulation_steps=2, learning_rate=1e-2, disable_tqdm=True)
+        tr = rk.ReftTrainerForCausalLM(model=model, args=args, **dm(tok, model.model))
+        assert tr.pyreft_data_order
+        tr.train()
+        return [h["loss"] for h in tr.state.log_history if "loss" in h]
+    first = run()
+    assert len(first) == 3 and all(0 < x < 20 for x in first)
+    assert run() == first
+
+
 # --------------------------------------------------------------------------------------------
 # dataset classes
 class GlueLike(rk.ReftDataset):
