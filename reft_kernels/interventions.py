@@ -240,8 +240,9 @@ def _check_map(orthogonal_map) -> str:
     return orthogonal_map
 
 
-class _RotatedWithSource(ReftIntervention):
-    """R plus ``learned_source = nn.Linear(d, r)`` in ``dtype`` (LoReFT, DiReFT)."""
+class _Rotated(ReftIntervention):
+    """Base of the classes with an orthonormal ``rotate_layer`` R (r x d); R is built first, so the
+    random stream is consumed in pyreft's order (R, then the source)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
                  act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
@@ -252,11 +253,21 @@ class _RotatedWithSource(ReftIntervention):
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
                                                 pyreft_base=_pyreft_base(pyreft_base, orthogonal_map),
                                                 completion=completion)
-        self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
 
     def config_kwargs(self) -> dict:
         return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
                 "completion": self.rotate_layer.completion}
+
+
+class _RotatedWithSource(_Rotated):
+    """R plus ``learned_source = nn.Linear(d, r)`` in ``dtype`` (LoReFT, DiReFT)."""
+
+    def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
+                 act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
+                 completion: Optional[str] = None, **ignored):
+        super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn, orthogonal_map, pyreft_base,
+                         completion)
+        self.learned_source = nn.Linear(embed_dim, low_rank_dimension).to(self.dtype)
 
     def op_tensors(self):
         return self.rotate_layer.weight, self.learned_source.weight, self.learned_source.bias, None
@@ -276,23 +287,15 @@ class _ProjectedWithSource(ReftIntervention):
         return {**super().config_kwargs(), "add_bias": self.add_bias}
 
 
-class _RotatedConstant(ReftIntervention):
+class _RotatedConstant(_Rotated):
     """R plus a constant fp32 ``learned_source`` vector b (ConsReFT, LobiReFT)."""
 
     def __init__(self, embed_dim, low_rank_dimension, dtype=torch.bfloat16, dropout=0.0,
                  act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
                  completion: Optional[str] = None, **ignored):
-        super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
-        if completion is not None:   # an explicit completion overrides set_pyreft_base_default
-            pyreft_base = bool(pyreft_base)
-        self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map),
-                                                completion=completion)
+        super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn, orthogonal_map, pyreft_base,
+                         completion)
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))
-
-    def config_kwargs(self) -> dict:
-        return {**super().config_kwargs(), "orthogonal_map": self.rotate_layer.orthogonal_map,
-                "completion": self.rotate_layer.completion}
 
     def op_tensors(self):
         return self.rotate_layer.weight, None, self.learned_source, None
