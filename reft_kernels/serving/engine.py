@@ -44,7 +44,7 @@ import torch
 
 from .adapters import AdapterError, AdapterSpec, prompt_locations, read_adapter_spec
 from .rows import RowState, SamplingParams, hf_hooks
-from .scheduler import Empty, FairQueue
+from .scheduler import Empty, QueueWorker
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "UnknownAdapterError", "mixed_supported"]
 
@@ -84,7 +84,7 @@ class GenerationResult:
     batch_size: int    # how many requests that batch held
 
 
-class Engine:
+class Engine(QueueWorker):
     """Adapters on one base model plus the batching worker; see the module docstring."""
 
     def __init__(self, model, tokenizer, *, mode: str = "auto", max_batch_size: int = 16,
@@ -120,11 +120,9 @@ class Engine:
         self._holder = None                          # with named adapters: one ReftModel holding them all
         self._n_interventions: Dict[str, int] = {}
         self._lock = threading.RLock()               # one generate or adapter change at a time
-        self._queue = FairQueue()
         self._batch_ids = itertools.count(1)
         self.stats = {"batches": 0, "requests": 0, "failed_requests": 0, "max_batch": 0, "generate_calls": 0,
                       "last_batches": []}
-        self._worker: Optional[threading.Thread] = None
 
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> AdapterSpec:
@@ -182,28 +180,7 @@ class Engine:
         self.generate_batch([GenerationRequest(prompt, n, SamplingParams(max_tokens=1)) for n in names])
         self.stats.update(batches=0, requests=0, failed_requests=0, max_batch=0, generate_calls=0, last_batches=[])
 
-    # -- batching queue ---------------------------------------------------------------------------
-    def start(self) -> "Engine":
-        if self._worker is None:
-            self._queue = FairQueue()   # a fresh queue: a closed one has its stop signal in it
-            self._worker = threading.Thread(target=self._loop, name="reft-engine", daemon=True)
-            self._worker.start()
-        return self
-
-    def close(self) -> None:
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join(timeout=30)
-            self._worker = None
-
-    def submit(self, request: GenerationRequest, group=None) -> concurrent.futures.Future:
-        """Queue ``request``; requests sharing ``group`` (one HTTP request's prompts) take turns with
-        other groups (see :mod:`.scheduler`)."""
-        if self._worker is None:
-            raise RuntimeError("the engine is not running; call start() first")
-        self._queue.put(request, group)
-        return request.future
-
+    # -- batching queue: start / close / submit come from QueueWorker (scheduler.py) ------------
     def _loop(self) -> None:
         while True:
             first = self._queue.get()

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, Hashable, Optional
 
-__all__ = ["FairQueue", "Empty"]
+__all__ = ["FairQueue", "Empty", "QueueWorker"]
 
 
 class Empty(Exception):
@@ -73,3 +73,38 @@ class FairQueue:
     def waiting_groups(self) -> Dict[Hashable, int]:
         with self._cond:
             return {g: len(q) for g, q in self._groups.items()}
+
+
+class QueueWorker:
+    """The request side every engine shares: ``submit`` puts a request into a :class:`FairQueue`
+    (one group per HTTP request), and one daemon thread runs the engine's ``_loop`` over it.
+    ``start`` makes a fresh queue (a closed one holds its stop signal); ``close`` sends the stop
+    signal (``None``) and joins the thread."""
+
+    _worker_name = "reft-engine"
+    _worker: Optional[threading.Thread] = None
+    _queue: FairQueue
+
+    def _loop(self) -> None:  # pragma: no cover - every engine defines its own
+        raise NotImplementedError
+
+    def start(self):
+        if self._worker is None:
+            self._queue = FairQueue()
+            self._worker = threading.Thread(target=self._loop, name=self._worker_name, daemon=True)
+            self._worker.start()
+        return self
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+            self._worker = None
+
+    def submit(self, request, group: Optional[Hashable] = None):
+        """Queue ``request`` (a :class:`~.engine.GenerationRequest`) and return its future; requests
+        sharing ``group`` (one HTTP request's prompts) take turns with other groups."""
+        if self._worker is None:
+            raise RuntimeError("the engine is not running; call start() first")
+        self._queue.put(request, group)
+        return request.future

@@ -20,12 +20,12 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
-import queue
 import threading
 from typing import Dict, Optional
 
 from .adapters import AdapterError, AdapterSpec, read_adapter_spec
 from .engine import GenerationRequest, GenerationResult, UnknownAdapterError
+from .scheduler import Empty, QueueWorker
 
 __all__ = ["VllmEngine", "vllm_available"]
 
@@ -40,10 +40,11 @@ def vllm_available() -> bool:
     return True
 
 
-class VllmEngine:
+class VllmEngine(QueueWorker):
     """Named adapters on one base model in vLLM; see the module docstring."""
 
     mode = "vllm"
+    _worker_name = "reft-vllm-engine"
 
     def __init__(self, model: str, *, dtype: str = "float32", max_batch_size: int = 16,
                  max_model_len: Optional[int] = None, default_positions: Optional[str] = None,
@@ -68,9 +69,7 @@ class VllmEngine:
         self._loads = itertools.count(1)
         self._ids = itertools.count(1)
         self._lock = threading.RLock()          # adapter changes vs. the step loop
-        self._queue: "queue.Queue" = queue.Queue()
         self._running: Dict[str, tuple] = {}
-        self._worker: Optional[threading.Thread] = None
         self.stats = {"requests": 0, "failed_requests": 0, "steps": 0, "max_running": 0}
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -106,24 +105,7 @@ class VllmEngine:
         self.stats.update(requests=0, failed_requests=0, steps=0, max_running=0)
 
     # -- requests ---------------------------------------------------------------------------------
-    def start(self) -> "VllmEngine":
-        if self._worker is None:
-            self._queue = queue.Queue()
-            self._worker = threading.Thread(target=self._loop, name="reft-vllm-engine", daemon=True)
-            self._worker.start()
-        return self
-
-    def close(self) -> None:
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join(timeout=30)
-            self._worker = None
-
-    def submit(self, request: GenerationRequest, group=None) -> concurrent.futures.Future:
-        if self._worker is None:
-            raise RuntimeError("the engine is not running; call start() first")
-        self._queue.put(request)
-        return request.future
+    # start / close / submit come from QueueWorker (scheduler.py)
 
     def _vllm_request(self, request: GenerationRequest):
         from vllm import SamplingParams as VllmParams
@@ -161,8 +143,8 @@ class VllmEngine:
             block = not self._running
             while True:
                 try:
-                    item = self._queue.get(block=block)
-                except queue.Empty:
+                    item = self._queue.get(timeout=None if block else 0)
+                except Empty:
                     break
                 block = False
                 if item is None:
