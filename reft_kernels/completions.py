@@ -53,6 +53,8 @@ def resolve_completion(completion, pyreft_base: bool) -> str:
 def seed_from_draw(fill: torch.Tensor) -> int:
     """A 31-bit seed from the bits of the first two floats of a randn draw (no RNG consumed)."""
     bits = fill.detach().reshape(-1)[:2].float().cpu().contiguous().view(torch.int32).tolist()
+    if not bits:   # r = d: the draw is empty and there is nothing to complete
+        return 0
     return (bits[0] * 1000003 + bits[-1]) & 0x7FFFFFFF
 
 
@@ -72,7 +74,7 @@ def hartley_mix(x: torch.Tensor, signs: torch.Tensor, perm: torch.Tensor) -> tor
 
 def complete_columns(q: torch.Tensor, factors) -> torch.Tensor:
     """``blockdiag(I_r, S) @ q`` for q (d, k), r = d - len(signs); ``factors`` None: q itself."""
-    if factors is None:
+    if factors is None or factors[0].numel() == 0:   # no completion, or r = d (nothing to complete)
         return q
     signs, perm = factors
     r = q.shape[0] - signs.shape[0]

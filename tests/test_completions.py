@@ -160,3 +160,19 @@ def test_hartley_intervention_exports_to_pyreft_keys_with_its_trajectory():
         (m.rotate_layer.weight @ x).square().sum().backward()
     torch.testing.assert_close(back.rotate_layer.reflectors.grad.tril(-1),
                                iv.rotate_layer.reflectors.grad.tril(-1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("completion", COMPLETIONS)
+def test_full_rank_rotation_has_nothing_to_complete(completion):
+    """r = d: the completion draw is empty (d x 0); every kind builds an orthogonal d x d R, trains,
+    and equals the compact one (there is no column left to complete)."""
+    d = 8
+    rots = {}
+    for kind in (completion, "compact"):
+        torch.manual_seed(3)
+        rots[kind] = OrthonormalRotation(d, d, completion=kind)
+    w = rots[completion].weight
+    assert torch.allclose(w @ w.T, torch.eye(d), atol=1e-5)
+    assert torch.allclose(w, rots["compact"].weight, atol=1e-6)
+    (w.sum() * 2).backward()
+    assert rots[completion].reflectors.grad is not None
