@@ -150,6 +150,10 @@ TRAINER_SCRIPT = textwrap.dedent('''
     rank = int(os.environ.get("RANK", 0))
     assert trainer.args.world_size == 2, trainer.args.world_size
     torch.save(reft.interventions.state_dict(), os.path.join(out, f"trainer_rank{rank}.pt"))
+    # leave no gloo thread to the interpreter's exit ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 
