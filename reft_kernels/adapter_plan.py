@@ -24,6 +24,7 @@ forward that records gradients).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -83,13 +84,15 @@ class SingleEdit:
 @dataclass
 class StackedEdit:
     """One per-row op call: row b uses ``interventions[stack_ids[b]]`` (-1: none) at location
-    ``locations[b]``. The interventions share ``(variant, act_fn, dropout, width)`` (the plan
-    groups them so); ``stack_ids`` are indices into ``interventions``, not adapter names."""
+    ``locations[b]``. The interventions share ``settings`` = ``(variant, act, dropout)`` and their
+    width (the plan groups them so); ``stack_ids`` are indices into ``interventions``, not
+    adapter names."""
 
     interventions: list
     stack_ids: torch.Tensor
     locations: torch.Tensor
     seed_key: tuple
+    settings: tuple
     single_location: Optional[int] = None
     _cache: Optional[tuple] = field(default=None, repr=False)
 
@@ -102,14 +105,24 @@ class StackedEdit:
         return self._cache
 
     def apply(self, hidden, positions, *, seed, inplace, backend):
-        """``hidden`` with each row's edit at ``positions`` (B, P): one call of the per-row op."""
-        proj, weight, bias, proj_bias, ranks = self.weights()
-        first = self.interventions[0]           # the group's shared variant, act_fn and dropout
-        stack_ids = expand_rows(self.stack_ids, hidden.shape[0])
-        return reft_edit_multi(hidden, positions, stack_ids, proj, weight, bias, proj_bias,
-                               variant=first.variant, act=first.act_fn,
-                               dropout=first.dropout_p if first.training else 0.0, seed=seed,
-                               inplace=inplace, ranks=ranks, backend=backend)
+        """``hidden`` with each row's edit at ``positions`` (B, P): one call of the per-row op,
+        made inside every stacked intervention's ``__call__`` (nested, in stack order), so their
+        module hooks run around it as on the single path (FSDP/ZeRO gather the parameters)."""
+        variant, act, dropout = self.settings
+
+        def op(hidden):
+            proj, weight, bias, proj_bias, ranks = self.weights()
+            stack_ids = expand_rows(self.stack_ids, hidden.shape[0])
+            return reft_edit_multi(hidden, positions, stack_ids, proj, weight, bias, proj_bias,
+                                   variant=variant, act=act, dropout=dropout, seed=seed,
+                                   inplace=inplace, ranks=ranks, backend=backend)
+        for iv in reversed(self.interventions):
+            op = partial(_call_within, iv, op)
+        return op(hidden)
+
+
+def _call_within(intervention, inner, hidden):
+    return intervention(hidden, within=inner)
 
 
 def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -122,8 +135,7 @@ def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _signature(iv) -> tuple:
-    dropout = iv.dropout_p if iv.training else 0.0
-    return (iv.variant, iv.act_fn, dropout, iv.embed_dim)
+    return (*iv.op_settings(), iv.embed_dim)
 
 
 def build_plan(chains: list, site_edits: dict, device) -> dict:
@@ -150,13 +162,13 @@ def build_plan(chains: list, site_edits: dict, device) -> dict:
             for b, entry in enumerate(stage):
                 if entry is not None:
                     groups.setdefault(_signature(entry[2]), {}).setdefault((entry[0], entry[1]), []).append(b)
-            for members in groups.values():
-                steps.append(_edit_for(members, stage, B, device))
+            for signature, members in groups.items():
+                steps.append(_edit_for(members, stage, B, device, signature[:3]))
         plan[key] = steps
     return plan
 
 
-def _edit_for(members: dict, stage: list, B: int, device):
+def _edit_for(members: dict, stage: list, B: int, device, settings: tuple):
     """A SingleEdit (one intervention in the stage group) or a StackedEdit (several)."""
     if len(members) == 1:
         (name, i), rows = next(iter(members.items()))
@@ -178,4 +190,4 @@ def _edit_for(members: dict, stage: list, B: int, device):
         ivs.append(stage[rows[0]][2])
     distinct = {slot[1] for slot in slots}
     single = distinct.pop() if len(distinct) == 1 else None
-    return StackedEdit(ivs, stack_ids.to(device), locations.to(device), slots[0], single)
+    return StackedEdit(ivs, stack_ids.to(device), locations.to(device), slots[0], settings, single)

@@ -144,21 +144,28 @@ class ReftIntervention(nn.Module):
 
         Dropout is active only in training mode; ``seed`` fixes its mask (see ops.variants).
         """
-        proj, weight, bias, proj_bias = self.op_tensors()
-        return reft_edit(hidden, positions, proj, weight, bias, proj_bias, variant=self.variant,
-                         act=self.act_fn, dropout=self.dropout_p if self.training else 0.0,
-                         seed=seed, inplace=inplace, backend=backend)
+        variant, act, dropout = self.op_settings()
+        return reft_edit(hidden, positions, *self.op_tensors(), variant=variant, act=act,
+                         dropout=dropout, seed=seed, inplace=inplace, backend=backend)
+
+    def op_settings(self) -> tuple:
+        """``(variant, act, dropout)`` the op runs this module's edit with (no dropout in eval)."""
+        return self.variant, self.act_fn, self.dropout_p if self.training else 0.0
 
     def forward(self, base: torch.Tensor, source=None, subspaces=None, *,
                 positions: Optional[torch.Tensor] = None, inplace: bool = False,
-                backend: str = "auto", seed: Optional[int] = None) -> torch.Tensor:
+                backend: str = "auto", seed: Optional[int] = None, within=None) -> torch.Tensor:
         """pyvene's call on gathered rows ``base`` (B, n, d), every row edited; or, with
-        ``positions``, :meth:`edit` of a full (B, T, d) tensor.
+        ``positions``, :meth:`edit` of a full (B, T, d) tensor; or, with ``within``,
+        ``within(base)`` (a stacked edit of several adapters runs its one op call inside every
+        stacked module's call, see :class:`reft_kernels.adapter_plan.StackedEdit`).
 
-        The patcher uses the second form through ``__call__``, so module hooks that FSDP or
-        DeepSpeed ZeRO-3 put on the intervention (parameter gathering) run. ``source`` and
-        ``subspaces`` are ignored, as by every pyreft intervention.
+        The patcher calls every intervention through ``__call__``, so module hooks that FSDP or
+        DeepSpeed ZeRO-3 put on it (parameter gathering) run around its edit on every path.
+        ``source`` and ``subspaces`` are ignored, as by every pyreft intervention.
         """
+        if within is not None:
+            return within(base)
         if positions is None:
             if base.dim() != 3:
                 raise ValueError(f"base must be the gathered rows of shape (B, n, d), got {tuple(base.shape)}")

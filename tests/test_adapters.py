@@ -135,6 +135,45 @@ def test_stacked_adapters_use_one_op_call_per_site(multi, monkeypatch):
     assert calls == [([0, 1, -1, 0], (2, 4, H))]          # default (r4) and b (r2) stacked, ranks padded
 
 
+def shard_like_fsdp(modules):
+    """Each module's parameters hold NaN except inside its ``__call__`` (a forward pre-hook puts
+    them back, a forward hook takes them away), as FSDP/ZeRO-3 keep sharded parameters outside
+    a module's forward. Returns the list of modules whose pre-hook ran, in call order."""
+    entered = []
+    for module in modules:
+        real = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+        def gather(mod, args, kwargs, real=real):
+            entered.append(mod)
+            for name, p in mod.named_parameters():
+                p.data = real[name]
+
+        def release(mod, args, kwargs, output):
+            for name, p in mod.named_parameters():
+                p.data = torch.full_like(p, float("nan"))
+
+        release(module, (), {}, None)
+        module.register_forward_pre_hook(gather, with_kwargs=True)
+        module.register_forward_hook(release, with_kwargs=True)
+    return entered
+
+
+@pytest.mark.parametrize("ids", [["b", "b", "b", "b"], ["b", "default", None, "b"], [["default", "d"], "b", "c", "d"]])
+def test_every_path_calls_the_intervention_modules(multi, ids):
+    """The stacked (mixed-batch) path runs its op inside each stacked module's __call__, as the
+    single path does: module hooks (FSDP's parameter gathering) fire, and the output is the one
+    without hooks."""
+    _, reft, _, _ = multi
+    kwargs = dict(input_ids=IDS, adapter_ids=ids, unit_locations=units(LOCS))
+    with torch.no_grad():
+        expected = reft(**kwargs).logits
+        entered = shard_like_fsdp([iv for n in reft.adapter_names for iv in reft.adapter_interventions(n).values()])
+        out = reft(**kwargs).logits
+    used = {n for entry in ids for n in (entry if isinstance(entry, list) else [entry]) if n is not None}
+    assert {id(m) for m in entered} == {id(iv) for n in used for iv in reft.adapter_interventions(n).values()}
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_set_adapter_and_disable_adapter(multi):
     model, reft, ivs, layers = multi
     reft.set_adapter("d")
