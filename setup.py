@@ -36,5 +36,8 @@ setup(
     },
     entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"],
                   # vLLM calls this in every process: registers the ReFT-wrapped model classes
-                  "vllm.general_plugins": ["reft_kernels = reft_kernels.vllm_plugin:register"]},
+                  "vllm.general_plugins": ["reft_kernels = reft_kernels.vllm_plugin:register"],
+                  # vllm serve's API server (loaded when VLLM_PLUGINS names it): publishes the adapter
+                  # names so a request naming another one is refused with a 400
+                  "vllm.endpoint_plugins": ["reft_kernels = reft_kernels.vllm_plugin.endpoint:ReftEndpointPlugin"]},
 )

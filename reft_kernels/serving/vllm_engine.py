@@ -71,6 +71,12 @@ class VllmEngine(QueueWorker):
         self._lock = threading.RLock()          # adapter changes vs. the step loop
         self._running: Dict[str, tuple] = {}
         self.stats = {"requests": 0, "failed_requests": 0, "steps": 0, "max_running": 0}
+        self._publish()
+
+    def _publish(self) -> None:
+        """Tell vLLM's front end (this process) which names requests may select (vllm_plugin.known)."""
+        from ..vllm_plugin import publish_adapters
+        publish_adapters(list(self.specs))
 
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> AdapterSpec:
@@ -85,6 +91,7 @@ class VllmEngine(QueueWorker):
                 raise AdapterError(f"adapter {name!r} could not be loaded from {spec.adapter_dir!r}: {exc}") from None
             self.specs[name] = spec
             self._versions[name] = next(self._loads)
+            self._publish()
         log.info("loaded adapter %r from %s (positions %s) into vLLM", name, spec.adapter_dir, spec.positions)
         return spec
 
@@ -93,6 +100,7 @@ class VllmEngine(QueueWorker):
             if name not in self.specs:
                 raise UnknownAdapterError(name)
             del self.specs[name], self._versions[name]   # new requests are refused from here on
+            self._publish()
             self.llm.collective_rpc("reft_unload_adapter", args=(name,))
 
     def warmup(self) -> None:

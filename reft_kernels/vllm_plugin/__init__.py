@@ -12,17 +12,22 @@ Using it:
   "positions": "l1"}}``), read in every worker with the same reader as ``ReftModel.load``;
 * the batch state: ``logits_processors=[REFT_LOGITS_PROCESSOR]`` (vLLM's public per-request hook);
 * per request: ``SamplingParams(extra_args={"reft_adapter": NAME})`` (``vllm_xargs`` over HTTP) and
-  the prompt's ``cache_salt`` from :func:`cache_salt` (:func:`reft_prompt` builds both).
+  the prompt's ``cache_salt`` from :func:`cache_salt` (:func:`reft_prompt` builds both);
+* unknown names: the processor's ``validate_params`` refuses a request naming no loaded adapter in
+  vLLM's front end (400 over HTTP). The front end learns the names from the endpoint part
+  (:mod:`.endpoint`, ``VLLM_PLUGINS=reft_kernels`` under ``vllm serve``), from ``--engine vllm``, or
+  from :func:`publish_adapters` (``LLM``); see :mod:`.known`.
 
 Modules: :mod:`.model` (classes, layer hooks), :mod:`.store` (adapters, stacking), :mod:`.plan`
-(which tokens a step edits), :mod:`.batch_state` (the logits processor), :mod:`.shim` (the one
-read of vLLM internals, version-checked).
+(which tokens a step edits), :mod:`.batch_state` (the logits processor), :mod:`.known` and
+:mod:`.endpoint` (which names a request may use), :mod:`.worker` (runtime loads), :mod:`.shim` (the
+one read of vLLM internals, version-checked).
 """
 from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["register", "REFT_LOGITS_PROCESSOR", "ADAPTER_KEY", "cache_salt", "reft_prompt"]
+__all__ = ["register", "REFT_LOGITS_PROCESSOR", "ADAPTER_KEY", "cache_salt", "reft_prompt", "publish_adapters"]
 
 REFT_LOGITS_PROCESSOR = "reft_kernels.vllm_plugin.batch_state:ReftBatchState"
 ADAPTER_KEY = "reft_adapter"
@@ -32,6 +37,14 @@ def register() -> None:
     """vLLM general-plugin entry point: register the ``Reft<Arch>`` model classes."""
     from .model import register_models
     register_models()
+
+
+def publish_adapters(source):
+    """Tell this front end which adapters its engine serves (names, a ``VllmConfig`` or an ``LLM``), so
+    a request naming another one is refused; see :mod:`.known` (``vllm serve`` and ``--engine vllm``
+    do this themselves). Returns the published names."""
+    from .known import publish
+    return publish(source)
 
 
 def cache_salt(adapter: Optional[str], positions: Optional[str], prompt_len: int,

@@ -36,10 +36,30 @@ class ReftBatchState(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
+        """vLLM calls this in its front end for every request, before any worker sees it: a request
+        naming no loaded adapter is refused here (400 over HTTP), never answered by the base model."""
+        from vllm.exceptions import VLLMValidationError
+
+        from . import known
         name = adapter_of(sampling_params)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"extra_args[{ADAPTER_KEY!r}]={name!r} must be an adapter name (a non-empty string), "
-                             "or left out for the base model")
+        if name is None:
+            return
+        where = f"extra_args[{ADAPTER_KEY!r}] (vllm_xargs over HTTP)"
+        if not isinstance(name, str) or not name:
+            raise VLLMValidationError(f"{where}={name!r} must be an adapter name (a non-empty string), or left "
+                                      "out for the base model", parameter=ADAPTER_KEY, value=name)
+        names = known.known()
+        if names is None:
+            raise VLLMValidationError(
+                f"{where}={name!r}: this vLLM front end does not know which ReFT adapters its workers hold, "
+                "so it cannot tell a loaded name from a typo; under `vllm serve` set VLLM_PLUGINS to include "
+                "'reft_kernels' (it loads the plugin's endpoint part, which reads --hf-overrides' reft_adapters); "
+                "with LLM(...) call reft_kernels.vllm_plugin.publish_adapters(llm) once",
+                parameter=ADAPTER_KEY, value=name)
+        if name not in names:
+            raise VLLMValidationError(f"{where}={name!r} names no loaded ReFT adapter; loaded: "
+                                      f"{known.describe(names)} (leave it out for the base model)",
+                                      parameter=ADAPTER_KEY, value=name)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         global _active

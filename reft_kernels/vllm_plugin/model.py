@@ -24,7 +24,8 @@ from typing import Dict, Optional
 
 import torch
 
-from . import batch_state
+from . import batch_state, known
+from .known import ADAPTERS_CONFIG_KEY
 from .plan import build_step_plan
 from .shim import check_vllm_version, query_start_loc
 from .store import AdapterStore
@@ -32,7 +33,6 @@ from .store import AdapterStore
 __all__ = ["register_models", "get_store", "reft_arch_classes", "ADAPTERS_CONFIG_KEY"]
 
 log = logging.getLogger("reft_kernels.vllm")
-ADAPTERS_CONFIG_KEY = "reft_adapters"     # hf_overrides={"reft_adapters": {name: path | {path, positions}}}
 _store: Optional[AdapterStore] = None
 _plan: Dict[int, list] = {}
 
@@ -80,14 +80,6 @@ def _decoder_layers(model: torch.nn.Module):
     return layers
 
 
-def _configured_adapters(hf_config) -> dict:
-    spec = getattr(hf_config, ADAPTERS_CONFIG_KEY, None) or {}
-    if not isinstance(spec, dict):
-        raise ValueError(f"hf_overrides[{ADAPTERS_CONFIG_KEY!r}] must map adapter names to checkpoint paths "
-                         f"(or {{'path': ..., 'positions': 'l1'}}), got {type(spec).__name__}")
-    return spec
-
-
 def _setup(model: torch.nn.Module, vllm_config) -> None:
     """Build this process's adapter store, load the configured adapters, hook the layers."""
     global _store
@@ -97,7 +89,9 @@ def _setup(model: torch.nn.Module, vllm_config) -> None:
     param = next(model.parameters())
     _store = AdapterStore(hf_config, vllm_config.model_config.dtype, param.device, len(layers))
     _store.refusal = _compiled_refusal(vllm_config)
-    for name, item in _configured_adapters(hf_config).items():
+    known.local_store = _store       # a front end in this process can check request names against it
+    known.configured_names(vllm_config)         # checks the shape of hf_overrides' reft_adapters
+    for name, item in (getattr(hf_config, ADAPTERS_CONFIG_KEY, None) or {}).items():
         item = {"path": item} if isinstance(item, str) else dict(item)
         _store.load(name, item.pop("path"), **item)
     for i, layer in enumerate(layers):
