@@ -31,7 +31,7 @@ import torch
 
 from .ops import reft_edit_multi
 
-__all__ = ["SingleEdit", "StackedEdit", "build_plan", "stack_weights"]
+__all__ = ["CallPlan", "SingleEdit", "StackedEdit", "build_plan", "stack_weights"]
 
 
 def _pad_rows(t: Optional[torch.Tensor], r_max: int, dtype) -> Optional[torch.Tensor]:
@@ -191,3 +191,58 @@ def _edit_for(members: dict, stage: list, B: int, device, settings: tuple):
     distinct = {slot[1] for slot in slots}
     single = distinct.pop() if len(distinct) == 1 else None
     return StackedEdit(ivs, stack_ids.to(device), locations.to(device), slots[0], settings, single)
+
+
+class CallPlan:
+    """Everything the hooks apply during one ReftModel call: per site key the ordered ``edits``
+    (:func:`build_plan`), each edit's dropout seed (``seeds``), the call's ``positions`` (an
+    :class:`~reft_kernels.edit_state.EditState`) and the op ``backend``.
+
+    :meth:`enter` sets the window-local positions of each model call (``local``); they stay set
+    after the call returns, so gradient-checkpointing recomputation during backward re-applies
+    exactly the same edits and dropout masks.
+    """
+
+    __slots__ = ("edits", "seeds", "positions", "backend", "local")
+
+    def __init__(self, edits: dict, seeds: dict, positions, backend: str = "auto"):
+        self.edits, self.seeds, self.positions, self.backend = edits, seeds, positions, backend
+        self.local: Optional[list] = None
+
+    def enter(self, batch: int, seq_len: int, offset, device) -> None:
+        """A model call over ``seq_len`` tokens after ``offset`` cached ones begins."""
+        self.local = self.positions.window(batch, seq_len, offset, device)
+
+    def at(self, key) -> Optional[list]:
+        """The edits of site ``key`` in the current model call (None: nothing to edit)."""
+        return None if self.local is None else self.edits.get(key)
+
+    def apply(self, steps: list, hidden: torch.Tensor, inplace: bool, path: str) -> torch.Tensor:
+        """``hidden`` (B, T, d) at one site with its ``steps`` applied in order."""
+        if hidden.dim() != 3:
+            raise ValueError(f"the hidden states at {path!r} have shape {tuple(hidden.shape)}; ReFT edits "
+                             "(batch, seq, hidden) tensors, so pick another component")
+        for step in steps:
+            positions = self._step_positions(step, hidden.shape[0])
+            if positions is None:
+                continue
+            new = step.apply(hidden, positions, seed=self.seeds.get(step.seed_key, 0), inplace=inplace,
+                             backend=self.backend)
+            inplace = inplace or new is not hidden   # our own copy is fresh: edit it in place next
+            hidden = new
+        return hidden
+
+    def _step_positions(self, step, batch: int) -> Optional[torch.Tensor]:
+        local = self.local
+        if isinstance(step, SingleEdit):
+            pos = local[step.location]
+            if pos is not None and step.rows is not None:
+                pos = torch.where(expand_rows(step.rows, batch)[:, None], pos, torch.full_like(pos, -1))
+            return pos
+        if step.single_location is not None:
+            return local[step.single_location]
+        if any(p is None for p in local):
+            return None
+        width = max(p.shape[1] for p in local)
+        padded = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in local])
+        return padded[expand_rows(step.locations, batch), torch.arange(batch, device=padded.device)]

@@ -2,7 +2,7 @@
 
 An *adapter* is one :class:`~reft_kernels.config.ReftConfig` with its intervention modules. The
 config a ReftModel is built with is the adapter ``"default"``; more are added with
-:meth:`AdapterMixin.add_adapter` / :meth:`AdapterMixin.load_adapter` (our checkpoints and
+:meth:`ReftModel.add_adapter` / :meth:`ReftModel.load_adapter` (our checkpoints and
 pyreft's). Nothing of the base model is copied: an adapter is only its interventions (kilobytes),
 and switching adapters only changes which edits the hooks apply.
 
@@ -12,7 +12,7 @@ Which adapters edit which rows:
   list composes them in that order (``Phi_b o Phi_a`` where they share a site, see
   :mod:`reft_kernels.adapter_plan`);
 * ``adapter_ids=[...]`` on ``forward``/``generate`` overrides that per row: one entry per input
-  row, each a name, an int (an index into :attr:`AdapterMixin.adapter_names`), a list of
+  row, each a name, an int (an index into :attr:`ReftModel.adapter_names`), a list of
   them (a composition for that row), or ``None``/``-1`` (no adapter: the row runs the base model);
 * inside ``with model.disable_adapter():`` nothing is edited.
 
@@ -24,198 +24,194 @@ broadcasts to all).
 The first registered adapter is the *primary* one: it lives in ``reft_model.interventions`` and
 ``reft_model.config`` (so a single-adapter ReftModel has exactly its former attributes,
 ``state_dict`` keys and checkpoint files); the others live in ``reft_model.extra_adapters``.
+
+:class:`AdapterRegistry` holds all of this; a ReftModel holds one as ``reft_model.adapters`` and
+its adapter methods (``add_adapter``, ``set_adapter``, ...) call it.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from .adapter_plan import build_plan
 from .config import ReftConfig
+from .families import hidden_size, resolve_site
+from .interventions import ReftIntervention, intervention_class
 from .ops.variants import new_seed
-from .families import resolve_site
+from .patcher import ModelPatch
 
-__all__ = ["AdapterMixin", "DEFAULT_ADAPTER"]
+__all__ = ["AdapterRegistry", "DEFAULT_ADAPTER", "build_intervention"]
 
 DEFAULT_ADAPTER = "default"
+
+
+def build_intervention(rep, width: Optional[int]) -> ReftIntervention:
+    """The representation's intervention (built from its type and kwargs unless given), checked
+    against the model's hidden ``width`` where the component is an abstract one."""
+    abstract = "." not in rep.component
+    if rep.intervention is not None:
+        iv = rep.intervention
+    else:
+        kwargs = {"embed_dim": width, **rep.kwargs()}
+        if kwargs["embed_dim"] is None:
+            raise ValueError(f"embed_dim is unknown for component {rep.component!r}; put it in the "
+                             "representation's intervention_kwargs or pass a built intervention")
+        iv = intervention_class(rep.intervention_type)(**kwargs)
+    if abstract and width is not None and iv.embed_dim != width:
+        raise ValueError(f"intervention for {rep.component!r} (layer {rep.layer}) has embed_dim={iv.embed_dim} "
+                         f"but the model's hidden size is {width}; build it with embed_dim={width}")
+    return iv
+
+
+def _check_new_name(name, known) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name={name!r} must be a non-empty str without '.'")
+    if name in known:
+        raise ValueError(f"an adapter named {name!r} exists; delete_adapter({name!r}) first or pick another name")
 
 
 class _AdapterView:
     """One adapter seen as a single-adapter ReftModel by the checkpoint writers."""
 
-    def __init__(self, owner, name):
-        self.config = owner._adapter_configs[name]
-        self.interventions = owner.adapter_interventions(name)
-        self.model = owner.model
+    def __init__(self, registry, name):
+        self.config = registry.configs[name]
+        self.interventions = registry.modules(name)
+        self.model = registry.model
 
 
-class AdapterMixin:
-    """The adapter registry of :class:`~reft_kernels.reft_model.ReftModel` (see the module docstring)."""
+class AdapterRegistry:
+    """The named adapters of one ReftModel (see the module docstring).
 
-    def _init_adapters(self, interventions: nn.ModuleDict, sites: list) -> None:
-        self.extra_adapters = nn.ModuleDict()
-        self._adapter_configs = {DEFAULT_ADAPTER: self.config}
-        self._adapter_sites = {DEFAULT_ADAPTER: sites}
-        self._primary: Optional[str] = DEFAULT_ADAPTER
-        self._active = [DEFAULT_ADAPTER]
-        self._disabled = False
-        self._version = 0
-        self._plan_cache: dict = {}
-        self._patch.sync(sites)
+    Its whole interface to the ReftModel that holds it: the base ``model`` (sites, hidden width,
+    checkpoint reads), the two module containers it fills (``primary`` is
+    ``reft_model.interventions``, ``extra`` is ``reft_model.extra_adapters``, so ``state_dict``
+    keys are the host's) and ``on_sites``, called with every adapter's sites whenever they change
+    (the patch hooks exactly those). ``configs`` / ``sites`` map each name to its config and its
+    resolved sites (one per intervention, config order); ``active`` is the default chain.
+    """
 
-    # -- registry -------------------------------------------------------------------------------
-    @property
-    def adapter_names(self) -> list:
-        """Every adapter's name, in registration order (``adapter_ids`` ints index this list)."""
-        return list(self._adapter_configs)
-
-    @property
-    def active_adapters(self) -> list:
-        """The adapters applied to every row when ``adapter_ids`` is not given, in order."""
-        return list(self._active)
+    def __init__(self, model: nn.Module, primary: nn.ModuleDict, extra: nn.ModuleDict,
+                 on_sites: Callable[[list], None]):
+        self.model, self.primary_modules, self.extra, self.on_sites = model, primary, extra, on_sites
+        self.configs: dict = {}
+        self.sites: dict = {}
+        self.primary: Optional[str] = None
+        self.active: list = []
+        self.disabled = False
+        self._plans: dict = {}
 
     @property
-    def active_adapter(self) -> str:
-        """PEFT's single name (the first active adapter)."""
-        if not self._active:
-            raise ValueError("no adapter is active; call set_adapter(name)")
-        return self._active[0]
+    def names(self) -> list:
+        return list(self.configs)
 
     @property
-    def _sites(self) -> list:
-        """The primary adapter's sites, in config order (one per intervention)."""
-        return self._adapter_sites.get(self._primary, [])
+    def primary_config(self) -> ReftConfig:
+        return self.configs[self.primary] if self.primary is not None else ReftConfig(representations=[])
 
-    def adapter_interventions(self, name: str) -> nn.ModuleDict:
-        """Adapter ``name``'s intervention modules, keyed like ``reft_model.interventions``."""
-        self._check_name(name)
-        return self.interventions if name == self._primary else self.extra_adapters[name]
+    def check(self, name) -> None:
+        if name not in self.configs:
+            raise ValueError(f"adapter {name!r} is unknown; loaded adapters: {self.names}")
 
-    def adapter_config(self, name: str) -> ReftConfig:
-        self._check_name(name)
-        return self._adapter_configs[name]
+    def modules(self, name: str) -> nn.ModuleDict:
+        """Adapter ``name``'s intervention modules, keyed like its config."""
+        self.check(name)
+        return self.primary_modules if name == self.primary else self.extra[name]
 
-    def _check_name(self, name) -> None:
-        if name not in self._adapter_configs:
-            raise ValueError(f"adapter {name!r} is unknown; loaded adapters: {self.adapter_names}")
+    def all_modules(self) -> list:
+        return [self.modules(n) for n in self.configs]
 
-    def add_adapter(self, adapter_name: str, config: ReftConfig) -> None:
-        """Build a new adapter from ``config`` (as ``get_reft_model`` does) next to the others.
+    def all_sites(self) -> list:
+        return [s for sites in self.sites.values() for s in sites]
 
-        Its interventions go to the model's device and start in training mode (like a new
-        ReftModel's); the active adapters are unchanged (``set_adapter`` to use it).
-        """
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name={adapter_name!r} must be a non-empty str without '.'")
-        if adapter_name in self._adapter_configs:
-            raise ValueError(f"an adapter named {adapter_name!r} exists; delete_adapter({adapter_name!r}) "
-                             "first or pick another name")
+    # -- changes --------------------------------------------------------------------------------
+    def build(self, name: str, config: ReftConfig) -> None:
+        """Add adapter ``name`` built from ``config`` (as ``get_reft_model`` does); its modules
+        stay where they are built (see :meth:`move_to_sites`)."""
+        _check_new_name(name, self.configs)
         if not isinstance(config, ReftConfig):
             raise TypeError(f"config must be a ReftConfig, got {type(config).__name__}")
-        self._check_live(None, None)
-        sites = [resolve_site(self.model, rep.layer, rep.component) for rep in config.representations]
-        width = self._hidden_width()
-        modules = nn.ModuleDict({key: self._build(rep, width) for key, rep in zip(config.keys, config.representations)})
-        self._register(adapter_name, config, modules, sites)
-        self._move_to_sites(adapter_name)
+        sites = self._resolve(config)
+        width = hidden_size(self.model)
+        modules = nn.ModuleDict({key: build_intervention(rep, width)
+                                 for key, rep in zip(config.keys, config.representations)})
+        self._register(name, config, modules, sites)
 
-    def _register(self, name, config, modules, sites) -> None:
-        if self._primary is None:
-            self._primary, self.config, self.interventions = name, config, modules
-        else:
-            self.extra_adapters[name] = modules
-        self._adapter_configs[name] = config
-        self._adapter_sites[name] = sites
-        self._changed()
+    def add(self, name: str, config: ReftConfig, modules: nn.ModuleDict) -> None:
+        """Register already-built interventions (keyed as ``config.keys``) as adapter ``name``."""
+        _check_new_name(name, self.configs)
+        self._register(name, config, modules, self._resolve(config))
 
-    def _changed(self) -> None:
-        self._version += 1
-        self._plan_cache.clear()
-        self._patch.sync([s for sites in self._adapter_sites.values() for s in sites])
-
-    def load_adapter(self, path, adapter_name: str = DEFAULT_ADAPTER, *, config=None, dtype=None,
-                     is_trainable: bool = False) -> None:
-        """Load a checkpoint (ours or pyreft's, see :mod:`reft_kernels.checkpoint`) as adapter
-        ``adapter_name``. ``config``/``dtype`` as for ``ReftModel.load``. The adapter is in eval
-        mode unless ``is_trainable``. Base-model weights in the checkpoint are not loaded (all
-        adapters share the frozen base). Everything is validated before anything changes."""
-        if adapter_name in self._adapter_configs:
-            raise ValueError(f"an adapter named {adapter_name!r} exists; delete_adapter({adapter_name!r}) "
-                             "first or pick another name")
+    def load(self, path, name: str, *, config=None, dtype=None, is_trainable: bool = False) -> None:
+        """Load a checkpoint as adapter ``name`` (see ``ReftModel.load_adapter``)."""
+        _check_new_name(name, self.configs)
         from .checkpoint import read_for_model
-        loaded_config = read_for_model(path, self.model, config, dtype=dtype).config   # the model is not touched
-        modules = nn.ModuleDict({key: rep.intervention for key, rep in
-                                 zip(loaded_config.keys, loaded_config.representations)})
+        loaded = read_for_model(path, self.model, config, dtype=dtype).config   # the model is not touched
+        modules = nn.ModuleDict({key: rep.intervention for key, rep in zip(loaded.keys, loaded.representations)})
         modules.train(is_trainable)
         if not is_trainable:
             modules.requires_grad_(False)
-        self.add_loaded(adapter_name, loaded_config, modules)
+        self.add(name, loaded, modules)
 
-    def add_loaded(self, adapter_name: str, config: ReftConfig, modules: nn.ModuleDict) -> None:
-        """Register already-built interventions (keyed as ``config.keys``) as adapter ``adapter_name``."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name={adapter_name!r} must be a non-empty str without '.'")
-        if adapter_name in self._adapter_configs:
-            raise ValueError(f"an adapter named {adapter_name!r} exists")
-        sites = [resolve_site(self.model, rep.layer, rep.component) for rep in config.representations]
-        self._register(adapter_name, config, modules, sites)
+    def _resolve(self, config) -> list:
+        return [resolve_site(self.model, rep.layer, rep.component) for rep in config.representations]
 
-    def set_adapter(self, adapter_name) -> None:
-        """Apply ``adapter_name`` (a name, or a list composed in order) to every row by default."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            self._check_name(name)
-        if len(set(names)) != len(names):
-            raise ValueError(f"set_adapter({names}) lists an adapter twice; list each adapter once")
-        self._active = names
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (its modules and, if no other adapter uses them, its hooks)."""
-        self._check_name(adapter_name)
-        if adapter_name == self._primary:
-            rest = [n for n in self._adapter_configs if n != adapter_name]
-            self._primary = rest[0] if rest else None
-            self.interventions = self.extra_adapters.pop(rest[0]) if rest else nn.ModuleDict()
-            self.config = self._adapter_configs[rest[0]] if rest else ReftConfig(representations=[])
+    def _register(self, name, config, modules, sites) -> None:
+        if self.primary is None:
+            self.primary = name
+            self.primary_modules.update(modules)
         else:
-            del self.extra_adapters[adapter_name]
-        del self._adapter_configs[adapter_name], self._adapter_sites[adapter_name]
-        self._active = [n for n in self._active if n != adapter_name]
+            self.extra[name] = modules
+        self.configs[name], self.sites[name] = config, sites
         self._changed()
 
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Inside the block every call runs the base model (no adapter edits anything)."""
-        before, self._disabled = self._disabled, True
-        try:
-            yield
-        finally:
-            self._disabled = before
+    def delete(self, name: str) -> None:
+        self.check(name)
+        if name == self.primary:   # the next adapter becomes the primary one (its modules move in)
+            self.primary_modules.clear()
+            rest = [n for n in self.configs if n != name]
+            self.primary = rest[0] if rest else None
+            if rest:
+                self.primary_modules.update(self.extra.pop(rest[0]))
+        else:
+            del self.extra[name]
+        del self.configs[name], self.sites[name]
+        self.active = [n for n in self.active if n != name]
+        self._changed()
 
-    def save_adapter(self, save_directory, adapter_name: str, **kwargs) -> str:
-        """Write adapter ``adapter_name`` alone as a checkpoint (the same files as a
-        single-adapter ReftModel with that config writes)."""
+    def _changed(self) -> None:
+        self._plans.clear()
+        self.on_sites(self.all_sites())
+
+    def set_active(self, adapter_name) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self.check(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"set_adapter({names}) lists an adapter twice; list each adapter once")
+        self.active = names
+
+    def move_to_sites(self, name: str) -> None:
+        """Each of the adapter's interventions to the device of the module it edits."""
+        fallback = next(self.model.parameters(), None)
+        for iv, site in zip(self.modules(name).values(), self.sites[name]):
+            tensor = next(site.module.parameters(), fallback)
+            iv.to(tensor.device if tensor is not None else torch.device("cpu"))
+
+    def save(self, name: str, save_directory, **kwargs) -> str:
+        """Write adapter ``name`` alone (the files a single-adapter ReftModel with its config writes)."""
         from .checkpoint import save_reft_model
-        self._check_name(adapter_name)
-        return save_reft_model(_AdapterView(self, adapter_name), save_directory, **kwargs)
-
-    def all_adapter_modules(self) -> list:
-        return [self.adapter_interventions(n) for n in self._adapter_configs]
-
-    def _move_to_sites(self, name: str) -> None:
-        for iv, site in zip(self.adapter_interventions(name).values(), self._adapter_sites[name]):
-            tensor = next(site.module.parameters(), None)
-            iv.to(tensor.device if tensor is not None else self._model_device())
+        self.check(name)
+        return save_reft_model(_AdapterView(self, name), save_directory, **kwargs)
 
     # -- per-call plan --------------------------------------------------------------------------
-    def _row_chains(self, adapter_ids, batch: int) -> list:
-        """Each input row's adapter chain (see the module docstring)."""
-        if self._disabled:
+    def row_chains(self, adapter_ids, batch: int) -> list:
+        """Each input row's adapter chain from the user's ``adapter_ids`` (see the module docstring)."""
+        if self.disabled:
             return [[] for _ in range(batch)]
         if adapter_ids is None:
-            return [list(self._active) for _ in range(batch)]
+            return [list(self.active) for _ in range(batch)]
         if hasattr(adapter_ids, "tolist"):
             adapter_ids = adapter_ids.tolist()
         if isinstance(adapter_ids, (str, int)) or len(adapter_ids) != batch:
@@ -226,35 +222,40 @@ class AdapterMixin:
     def _chain(self, entry) -> list:
         if entry is None or entry == -1:
             return []
-        entries = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-        names = self.adapter_names
-        chain = []
-        for e in entries:
+        names, chain = self.names, []
+        for e in (list(entry) if isinstance(entry, (list, tuple)) else [entry]):
             if isinstance(e, int) and not isinstance(e, bool):
                 if not 0 <= e < len(names):
                     raise ValueError(f"adapter_ids entry {e} is out of range for {len(names)} adapters "
                                      f"{names}; use 0..{len(names) - 1}, a name, or -1/None for no adapter")
                 e = names[e]
-            self._check_name(e)
+            self.check(e)
             chain.append(e)
         return chain
 
-    def _location_count(self, chains: list) -> int:
+    def location_count(self, chains: list) -> int:
+        """How many locations a call with these chains takes (the most interventions of one adapter)."""
         used = {name for chain in chains for name in chain}
-        return max((len(self._adapter_configs[n].representations) for n in used), default=0)
+        return max((len(self.configs[n].representations) for n in used), default=0)
 
-    def _edit_plan(self, chains: list, device) -> tuple:
-        """(plan, seeds) for a call; uniform calls (every row the same chain) reuse a cached plan."""
+    def location_names(self) -> list:
+        """What the locations of a call with the default chain stand for (for messages)."""
+        return list(self.primary_modules) if self.active == [self.primary] else self.names
+
+    def site_edits(self, chains: list, device) -> tuple:
+        """``(edits, seeds)`` for a call: per site key the ordered edits (see
+        :func:`reft_kernels.adapter_plan.build_plan`), per edit its dropout seed. Uniform calls
+        (every row the same chain) reuse a cached plan."""
         uniform = all(c == chains[0] for c in chains)
         key = (tuple(chains[0]), str(device)) if uniform else None
-        plan = self._plan_cache.get(key) if uniform else None
+        edits = self._plans.get(key) if uniform else None
         used = list(chains[0]) if uniform else list(dict.fromkeys(n for c in chains for n in c))
-        site_edits = {n: [(self._patch.site_key(s), i, iv) for i, (s, iv) in enumerate(
-            zip(self._adapter_sites[n], self.adapter_interventions(n).values()))] for n in used}
-        if plan is None:
-            plan = build_plan(chains[:1] if uniform else chains, site_edits, device)
+        per_adapter = {n: [(ModelPatch.site_key(s), i, iv) for i, (s, iv) in enumerate(
+            zip(self.sites[n], self.modules(n).values()))] for n in used}
+        if edits is None:
+            edits = build_plan(chains[:1] if uniform else chains, per_adapter, device)
             if uniform:
-                self._plan_cache[key] = plan
+                self._plans[key] = edits
         seeds = {(n, i): new_seed() if iv.training and iv.dropout_p else 0
-                 for n in used for _, i, iv in site_edits[n]}
-        return plan, seeds
+                 for n in used for _, i, iv in per_adapter[n]}
+        return edits, seeds

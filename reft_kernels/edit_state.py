@@ -71,7 +71,7 @@ class GeneratedPositions:
 
 
 class EditState:
-    """What the hooks apply in the current forward, set per call and kept until the next call.
+    """Where one call edits: its absolute positions, turned into window-local ones per model call.
 
     ``positions[i]`` (B, P_i) holds location i's absolute token indices (-1 = none) in the
     (padded) input; ``None`` means "every position of the window" (each call edits all the tokens it
@@ -82,23 +82,18 @@ class EditState:
     prompt token (skipped on the host when ``max_position`` is known) and a ``use_cache=False``
     recompute re-applies the edit. With ``generated`` (a :class:`GeneratedPositions`) and
     ``prompt_length`` L, the window's generated tokens ``L + j`` that the rule selects are appended
-    to every location, for every row.
-
-    ``plan`` maps each hooked site to its ordered edits (see :mod:`reft_kernels.adapter_plan`).
-    ``local`` and ``seeds`` stay set after the call returns, so gradient-checkpointing
-    recomputation during backward re-applies exactly the same edits and dropout masks. A call to
-    the wrapped model outside ``ReftModel`` (``armed`` False) edits nothing.
+    to every location, for every row. The call's plan
+    (:class:`reft_kernels.adapter_plan.CallPlan`) holds one and asks it per model call.
     """
 
-    def __init__(self):
-        self.armed = False
-        self.positions: list = []
-        self.max_position: Optional[int] = None
-        self.generated: Optional[GeneratedPositions] = None
-        self.prompt_length: Optional[int] = None
-        self.plan: dict = {}
-        self.seeds: dict = {}
-        self.local: Optional[list] = None
+    __slots__ = ("positions", "max_position", "generated", "prompt_length")
+
+    def __init__(self, positions=(), max_position: Optional[int] = None,
+                 generated: Optional[GeneratedPositions] = None, prompt_length: Optional[int] = None):
+        self.positions = list(positions)
+        self.max_position = max_position
+        self.generated = generated
+        self.prompt_length = prompt_length
 
     def _generated_local(self, seq_len: int, offset: int) -> list:
         if self.generated is None:

@@ -8,14 +8,17 @@ added or deleted, never per call):
   it in order (so two interventions on one module compose, ``I_2(I_1(h))``, as in pyvene; see
   :mod:`reft_kernels.adapter_plan`); modules without an intervention get no hook and run at
   base speed;
-* one forward pre-hook on the wrapped model, which turns the call's absolute positions into
-  positions inside the window of tokens this forward covers (see :class:`EditState`).
+* one forward pre-hook on the wrapped model, which finds the window of tokens this forward
+  covers (:func:`window_offset`) and hands it to the call's plan, which turns its absolute
+  positions into window-local ones (see :class:`EditState`).
+
+What the hooks apply comes from the call's plan (:class:`~reft_kernels.adapter_plan.CallPlan`,
+armed with :meth:`ModelPatch.activate`); the patch itself holds only which plan is armed.
 
 ``ModelPatch.remove`` removes exactly these handles; hooks added by anyone else are never touched
-(pyvene deletes every hook of the model on each call). Edits run through the fused op
-(the intervention module called with ``positions=``), in place on tensors the module has just
-created (a decoder layer's output), so the hidden states are never copied; inputs (pre-hooks)
-and outputs that alias an input are edited out of place.
+(pyvene deletes every hook of the model on each call). Edits run in place on tensors the module
+has just created (a decoder layer's output), so the hidden states are never copied; inputs
+(pre-hooks) and outputs that alias an input are edited out of place.
 
 Where to hook (the abstract components of each model family, the block list, the hidden size)
 is decided in :mod:`reft_kernels.families`; this module only installs and runs the hooks.
@@ -29,7 +32,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .adapter_plan import SingleEdit, expand_rows as _expand_rows
 from .edit_state import EditState, GeneratedPositions
 from .families import Site, hidden_size, resolve_site  # noqa: F401 (kept importable from here)
 
@@ -136,13 +138,13 @@ class ModelPatch:
 
     ``sync(sites)`` keeps exactly one hook per hooked (module, kind): hooks are added for new
     sites and removed for sites no adapter uses any more. Each hook applies the edits that the
-    current call's plan (``state.plan``, see :mod:`reft_kernels.adapter_plan`) lists for its site.
+    current call's plan (``call``, see :mod:`reft_kernels.adapter_plan`) lists for its site.
     """
 
-    def __init__(self, model: nn.Module, backend: str = "auto"):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.backend = backend
-        self.state = EditState()
+        self.call = None        # the CallPlan of the last armed call (kept for checkpoint recompute)
+        self.armed = False
         self.handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
         self.site_hooks: dict = {}
 
@@ -164,68 +166,29 @@ class ModelPatch:
                 hook = site.module.register_forward_pre_hook(self._input_hook(key, site.path), with_kwargs=True)
             self.site_hooks[key] = hook
 
-    # -- per-call state ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def activate(self, plan: dict, positions: Sequence[Optional[torch.Tensor]], max_position: Optional[int],
-                 seeds: dict, generated=None, prompt_length: Optional[int] = None):
-        """Arm the hooks for calls made inside the block (``seeds``: dropout seed per edit key)."""
-        state = self.state
-        state.positions, state.max_position = list(positions), max_position
-        state.plan, state.seeds = plan, seeds
-        state.generated, state.prompt_length = generated, prompt_length
-        state.armed = True
+    def activate(self, call):
+        """Arm the hooks with ``call`` (a CallPlan) for the model calls made inside the block."""
+        self.call, self.armed = call, True
         try:
             yield
         finally:
-            state.armed = False
+            self.armed = False
 
     def _on_model_call(self, module, args, kwargs):
-        state = self.state
-        if not state.armed:
-            state.local = None
+        if not self.armed:   # a call to the wrapped model outside ReftModel edits nothing
+            self.call = None
             return None
         window = _call_window(args, kwargs, module)
         if window is None:
             raise ValueError("ReftModel needs input_ids or inputs_embeds to place the interventions")
-        state.local = state.window(*window)
+        self.call.enter(*window)
         return None
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _step_positions(self, step, local, batch):
-        if isinstance(step, SingleEdit):
-            pos = local[step.location]
-            if pos is not None and step.rows is not None:
-                rows = _expand_rows(step.rows, batch)
-                pos = torch.where(rows[:, None], pos, torch.full_like(pos, -1))
-            return pos
-        if step.single_location is not None:
-            return local[step.single_location]
-        if any(p is None for p in local):
-            return None
-        width = max(p.shape[1] for p in local)
-        padded = torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in local])
-        rows = torch.arange(batch, device=padded.device)
-        return padded[_expand_rows(step.locations, batch), rows]
-
-    def _apply(self, steps, hidden: torch.Tensor, inplace: bool, path: str) -> torch.Tensor:
-        local = self.state.local
-        if hidden.dim() != 3:
-            raise ValueError(f"the hidden states at {path!r} have shape {tuple(hidden.shape)}; ReFT edits "
-                             "(batch, seq, hidden) tensors, so pick another component")
-        for step in steps:
-            positions = self._step_positions(step, local, hidden.shape[0])
-            if positions is None:
-                continue
-            new = step.apply(hidden, positions, seed=self.state.seeds.get(step.seed_key, 0),
-                             inplace=inplace, backend=self.backend)
-            inplace = inplace or new is not hidden   # our own copy is fresh: edit it in place next
-            hidden = new
-        return hidden
-
     def _steps(self, key):
-        if self.state.local is None:
-            return None
-        return self.state.plan.get(key)
+        call = self.call
+        return None if call is None else call.at(key)
 
     def _output_hook(self, key, path):
         def hook(module, args, kwargs, output):
@@ -233,7 +196,7 @@ class ModelPatch:
             if not steps:
                 return None
             hidden = _first_tensor(output)
-            new = self._apply(steps, hidden, _may_edit_inplace(hidden, (*args, *kwargs.values())), path)
+            new = self.call.apply(steps, hidden, _may_edit_inplace(hidden, (*args, *kwargs.values())), path)
             if new is hidden:
                 return None
             if isinstance(output, torch.Tensor):
@@ -250,12 +213,12 @@ class ModelPatch:
             if not steps:
                 return None
             if args:
-                return (self._apply(steps, args[0], False, path), *args[1:]), kwargs
+                return (self.call.apply(steps, args[0], False, path), *args[1:]), kwargs
             name = "hidden_states" if "hidden_states" in kwargs else next(
                 (k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
             if name is None:
                 raise ValueError(f"no tensor input found at {path!r} to intervene on")
-            return args, {**kwargs, name: self._apply(steps, kwargs[name], False, path)}
+            return args, {**kwargs, name: self.call.apply(steps, kwargs[name], False, path)}
         return hook
 
     def remove(self) -> None:
@@ -263,5 +226,5 @@ class ModelPatch:
         for handle in (*self.handles, *self.site_hooks.values()):
             handle.remove()
         self.handles, self.site_hooks = [], {}
-        self.state.local = None
+        self.call = None
 

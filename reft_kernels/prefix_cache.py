@@ -47,8 +47,8 @@ _BYPASS_FLAGS = ("output_hidden_states", "output_attentions")
 
 
 def _all_sites(reft_model) -> list:
-    sites = getattr(reft_model, "_adapter_sites", None)
-    return [s for group in sites.values() for s in group] if sites else []
+    adapters = getattr(reft_model, "adapters", None)
+    return adapters.all_sites() if adapters is not None else []
 
 
 def prefix_cache_plan(reft_model):

@@ -22,65 +22,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapters import AdapterMixin
+from .adapter_plan import CallPlan
+from .adapters import DEFAULT_ADAPTER, AdapterRegistry
 from .checkpoint import load_reft_model, save_reft_model, set_default_wrapper
 from .config import ReftConfig
-from .edit_state import GeneratedPositions
-from .interventions import ReftIntervention, intervention_class
-from .families import hidden_size, resolve_site
+from .edit_state import EditState, GeneratedPositions
+from .locations import call_positions, input_shape
 from .patcher import ModelPatch
 
 __all__ = ["ReftModel", "get_reft_model", "count_parameters"]
-
-
-def _input_shape(inputs: Mapping):
-    x = inputs.get("input_ids")
-    if x is None:
-        x = inputs.get("inputs_embeds")
-    if x is None:
-        raise ValueError("the model inputs need input_ids or inputs_embeds; got keys "
-                         f"{sorted(inputs)}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"the model inputs are an empty batch (input shape {tuple(x.shape)}); pass at least one "
-                         "row of shape (B, T)")
-    return x.shape[0], x.shape[1], x.device
-
-
-def _check_range(t: torch.Tensor, seq_len: int, name: str) -> None:
-    """-1 <= t < seq_len; on the host for CPU tensors, as an async device assert otherwise."""
-    if t.numel() == 0:
-        return
-    if t.device.type == "cpu":
-        lo, hi = int(t.min()), int(t.max())
-        if lo < -1 or hi >= seq_len:
-            raise ValueError(f"{name} contains {lo if lo < -1 else hi}, outside [-1, {seq_len}) for inputs of "
-                             f"length {seq_len}; use token indices 0..{seq_len - 1} and -1 for 'no edit'")
-    else:
-        torch._assert_async(((t >= -1) & (t < seq_len)).all(), f"reft_kernels: {name} outside [-1, seq_len)")
-
-
-def _rows_tensor(rows, i: int, batch: int, seq_len: int) -> torch.Tensor:
-    """Intervention i's [batch][positions] list -> (B, P) int64 (ragged rows padded with -1)."""
-    if len(rows) != batch:
-        raise ValueError(f"unit_locations for intervention {i} has {len(rows)} rows but the batch has {batch}; "
-                         "give one position list per batch row")
-    rows = [r.tolist() if isinstance(r, torch.Tensor) else r for r in rows]
-    width = max((len(r) for r in rows), default=0)
-    out = torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows])
-    if out.numel() and out.dtype != torch.int64:
-        raise TypeError(f"unit_locations for intervention {i} holds {out.dtype} values; positions must be ints")
-    bad = out[(out < -1) | (out >= seq_len)]
-    if bad.numel():
-        raise ValueError(f"unit_locations for intervention {i} contains {int(bad[0])}, outside [-1, {seq_len}) for "
-                         f"inputs of length {seq_len}; use token indices 0..{seq_len - 1} and -1 for 'no edit'")
-    return out.to(torch.int64)
-
-
-def _depth(x) -> int:
-    """Nesting depth of a location list; a tensor counts as its number of dimensions."""
-    if isinstance(x, torch.Tensor):
-        return x.dim()
-    return 1 + _depth(x[0]) if isinstance(x, (list, tuple)) and len(x) else int(isinstance(x, (list, tuple)))
 
 
 @contextlib.contextmanager
@@ -96,13 +46,14 @@ def _interventions_in_eval(adapters):
             module.training = mode
 
 
-class ReftModel(AdapterMixin, nn.Module):
+class ReftModel(nn.Module):
     """A HF model with ReFT interventions installed (pyreft's ``ReftModel(config, model)``).
 
     ``interventions`` is an ``nn.ModuleDict`` keyed like pyvene >= 0.1.7, so ``state_dict()`` and
     ``named_parameters()`` contain ``interventions.<key>.<param>``. ``train()``/``eval()`` reach the
     interventions (dropout is off in eval). See the module docstring for the calling conventions
-    and :mod:`reft_kernels.adapters` for named adapters (``add_adapter``, ``adapter_ids=``, ...).
+    and :mod:`reft_kernels.adapters` for named adapters (``add_adapter``, ``adapter_ids=``, ...),
+    held by ``self.adapters`` (an :class:`~reft_kernels.adapters.AdapterRegistry`).
     """
 
     def __init__(self, config: ReftConfig, model: nn.Module, backend: str = "auto", **pyvene_kwargs):
@@ -111,51 +62,101 @@ class ReftModel(AdapterMixin, nn.Module):
         if unknown:
             raise TypeError(f"ReftModel got unexpected keyword arguments {unknown}; it takes config, model, "
                             "backend and pyvene's use_fast (accepted and unused: there is one fast path)")
-        if not isinstance(config, ReftConfig):
-            raise TypeError(f"config must be a ReftConfig, got {type(config).__name__}")
-        self.config = config
         self.model = model
         self.backend = backend
-        sites = [resolve_site(model, rep.layer, rep.component) for rep in config.representations]
-        width = hidden_size(model)
-        self.interventions = nn.ModuleDict({
-            key: self._build(rep, width) for key, rep in zip(config.keys, config.representations)})
+        self.interventions = nn.ModuleDict()
+        self.extra_adapters = nn.ModuleDict()
+        self._patch: Optional[ModelPatch] = ModelPatch(model)
+        self.adapters = AdapterRegistry(model, self.interventions, self.extra_adapters, self._patch.sync)
+        self.adapters.build(DEFAULT_ADAPTER, config)
+        self.adapters.active = [DEFAULT_ADAPTER]
         self._base_state = ({n: p.requires_grad for n, p in model.named_parameters()},
                             {n: m.training for n, m in model.named_modules()})
-        self._patch: Optional[ModelPatch] = ModelPatch(model, backend)
-        self._init_adapters(self.interventions, sites)
 
-    def _hidden_width(self) -> Optional[int]:
-        return hidden_size(self.model)
+    @property
+    def config(self) -> ReftConfig:
+        """The primary adapter's config (see :mod:`reft_kernels.adapters`)."""
+        return self.adapters.primary_config
 
-    @staticmethod
-    def _build(rep, width: Optional[int]) -> ReftIntervention:
-        abstract = "." not in rep.component
-        if rep.intervention is not None:
-            iv = rep.intervention
-        else:
-            kwargs = {"embed_dim": width, **rep.kwargs()}
-            if kwargs["embed_dim"] is None:
-                raise ValueError(f"embed_dim is unknown for component {rep.component!r}; put it in the "
-                                 "representation's intervention_kwargs or pass a built intervention")
-            iv = intervention_class(rep.intervention_type)(**kwargs)
-        if abstract and width is not None and iv.embed_dim != width:
-            raise ValueError(f"intervention for {rep.component!r} (layer {rep.layer}) has embed_dim={iv.embed_dim} "
-                             f"but the model's hidden size is {width}; build it with embed_dim={width}")
-        return iv
+    # -- named adapters (the registry's; see reft_kernels.adapters) -----------------------------
+    @property
+    def adapter_names(self) -> list:
+        """Every adapter's name, in registration order (``adapter_ids`` ints index this list)."""
+        return self.adapters.names
+
+    @property
+    def active_adapters(self) -> list:
+        """The adapters applied to every row when ``adapter_ids`` is not given, in order."""
+        return list(self.adapters.active)
+
+    @property
+    def active_adapter(self) -> str:
+        """PEFT's single name (the first active adapter)."""
+        if not self.adapters.active:
+            raise ValueError("no adapter is active; call set_adapter(name)")
+        return self.adapters.active[0]
+
+    def adapter_interventions(self, name: str) -> nn.ModuleDict:
+        """Adapter ``name``'s intervention modules, keyed like ``reft_model.interventions``."""
+        return self.adapters.modules(name)
+
+    def adapter_config(self, name: str) -> ReftConfig:
+        self.adapters.check(name)
+        return self.adapters.configs[name]
+
+    def all_adapter_modules(self) -> list:
+        return self.adapters.all_modules()
+
+    def add_adapter(self, adapter_name: str, config: ReftConfig) -> None:
+        """Build a new adapter from ``config`` (as ``get_reft_model`` does) next to the others; its
+        interventions go next to the modules they edit and start in training mode; the active
+        adapters are unchanged (``set_adapter`` to use it)."""
+        self._check_live(None, None)
+        self.adapters.build(adapter_name, config)
+        self.adapters.move_to_sites(adapter_name)
+
+    def load_adapter(self, path, adapter_name: str = DEFAULT_ADAPTER, *, config=None, dtype=None,
+                     is_trainable: bool = False) -> None:
+        """Load a checkpoint (ours or pyreft's, see :mod:`reft_kernels.checkpoint`) as adapter
+        ``adapter_name``. ``config``/``dtype`` as for ``ReftModel.load``. The adapter is in eval
+        mode unless ``is_trainable``. Base-model weights in the checkpoint are not loaded (all
+        adapters share the frozen base). Everything is validated before anything changes."""
+        self.adapters.load(path, adapter_name, config=config, dtype=dtype, is_trainable=is_trainable)
+
+    def add_loaded(self, adapter_name: str, config: ReftConfig, modules: nn.ModuleDict) -> None:
+        """Register already-built interventions (keyed as ``config.keys``) as adapter ``adapter_name``."""
+        self.adapters.add(adapter_name, config, modules)
+
+    def set_adapter(self, adapter_name) -> None:
+        """Apply ``adapter_name`` (a name, or a list composed in order) to every row by default."""
+        self.adapters.set_active(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (its modules and, if no other adapter uses them, its hooks)."""
+        self.adapters.delete(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside the block every call runs the base model (no adapter edits anything)."""
+        before, self.adapters.disabled = self.adapters.disabled, True
+        try:
+            yield
+        finally:
+            self.adapters.disabled = before
+
+    def save_adapter(self, save_directory, adapter_name: str, **kwargs) -> str:
+        """Write adapter ``adapter_name`` alone as a checkpoint (the same files as a
+        single-adapter ReftModel with that config writes)."""
+        return self.adapters.save(adapter_name, save_directory, **kwargs)
 
     # -- pyvene / pyreft helpers ----------------------------------------------------------------
     def set_device(self, device=None) -> None:
         """Move each adapter's interventions next to their hooked modules (or to ``device``); dtypes are kept."""
         for name in self.adapter_names:
             if device is None:
-                self._move_to_sites(name)
+                self.adapters.move_to_sites(name)
             else:
                 self.adapter_interventions(name).to(device)
-
-    def _model_device(self) -> torch.device:
-        tensor = next(self.model.parameters(), None)
-        return tensor.device if tensor is not None else torch.device("cpu")
 
     def disable_model_gradients(self) -> None:
         """Freeze the base model and put it in eval mode (as pyvene does); interventions stay trainable."""
@@ -176,76 +177,18 @@ class ReftModel(AdapterMixin, nn.Module):
         print(f"trainable intervention params: {iv:,d} || trainable model params: {trainable_model:,d}\n"
               f"model params: {total_model:,d} || trainable%: {100 * (iv + trainable_model) / total_model}")
 
-    # -- positions ------------------------------------------------------------------------------
-    def _locations_from_units(self, unit_locations, batch: int, seq_len: int, device, n: int):
-        """pyvene ``unit_locations`` -> ([(B, P_i) tensor | None] per location, max position)."""
-        if unit_locations is None:
-            return [None] * n, None
-        if not isinstance(unit_locations, Mapping) or not ({"sources->base", "base"} & set(unit_locations)):
-            raise TypeError(f"unit_locations={unit_locations!r}: pass {{'sources->base': (None, LOCS)}} with "
-                            "LOCS[intervention][batch_row] = [positions]")
-        locs = unit_locations.get("sources->base", unit_locations.get("base"))
-        if isinstance(locs, tuple) and len(locs) == 2:
-            locs = locs[1]
-        if isinstance(locs, torch.Tensor):
-            if locs.dtype not in (torch.int32, torch.int64) or locs.dim() != 3 or tuple(locs.shape[:2]) != (n, batch):
-                raise (ValueError if locs.dtype in (torch.int32, torch.int64) else TypeError)(
-                    f"a unit_locations tensor must be int32/int64 of shape (n_interventions, B, P) = ({n}, {batch}, P), "
-                    f"got {locs.dtype} {tuple(locs.shape)}")
-            return self._locations_from_tensor(locs.transpose(0, 1), batch, seq_len, device, n,
-                                               "unit_locations"), None
-        if isinstance(locs, int):
-            locs = [locs]
-        if _depth(locs) == 1:
-            locs = [[list(locs)] * batch] * n
-        empty = next((i for i, r in enumerate(locs) if isinstance(r, (list, tuple)) and not len(r)), None)
-        if empty is not None:
-            raise ValueError(f"unit_locations for intervention {empty} has 0 rows but the batch has {batch}; give one "
-                             "position list per batch row ([] for 'no edit' in that row)")
-        if _depth(locs) != 3:
-            raise ValueError("unit_locations must be nested as LOCS[intervention][batch_row] = [positions], "
-                             f"an int, or a flat list of positions; got depth {_depth(locs)}")
-        if len(locs) != n:
-            raise ValueError(f"unit_locations has {len(locs)} intervention entries but the adapters of this call "
-                             f"have {n} interventions ({self._location_names()}); give one [batch][positions] "
-                             "list per intervention")
-        rows = [_rows_tensor(r, i, batch, seq_len) for i, r in enumerate(locs)]
-        max_position = max((int(r.max()) for r in rows if r.numel()), default=-1)
-        return [r.to(device, non_blocking=True) for r in rows], max_position
-
-    def _locations_from_tensor(self, locs, batch: int, seq_len: int, device, n: int, name="intervention_locations"):
-        """(B, n_interventions, P) integer tensor -> per-intervention (B, P) views, checked without sync."""
-        if not isinstance(locs, torch.Tensor) or locs.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be an int32/int64 tensor of shape (B, n_interventions={n}, P), "
-                            f"got {type(locs).__name__} {getattr(locs, 'dtype', '')}")
-        if locs.dim() != 3 or locs.shape[0] != batch or locs.shape[1] != n:
-            raise ValueError(f"{name} has shape {tuple(locs.shape)} but must be (B, n_interventions, P) = "
-                             f"({batch}, {n}, P) for this batch and its adapters ({self._location_names()})")
-        locs = locs.to(device, non_blocking=True)
-        _check_range(locs, seq_len, name)
-        return [locs[:, i] for i in range(n)]
-
-    def _location_names(self):
-        return list(self.interventions) if self._active == [self._primary] else self.adapter_names
-
-    def _positions(self, inputs, unit_locations, intervention_locations, n: int):
-        batch, seq_len, device = _input_shape(inputs)
-        if intervention_locations is not None:
-            if unit_locations is not None:
-                raise ValueError("pass either unit_locations or intervention_locations, not both")
-            return self._locations_from_tensor(intervention_locations, batch, seq_len, device, n), None
-        return self._locations_from_units(unit_locations, batch, seq_len, device, n)
-
+    # -- one call's plan -------------------------------------------------------------------------
     def _prepare_call(self, inputs, unit_locations, intervention_locations, adapter_ids):
-        """(plan, seeds, positions, max_position) of one call (see :mod:`reft_kernels.adapters`)."""
-        batch, _, device = _input_shape(inputs)
-        chains = self._row_chains(adapter_ids, batch)
-        n = self._location_count(chains)
+        """(edits, seeds, positions, max_position) of one call (see :mod:`reft_kernels.adapters`)."""
+        batch, _, device = input_shape(inputs)
+        chains = self.adapters.row_chains(adapter_ids, batch)
+        n = self.adapters.location_count(chains)
         if n == 0:   # no adapter edits this call (disabled, or no row has one): positions are not used
             return {}, {}, [], None
-        positions, max_position = self._positions(inputs, unit_locations, intervention_locations, n)
-        plan, seeds = self._edit_plan(chains, device)
-        return plan, seeds, positions, max_position
+        positions, max_position = call_positions(inputs, unit_locations, intervention_locations, n,
+                                                 self.adapters.location_names())
+        edits, seeds = self.adapters.site_edits(chains, device)
+        return edits, seeds, positions, max_position
 
     def _check_live(self, sources, source_representations):
         if self._patch is None:
@@ -275,10 +218,10 @@ class ReftModel(AdapterMixin, nn.Module):
         for name, value in (("labels", labels), ("use_cache", use_cache)):
             if value is not None:
                 inputs[name] = value
-        plan, seeds, positions, max_position = self._prepare_call(
+        edits, seeds, positions, max_position = self._prepare_call(
             inputs, unit_locations, intervention_locations, adapter_ids)
         original = self.model(**inputs) if output_original_output else None
-        with self._patch.activate(plan, positions, max_position, seeds):
+        with self._patch.activate(CallPlan(edits, seeds, EditState(positions, max_position), self.backend)):
             outputs = self.model(**inputs)
         return (original, outputs) if pyvene_style else outputs
 
@@ -304,13 +247,13 @@ class ReftModel(AdapterMixin, nn.Module):
         pyvene_style = base is not None
         inputs = dict(base) if pyvene_style else {
             k: generate_kwargs.pop(k) for k in ("input_ids", "inputs_embeds", "attention_mask") if k in generate_kwargs}
-        batch, seq_len, device = _input_shape(inputs)
+        batch, seq_len, device = input_shape(inputs)
         if not intervene_on_prompt:
             if unit_locations is not None or intervention_locations is not None:
                 raise ValueError("intervene_on_prompt=False edits generated tokens only; drop unit_locations/"
                                  "intervention_locations, or pass intervene_on_prompt=True to edit them too")
             generated = generated or GeneratedPositions(every=1)
-        plan, seeds, positions, max_position = self._prepare_call(
+        edits, seeds, positions, max_position = self._prepare_call(
             inputs, unit_locations, intervention_locations, adapter_ids)
         if not intervene_on_prompt:   # no prompt position at any location
             positions, max_position = [torch.empty(batch, 0, dtype=torch.int64, device=device)] * len(positions), -1
@@ -321,8 +264,8 @@ class ReftModel(AdapterMixin, nn.Module):
             positions = [every if p is None else p for p in positions]
             max_position = seq_len - 1 if max_position is None else max(max_position, seq_len - 1)
         original = self.model.generate(**inputs, **generate_kwargs) if output_original_output else None
-        with self._patch.activate(plan, positions, max_position, seeds, generated, seq_len), \
-                _interventions_in_eval(self.all_adapter_modules()):
+        call = CallPlan(edits, seeds, EditState(positions, max_position, generated, seq_len), self.backend)
+        with self._patch.activate(call), _interventions_in_eval(self.all_adapter_modules()):
             output = self.model.generate(**inputs, **generate_kwargs)
         return (original, output) if pyvene_style else output
 

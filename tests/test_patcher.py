@@ -284,7 +284,7 @@ def test_unsupported_model_and_component_errors_list_alternatives():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=H, n_layer=2, n_head=4, vocab_size=100)).eval()
     reft = pyreft.get_reft_model(gpt2, pyreft.ReftConfig(representations=rep(0, "block_output")))
-    assert reft._sites[0].module is gpt2.transformer.h[0]                   # GPT-2 is a known family now
+    assert reft.adapters.sites["default"][0].module is gpt2.transformer.h[0]                   # GPT-2 is a known family now
     reft.unload()
     reft = pyreft.get_reft_model(gpt2, pyreft.ReftConfig(representations=rep(0, "transformer.h[0].output")))
     assert list(reft.interventions) == ["comp_transformer_h[0]_output_unit_pos_nunit_1#0"]
