@@ -186,17 +186,14 @@ class ModelPatch:
         return None
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _steps(self, key):
-        call = self.call
-        return None if call is None else call.at(key)
-
     def _output_hook(self, key, path):
         def hook(module, args, kwargs, output):
-            steps = self._steps(key)
+            call = self.call
+            steps = None if call is None else call.at(key)
             if not steps:
                 return None
             hidden = _first_tensor(output)
-            new = self.call.apply(steps, hidden, _may_edit_inplace(hidden, (*args, *kwargs.values())), path)
+            new = call.apply(steps, hidden, _may_edit_inplace(hidden, (*args, *kwargs.values())), path)
             if new is hidden:
                 return None
             if isinstance(output, torch.Tensor):
@@ -209,16 +206,17 @@ class ModelPatch:
 
     def _input_hook(self, key, path):
         def hook(module, args, kwargs):
-            steps = self._steps(key)
+            call = self.call
+            steps = None if call is None else call.at(key)
             if not steps:
                 return None
             if args:
-                return (self.call.apply(steps, args[0], False, path), *args[1:]), kwargs
+                return (call.apply(steps, args[0], False, path), *args[1:]), kwargs
             name = "hidden_states" if "hidden_states" in kwargs else next(
                 (k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
             if name is None:
                 raise ValueError(f"no tensor input found at {path!r} to intervene on")
-            return args, {**kwargs, name: self.call.apply(steps, kwargs[name], False, path)}
+            return args, {**kwargs, name: call.apply(steps, kwargs[name], False, path)}
         return hook
 
     def remove(self) -> None:

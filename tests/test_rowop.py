@@ -33,10 +33,10 @@ def make_stack(variant, ranks, d, wdtype, gen):
     return stacked
 
 
-def oracle_multi(hidden, positions, adapter_ids, proj, weight, bias, proj_bias, *, ranks, **kw):
+def oracle_multi(hidden, positions, stack_ids, proj, weight, bias, proj_bias, *, ranks, **kw):
     """Row by row: the single-adapter reference with the row's adapter at its true rank."""
     outs = []
-    for b, a in enumerate(adapter_ids.tolist()):
+    for b, a in enumerate(stack_ids.tolist()):
         if a < 0:
             outs.append(hidden[b] * 1.0)
             continue
@@ -69,15 +69,15 @@ def check_multi(variant, backend, dtype, ranks, ids, d=123, T=11, act=None, drop
     hidden = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
     grad_out = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
     params = make_stack(variant, ranks, d, wdtype, gen)
-    adapter_ids = torch.tensor(ids, dtype=torch.int64)
+    stack_ids = torch.tensor(ids, dtype=torch.int64)
     kw = dict(variant=variant, act=act, dropout=dropout, seed=seed)
     params64 = [None if p is None else p.double() for p in params]
-    oracle = run(oracle_multi, hidden.to(dtype).double(), positions, adapter_ids, params64,
+    oracle = run(oracle_multi, hidden.to(dtype).double(), positions, stack_ids, params64,
                  grad_out, ranks=ranks, **kw)
-    plain = run(oracle_multi, hidden.to(dtype), positions, adapter_ids, params, grad_out,
+    plain = run(oracle_multi, hidden.to(dtype), positions, stack_ids, params, grad_out,
                 ranks=ranks, **kw)
     rank_t = torch.tensor(ranks, device=device) if pass_ranks else None
-    ours = run(reft_edit_multi, hidden.to(dtype), positions, adapter_ids, params, grad_out,
+    ours = run(reft_edit_multi, hidden.to(dtype), positions, stack_ids, params, grad_out,
                device=device, backend=backend, inplace=inplace, ranks=rank_t, **kw)
     names = ["out", "grad_hidden"] + [n for n, p in zip(
         ["grad_proj", "grad_weight", "grad_bias", "grad_proj_bias"], params) if p is not None]
@@ -271,11 +271,11 @@ def test_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(adapter_ids=torch.tensor([0, 3])), r"adapter_ids contains 3, outside \[-1, 3\)"),
-    (dict(adapter_ids=torch.tensor([0, -2])), r"adapter_ids contains -2"),
-    (dict(adapter_ids=torch.tensor([0])), r"adapter_ids must have shape \(B,\) = \(2,\)"),
-    (dict(adapter_ids=torch.tensor([0.0, 1.0])), r"adapter_ids has dtype torch.float32"),
-    (dict(adapter_ids=[0, 1]), r"adapter_ids must be an integer torch.Tensor"),
+    (dict(stack_ids=torch.tensor([0, 3])), r"stack_ids contains 3, outside \[-1, 3\)"),
+    (dict(stack_ids=torch.tensor([0, -2])), r"stack_ids contains -2"),
+    (dict(stack_ids=torch.tensor([0])), r"stack_ids must have shape \(B,\) = \(2,\)"),
+    (dict(stack_ids=torch.tensor([0.0, 1.0])), r"stack_ids has dtype torch.float32"),
+    (dict(stack_ids=[0, 1]), r"stack_ids must be an integer torch.Tensor"),
     (dict(proj=torch.zeros(3, 16)), r"rotation/proj must be the stacked \(A, r_max, d\)"),
     (dict(proj=torch.zeros(0, 3, 16)), r"A=0 adapters"),
     (dict(proj=torch.zeros(3, 3, 15)), r"rotation/proj must have shape \(A, r_max, d\) = \(3, 3, 16\)"),
@@ -288,7 +288,7 @@ def test_compiles_without_graph_breaks():
 def test_bad_input_errors(bad, match):
     R, W, b, _ = _stack(d=16)
     kw = dict(hidden=torch.randn(2, 5, 16), positions=torch.tensor([[0, 1], [2, -1]]),
-              adapter_ids=torch.tensor([0, 2]), proj=R, weight=W, bias=b)
+              stack_ids=torch.tensor([0, 2]), proj=R, weight=W, bias=b)
     kw.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         reft_edit_multi(**kw, backend="torch")

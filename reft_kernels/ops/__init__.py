@@ -2,7 +2,7 @@
 
 THE op is :func:`reft_edit_multi`: it takes a layer's hidden states ``hidden`` (B, T, d),
 ``positions`` (B, P) (entries in [0, T), or -1 for "no edit"), a stack of A adapters of one
-variant (proj, weight (A, r, d); bias, proj_bias (A, r)) and ``adapter_ids`` (B,), each batch
+variant (proj, weight (A, r, d); bias, proj_bias (A, r)) and ``stack_ids`` (B,), each batch
 row's stack index (-1: untouched), and returns ``hidden`` with every listed (row, position)
 edited by its row's adapter. :func:`reft_edit` and the six named functions below are that op
 with one adapter (A = 1, 2-D weights). The math of all six variants is in
@@ -45,32 +45,32 @@ def _spec(variant):
     return VARIANTS[variant]
 
 
-def _apply(spec, hidden, positions, adapter_ids, proj, weight, bias, proj_bias, ranks, act,
+def _apply(spec, hidden, positions, stack_ids, proj, weight, bias, proj_bias, ranks, act,
            dropout, seed, inplace, backend):
     act_name = spec.act_name(act)
     dropout = float(dropout)
     if dropout and seed is None:
         seed = new_seed()
     name = resolve_backend(backend, hidden.device)
-    return ReftEditFunction.apply(hidden, positions, adapter_ids, proj, weight, bias, proj_bias,
+    return ReftEditFunction.apply(hidden, positions, stack_ids, proj, weight, bias, proj_bias,
                                   ranks, spec.name, act_name, dropout, int(seed or 0),
                                   bool(inplace), name)
 
 
-def reft_edit_multi(hidden: torch.Tensor, positions: torch.Tensor, adapter_ids: Optional[torch.Tensor],
+def reft_edit_multi(hidden: torch.Tensor, positions: torch.Tensor, stack_ids: Optional[torch.Tensor],
                     proj: torch.Tensor, weight: Optional[torch.Tensor], bias: torch.Tensor,
                     proj_bias: Optional[torch.Tensor] = None, *, variant: str = "loreft", act=None,
                     dropout: float = 0.0, seed: Optional[int] = None, inplace: bool = False,
                     ranks: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """The ReFT op: edit each batch row with its own adapter from a stack of A adapters, in one call.
 
-    For batch row b with ``a = adapter_ids[b] >= 0``, every listed position t gets
+    For batch row b with ``a = stack_ids[b] >= 0``, every listed position t gets
     ``dropout(h + P_a^T (A_a(h) - C_a(h)))`` (adapter a's slice ``proj[a]``, ``weight[a]``,
-    ``bias[a]``, ``proj_bias[a]``); rows with id -1 pass through untouched; ``adapter_ids=None``
+    ``bias[a]``, ``proj_bias[a]``); rows with id -1 pass through untouched; ``stack_ids=None``
     gives every row adapter 0. Gradients of the stacked weights: each adapter's slice gets the
     sum over its own rows only (zeros for an adapter without rows).
 
-    Shapes: hidden (B, T, d); positions (B, P) in [0, T) or -1; adapter_ids (B,) in [-1, A)
+    Shapes: hidden (B, T, d); positions (B, P) in [0, T) or -1; stack_ids (B,) in [-1, A)
     (stack indices, not adapter names); proj and weight (A, r_max, d); bias and proj_bias
     (A, r_max). Mixed ranks: zero-pad every adapter's rows r_a..r_max-1 (the padded rows of proj
     must be zero; :func:`stack_adapters` does it; see docs/multi_adapter_op.md). ``ranks`` (A,),
@@ -80,9 +80,9 @@ def reft_edit_multi(hidden: torch.Tensor, positions: torch.Tensor, adapter_ids: 
     contiguous), ``backend``: shared by every stacked adapter.
     """
     spec = _spec(variant)
-    check_inputs(spec, hidden, positions, adapter_ids, proj, weight, bias, proj_bias, dropout,
+    check_inputs(spec, hidden, positions, stack_ids, proj, weight, bias, proj_bias, dropout,
                  inplace, ranks)
-    return _apply(spec, hidden, positions, adapter_ids, proj, weight, bias, proj_bias, ranks, act,
+    return _apply(spec, hidden, positions, stack_ids, proj, weight, bias, proj_bias, ranks, act,
                   dropout, seed, inplace, backend)
 
 

@@ -164,10 +164,10 @@ class ReftEditFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, positions, adapter_ids, proj, weight, bias, proj_bias, ranks, variant,
+    def forward(ctx, hidden, positions, stack_ids, proj, weight, bias, proj_bias, ranks, variant,
                 act, p, seed, inplace, backend):
         B, T, d = hidden.shape
-        rows, adapter = entry_adapters(canonical_rows(positions, T), adapter_ids, positions.shape[1])
+        rows, adapter = entry_adapters(canonical_rows(positions, T), stack_ids, positions.shape[1])
         if inplace:
             out = hidden
             ctx.mark_dirty(hidden)

@@ -110,12 +110,12 @@ def _check_stack(name, t, shape, hidden, required=True):
                          f" proj, d from hidden), got {tuple(t.shape)}")
 
 
-def check_inputs(spec: EditSpec, hidden, positions, adapter_ids, proj, weight, bias, proj_bias,
+def check_inputs(spec: EditSpec, hidden, positions, stack_ids, proj, weight, bias, proj_bias,
                  dropout, inplace, ranks=None) -> int:
     """Validate ``reft_edit_multi``'s arguments (ValueError/TypeError naming the argument); returns A.
 
     The per-adapter checks (dtypes, devices, positions) are :func:`check_adapter_inputs`, run on
-    adapter 0's slice (shapes of the whole stack are checked here). ``adapter_ids`` None means
+    adapter 0's slice (shapes of the whole stack are checked here). ``stack_ids`` None means
     every batch row uses adapter 0 (the single-adapter op). Ids are range-checked on the host
     for CPU tensors and with an asynchronous device assert elsewhere, as positions are.
     """
@@ -138,22 +138,22 @@ def check_inputs(spec: EditSpec, hidden, positions, adapter_ids, proj, weight, b
                          dropout, inplace)
 
     B = hidden.shape[0]
-    if adapter_ids is None:
+    if stack_ids is None:
         pass
-    elif not isinstance(adapter_ids, torch.Tensor):
-        raise TypeError(f"adapter_ids must be an integer torch.Tensor of shape (B,) = ({B},),"
-                        f" got {type(adapter_ids).__name__}")
-    elif adapter_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"adapter_ids has dtype {adapter_ids.dtype}; it must be int32 or int64."
-                        " Use adapter_ids.long()")
-    elif tuple(adapter_ids.shape) != (B,):
-        raise ValueError(f"adapter_ids must have shape (B,) = ({B},) (one id per batch row),"
-                         f" got {tuple(adapter_ids.shape)}")
-    elif adapter_ids.device != hidden.device:
-        raise ValueError(f"adapter_ids is on {adapter_ids.device} but hidden is on {hidden.device};"
-                         f" use adapter_ids.to({str(hidden.device)!r})")
+    elif not isinstance(stack_ids, torch.Tensor):
+        raise TypeError(f"stack_ids must be an integer torch.Tensor of shape (B,) = ({B},),"
+                        f" got {type(stack_ids).__name__}")
+    elif stack_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"stack_ids has dtype {stack_ids.dtype}; it must be int32 or int64."
+                        " Use stack_ids.long()")
+    elif tuple(stack_ids.shape) != (B,):
+        raise ValueError(f"stack_ids must have shape (B,) = ({B},) (one id per batch row),"
+                         f" got {tuple(stack_ids.shape)}")
+    elif stack_ids.device != hidden.device:
+        raise ValueError(f"stack_ids is on {stack_ids.device} but hidden is on {hidden.device};"
+                         f" use stack_ids.to({str(hidden.device)!r})")
     else:
-        _check_range("adapter_ids", adapter_ids, A, "use -1 for 'no adapter' and 0..A-1 for the stacked adapters")
+        _check_range("stack_ids", stack_ids, A, "use -1 for 'no adapter' and 0..A-1 for the stacked adapters")
     if ranks is not None:
         if not isinstance(ranks, torch.Tensor) or ranks.dtype not in (torch.int32, torch.int64) \
                 or tuple(ranks.shape) != (A,):

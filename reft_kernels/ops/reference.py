@@ -44,14 +44,14 @@ def edit_rows_reference(h, proj, weight, bias, proj_bias, *, variant, act=None, 
     return out.to(h.dtype)
 
 
-def reft_edit_multi_reference(hidden, positions, adapter_ids, proj, weight=None, bias=None,
+def reft_edit_multi_reference(hidden, positions, stack_ids, proj, weight=None, bias=None,
                               proj_bias=None, *, variant="loreft", act=None, dropout=0.0, seed=0,
                               inplace=False, ranks=None, backend=None):
     """Reference of :func:`reft_kernels.ops.reft_edit_multi` (same signature; ``ranks`` and
     ``backend`` are accepted and unused): batch row b's listed positions edited with adapter
-    ``adapter_ids[b]``'s slice of the stacked weights (-1 or a None ``adapter_ids``: see there)."""
+    ``stack_ids[b]``'s slice of the stacked weights (-1 or a None ``stack_ids``: see there)."""
     B, T, d = hidden.shape
-    ids = [0] * B if adapter_ids is None else adapter_ids.tolist()
+    ids = [0] * B if stack_ids is None else stack_ids.tolist()
     flat = hidden.reshape(B * T, d)
     slice_of = lambda t, a: None if t is None else t[a]  # noqa: E731
     idx, new = [], []

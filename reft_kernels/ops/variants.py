@@ -167,16 +167,16 @@ def canonical_rows(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     return rows.reshape(-1)
 
 
-def entry_adapters(rows: torch.Tensor, adapter_ids, n_positions: int):
+def entry_adapters(rows: torch.Tensor, stack_ids, n_positions: int):
     """(rows with adapter-less batch rows set to -1, each entry's adapter stack index (0 for skips)).
 
     ``rows`` is canonical_rows' (B * P,) output (entry i belongs to batch row i // P);
-    ``adapter_ids`` (B,) holds each batch row's stack index (-1: no adapter), or is None when
+    ``stack_ids`` (B,) holds each batch row's stack index (-1: no adapter), or is None when
     every batch row uses adapter 0 (the single-adapter op).
     """
-    if adapter_ids is None or rows.numel() == 0:
+    if stack_ids is None or rows.numel() == 0:
         return rows, torch.zeros_like(rows)
-    ids = adapter_ids.to(torch.int64).repeat_interleave(n_positions)
+    ids = stack_ids.to(torch.int64).repeat_interleave(n_positions)
     rows = torch.where(ids >= 0, rows, torch.full_like(rows, -1))
     return rows, ids.clamp(min=0)
 
