@@ -12,6 +12,9 @@ components mean there. Everything model-specific about *where* to intervene live
   ``block_*`` is the residual stream after / before block ``l``; ``attention_*`` and ``mlp_*`` are
   the sublayer's own output (before the residual add) and input (after any pre-norm);
 * ``hidden``: the config attribute(s) holding the residual width (``hidden_size``, ``n_embd``, ``dim``);
+* ``head``: the path of the causal LM's output projection when its ``...ForCausalLM`` forward is
+  ``head(body(x))`` followed by elementwise steps only (a cast, Gemma-2's soft-capping), so the head
+  may run on the labelled rows alone (:mod:`reft_kernels.labelled_logits`); None: not split;
 * ``unsupported``: component -> why this family has no such (batch, seq, hidden) tensor.
 
 Unknown model types fall back to :func:`_generic_family`, which finds the block list (inside
@@ -42,6 +45,7 @@ class Family:
     blocks: str
     components: Dict[str, Tuple[str, str]]
     hidden: Tuple[str, ...] = ("hidden_size",)
+    head: Optional[str] = None
     unsupported: Dict[str, str] = field(default_factory=dict)
 
 
@@ -56,7 +60,7 @@ def _components(attention: str, mlp: Optional[str], attention_input: Optional[st
     return table
 
 
-_LLAMA = Family("layers", _components(".self_attn", ".mlp"))
+_LLAMA = Family("layers", _components(".self_attn", ".mlp"), head="lm_head")
 # BERT-style post-norm encoders: attention.output.dense / output.dense are the projections before
 # dropout + residual + LayerNorm; the MLP's input is the attention block's (normed) output.
 _BERT = Family("encoder.layer", _components(".attention.output.dense", ".output.dense", attention_input=".attention",
@@ -68,11 +72,11 @@ FAMILIES: Dict[str, Family] = {
     # Llama layout: <base>.layers[l] with .self_attn and .mlp (pre-norm decoders)
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gemma2": _LLAMA,
     "phi3": _LLAMA,
-    "gpt2": Family("h", _components(".attn", ".mlp"), hidden=("n_embd", "hidden_size")),
-    "gpt_neox": Family("layers", _components(".attention", ".mlp")),
-    "opt": Family("decoder.layers", _components(".self_attn", None), unsupported={
+    "gpt2": Family("h", _components(".attn", ".mlp"), hidden=("n_embd", "hidden_size"), head="lm_head"),
+    "gpt_neox": Family("layers", _components(".attention", ".mlp"), head="embed_out"),
+    "opt": Family("decoder.layers", _components(".self_attn", None), head="lm_head", unsupported={
         "mlp_output": _OPT_MLP, "mlp_input": _OPT_MLP}),
-    "falcon": Family("h", _components(".self_attention", ".mlp")),
+    "falcon": Family("h", _components(".self_attention", ".mlp"), head="lm_head"),
     "bert": _BERT, "roberta": _BERT,
     # DistilBERT is post-norm: its attention's input *is* the block input (transformers 4.x passes it
     # three times, as query=key=value keywords, so the block's pre-hook is the one place to edit it).

@@ -28,6 +28,7 @@ from .checkpoint import load_reft_model, save_reft_model, set_default_wrapper
 from .config import ReftConfig
 from .edit_state import EditState, GeneratedPositions
 from .locations import call_positions, input_shape
+from .labelled_logits import call_base
 from .patcher import ModelPatch
 
 __all__ = ["ReftModel", "get_reft_model", "count_parameters"]
@@ -222,7 +223,7 @@ class ReftModel(nn.Module):
             inputs, unit_locations, intervention_locations, adapter_ids)
         original = self.model(**inputs) if output_original_output else None
         with self._patch.activate(CallPlan(edits, seeds, EditState(positions, max_position), self.backend)):
-            outputs = self.model(**inputs)
+            outputs = call_base(self, inputs)   # in training: the LM head at labelled positions only
         return (original, outputs) if pyvene_style else outputs
 
     def generate(self, base: Optional[Mapping] = None, sources=None, unit_locations=None,
