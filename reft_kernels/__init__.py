@@ -39,6 +39,7 @@ _EXPORTS = {
     "ReftTrainerForCausalLMDistributed": "trainer", "ReftTrainerForSequenceClassification": "trainer",
     # frozen-prefix activation cache and the base model's dtype (issue 18)
     "PrefixCacheCallback": "prefix_cache", "resolve_dtype": "precision",
+    "LabelledLogitsCallback": "labelled_logits",
 }
 
 # pyreft's submodules (``pyreft.utils`` ...): listed by dir() before their first use

@@ -16,13 +16,16 @@ gathered rows. Everything else (the interventions, the prefix cache, gradient ch
 same call. The loss is the same function of the same numbers, summed in another order (tests: loss
 and gradients <= 1e-6 relative to the full path in fp32, transformers 4.45.1 and 5.x).
 
-It applies when the ReftModel is in training mode with gradients on, ``labels`` is a (B, T)
+It is switched on by ``reft_model.labelled_logits = True``: ``ReftTrainer*`` do it for the
+length of ``train()`` (``labelled_logits=False`` keeps the full forward), a plain
+``transformers.Trainer`` through ``callbacks=[LabelledLogitsCallback()]``. Inside ``train()`` only
+the training step calls the model in training mode with gradients on, and it reads only the loss.
+Then it applies when the ReftModel is in training mode with gradients on, ``labels`` is a (B, T)
 integer tensor, the base is a ``...ForCausalLM`` / ``...LMHeadModel`` whose family names its head
 (:mod:`reft_kernels.families`) with the standard causal-LM loss, and the call asks for nothing
 else that needs the logits (``output_hidden_states``, ``output_attentions``, ``return_dict=False``,
 ``shift_labels``, ``logits_to_keep``). Otherwise the full forward runs, with no message. On this
-path the outputs carry ``loss`` and ``logits=None``; ``reft_model.labelled_logits = False`` keeps
-every position's logits in training.
+path the outputs carry ``loss`` and ``logits=None``.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from torch import nn
 
 from .families import family_of, get_submodule
 
-__all__ = ["call_base", "labelled_head"]
+__all__ = ["call_base", "labelled_head", "LabelledLogitsCallback"]
 
 IGNORE = -100
 _NEEDS_LOGITS = ("output_hidden_states", "output_attentions", "shift_labels", "logits_to_keep", "num_logits_to_keep")
@@ -45,7 +48,7 @@ def labelled_head(reft_model, inputs: dict) -> Optional[nn.Module]:
     """The head module when this call may compute logits at labelled positions only, else None."""
     model = reft_model.model
     labels = inputs.get("labels")
-    if not (reft_model.training and torch.is_grad_enabled() and getattr(reft_model, "labelled_logits", True)):
+    if not (reft_model.training and torch.is_grad_enabled() and getattr(reft_model, "labelled_logits", False)):
         return None
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.dtype not in (torch.int64, torch.int32):
         return None
@@ -105,3 +108,40 @@ def call_base(reft_model, inputs: dict):
         loss = total / (count.to(total.device) if isinstance(count, torch.Tensor) else count)
     rest = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
     return type(outputs)(loss=loss, logits=None, **rest)
+
+
+class _Callback:
+    """Sets ``labelled_logits`` on the trained ReftModel for the length of ``train()``, then restores it."""
+
+    def __init__(self):
+        self.model, self.before = None, None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        model = getattr(model, "module", model)
+        if model is not None and hasattr(model, "interventions"):
+            self.model, self.before = model, getattr(model, "labelled_logits", False)
+            model.labelled_logits = True
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.model is not None:
+            self.model.labelled_logits = self.before
+            self.model = None
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class LabelledLogitsCallback(_Callback, TrainerCallback):
+        """``transformers.Trainer(..., callbacks=[LabelledLogitsCallback()])`` on a ReftModel: the
+        training steps compute the LM head and the loss at labelled positions only (module docstring)."""
+
+    LabelledLogitsCallback.__module__ = __name__
+    return LabelledLogitsCallback
+
+
+def __getattr__(name):
+    if name == "LabelledLogitsCallback":   # transformers loads on first use
+        cls = _callback_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,8 @@ What differs from pyreft, deliberately:
 * the frozen layers below the lowest intervention run once per example, not once per epoch
   (:mod:`reft_kernels.prefix_cache`; exact; ``prefix_cache=False`` turns it off,
   ``prefix_cache_max_gb`` bounds it, default 1);
+* the training steps compute the LM head and the loss at labelled positions only
+  (:mod:`reft_kernels.labelled_logits`; the same loss; ``labelled_logits=False`` turns it off);
 * the rotation parameters are never weight-decayed (decay would pull a Householder R back
   towards its initial value and shrink a Cholesky-QR basis towards a badly conditioned one);
   ``learned_source`` is (pyreft's Trainer, by a name mismatch, decays no intervention parameter,
@@ -127,7 +129,7 @@ class ReftTrainer(Trainer):
     """
 
     def __init__(self, *args, pyreft_data_order: Optional[bool] = None, prefix_cache: bool = True,
-                 prefix_cache_max_gb: float = 1.0, **kwargs):
+                 prefix_cache_max_gb: float = 1.0, labelled_logits: bool = True, **kwargs):
         if pyreft_data_order not in (None, True, False):
             raise ValueError(f"pyreft_data_order={pyreft_data_order!r}; pass True (pyreft's plain shuffled "
                              "loader), False (HF's loader) or None (True when pyreft_base=True)")
@@ -149,6 +151,9 @@ class ReftTrainer(Trainer):
         if prefix_cache:   # the frozen layers below the first intervention run once per example
             from .prefix_cache import PrefixCacheCallback
             self.add_callback(PrefixCacheCallback(max_gb=prefix_cache_max_gb))
+        if labelled_logits:   # the LM head and the loss at labelled positions only
+            from .labelled_logits import LabelledLogitsCallback
+            self.add_callback(LabelledLogitsCallback())
         self.model_accepts_loss_kwargs = False   # compute_loss returns a per-batch mean
         if hasattr(self, "loss_is_scaled_for_ga"):
             self.loss_is_scaled_for_ga = False

@@ -1,5 +1,6 @@
 """Logits at labelled positions only (reft_kernels.labelled_logits): the same loss and gradients as
-the full forward (<= 1e-6 relative, fp32), for a Llama-layout model, Gemma and GPT-2, with and without
+the full forward (<= 1e-6 relative, fp32; ReftTrainer* switch it on, a plain Trainer with
+``LabelledLogitsCallback``), for a Llama-layout model, Gemma and GPT-2, with and without
 ``num_items_in_batch``, through ReftTrainerForCausalLM and a plain ``transformers.Trainer`` with
 gradient accumulation, with and without the prefix cache; the head really sees only the labelled
 rows; and every call that needs the logits gets the full forward."""
@@ -10,7 +11,7 @@ import torch
 import transformers
 
 import reft_kernels as rk
-from reft_kernels.labelled_logits import labelled_head
+from reft_kernels.labelled_logits import LabelledLogitsCallback, labelled_head
 from reft_kernels.prefix_cache import PrefixCacheCallback
 from test_prefix_cache import D, LAYERS, causal_lm, corpus, reft_on, targs  # noqa: F401 (corpus: a fixture)
 
@@ -89,6 +90,8 @@ def test_calls_that_need_the_logits_get_them(corpus):
     batch = batch_of(corpus, reft, 3)
     shape = (*batch["input_ids"].shape, len(corpus[2]))
     reft.train()
+    assert labelled_head(reft, batch) is None and reft(**batch).logits.shape == shape   # off unless switched on
+    reft.labelled_logits = True
     assert labelled_head(reft, batch) is reft.model.lm_head
     for extra in ({"output_hidden_states": True}, {"output_attentions": True}, {"return_dict": False}):
         out = reft(**batch, **extra)
@@ -103,6 +106,7 @@ def test_calls_that_need_the_logits_get_them(corpus):
                                                                 num_attention_heads=2, intermediate_size=64))
     masked = reft_on(bert)
     masked.train()
+    masked.labelled_logits = True
     assert labelled_head(masked, {"labels": torch.zeros(1, 3, dtype=torch.long)}) is None   # not a causal loss
 
 
@@ -110,7 +114,6 @@ def train(corpus, family, tmp_path, labelled, plain, cache):
     prompts, outputs, tok = corpus
     tok.padding_side = "right"
     reft = reft_on(causal_lm(family, len(tok)))
-    reft.labelled_logits = labelled
     losses, paths = [], []
 
     def record(module, args, out):
@@ -122,12 +125,13 @@ def train(corpus, family, tmp_path, labelled, plain, cache):
                                                             num_interventions=2)
     args = targs(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     if plain:
-        trainer = transformers.Trainer(model=reft, args=args, callbacks=[PrefixCacheCallback()] if cache else None,
-                                       **data)
+        callbacks = [PrefixCacheCallback()] * cache + [LabelledLogitsCallback()] * labelled
+        trainer = transformers.Trainer(model=reft, args=args, callbacks=callbacks, **data)
     else:
-        trainer = rk.ReftTrainerForCausalLM(model=reft, args=args, prefix_cache=cache, **data)
+        trainer = rk.ReftTrainerForCausalLM(model=reft, args=args, prefix_cache=cache, labelled_logits=labelled, **data)
     trainer.train()
     assert paths == [labelled] * len(paths)   # every step took the path asked for
+    assert not getattr(reft, "labelled_logits", False)   # switched off again after train()
     return torch.stack(losses), torch.cat([p.detach().flatten() for p in reft.interventions.parameters()])
 
 
