@@ -93,6 +93,28 @@ def test_registry_api_and_errors(multi):
     assert set(reft.extra_adapters) == {"c", "d"}
 
 
+def test_registry_stands_alone_on_its_interface():
+    """The registry needs only the base model, the two module containers and a sites callback
+    (ReftModel passes its interventions, extra_adapters and its patch's sync)."""
+    from torch import nn
+    from reft_kernels.adapters import AdapterRegistry
+    model, primary, extra, synced = tiny_llama(), nn.ModuleDict(), nn.ModuleDict(), []
+    registry = AdapterRegistry(model, primary, extra, synced.append)
+    ivs = {"a": make_iv(), "b": make_iv(rank=2)}
+    registry.build("a", config(0, ivs["a"]))
+    registry.build("b", config(1, ivs["b"]))
+    assert registry.names == ["a", "b"] and list(primary.values()) == [ivs["a"]]
+    assert list(extra["b"].values()) == [ivs["b"]]
+    assert [s.module for s in synced[-1]] == [model.model.layers[0], model.model.layers[1]]
+    registry.set_active(["b", "a"])
+    registry.delete("a")                            # the next adapter becomes the primary one
+    assert registry.primary == "b" and list(primary.values()) == [ivs["b"]] and len(extra) == 0
+    assert registry.active == ["b"] and registry.primary_config.representations[0].layer == 1
+    assert [s.module for s in synced[-1]] == [model.model.layers[1]]
+    with pytest.raises(ValueError, match="adapter 'a' is unknown"):
+        registry.modules("a")
+
+
 def test_single_adapter_keeps_state_dict_and_hooks():
     model = tiny_llama()
     iv = make_iv()
