@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["reft_kernels", "reft_kernels.*"]),
-    package_data={"reft_kernels": ["data/*.jsonl", "csrc/*"]},
+    package_data={"reft_kernels": ["csrc/*"], "reft_kernels.data": ["*.jsonl"]},
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=[
@@ -34,7 +34,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "ninja", "hypothesis", "fastapi>=0.110", "uvicorn>=0.29",
                  "openai>=1.0", "peft>=0.13", "schemathesis>=4.0"],
     },
-    entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli:main"],
+    entry_points={"console_scripts": ["reft-kernels=reft_kernels.cli.main:main"],
                   # vLLM calls this in every process: registers the ReFT-wrapped model classes
                   "vllm.general_plugins": ["reft_kernels = reft_kernels.vllm_plugin:register"],
                   # vllm serve's API server (loaded when VLLM_PLUGINS names it): publishes the adapter

@@ -211,7 +211,7 @@ def main():
     print("resident:", json.dumps(resident, indent=1))
     meta = {"args": vars(a), "torch": torch.__version__, "transformers": transformers.__version__,
             "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-            "backend_op": reft_kernels.adapter_plan.reft_edit_multi.__module__,
+            "backend_op": reft_kernels.model.plan.reft_edit_multi.__module__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

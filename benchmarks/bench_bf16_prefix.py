@@ -72,7 +72,7 @@ def bench_step(model_dir: str, rounds: int) -> dict:
 
     import reft_kernels as rk
     from bench_real_model import EXAMPLES
-    from reft_kernels.prefix_cache import PrefixCache
+    from reft_kernels.model.prefix_cache import PrefixCache
     transformers.logging.set_verbosity_error()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(1)
     if args.model is None:
-        from reft_kernels.models.real import fetch_model
+        from reft_kernels.base_models.real import fetch_model
         args.model = fetch_model()
     result = {"machine": f"shared 2-core CPU, load average {os.getloadavg()[0]:.1f} at start", "threads": 1,
               "torch": torch.__version__, "matmul": bench_matmul(args.rounds)}

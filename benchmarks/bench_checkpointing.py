@@ -43,8 +43,8 @@ def run_mode(mode: str, seq: int, batch: int, layers: int, hidden: int, steps: i
     import transformers
     transformers.logging.set_verbosity_error()
     import reft_kernels as rk
-    from reft_kernels.models.tiny import tiny_llama
-    from reft_kernels.trainer import enable_gradient_checkpointing
+    from reft_kernels.base_models.tiny import tiny_llama
+    from reft_kernels.training.trainer import enable_gradient_checkpointing
 
     vocab, rank = 1024, 4
     model = tiny_llama(vocab, hidden_size=hidden, num_layers=layers, num_heads=8, max_positions=seq, seed=0)

@@ -135,7 +135,7 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
     scale = torch.nn.Parameter(torch.zeros(()))
     cache = None
     if prefix_cache:   # the trainer's cache is gone after train(): time the paired pass with one of its own
-        from reft_kernels.prefix_cache import PrefixCache
+        from reft_kernels.model.prefix_cache import PrefixCache
         cache = PrefixCache(reft_model)
         cache.install()
 
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the base model's dtype for every run (--matrix runs both)")
     p.add_argument("--prefix-cache", action="store_true",
-                   help="ours: cache the frozen layers below the lowest intervention (reft_kernels.prefix_cache)")
+                   help="ours: cache the frozen layers below the lowest intervention (reft_kernels.model.prefix_cache)")
     p.add_argument("--gen-rounds", type=int, default=3, help="generation timing: pairs per held-out question")
     p.add_argument("--matrix", action="store_true",
                    help="pyreft fp32, pyreft bf16, ours fp32, ours bf16, ours bf16 + prefix cache, one run (parity venv)")
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         args.out = os.path.join(ROOT, "benchmarks", "results", f"real_model{suffix}.json")
     if args.model is None:
         sys.path.insert(0, ROOT)
-        from reft_kernels.models.real import fetch_model
+        from reft_kernels.base_models.real import fetch_model
         args.model = fetch_model()
     same = {"dtype": args.dtype, "cache": args.prefix_cache}
     runs = [("pyreft 0.1.0", args.pyreft_python, "pyreft", same), ("reft_kernels", args.pyreft_python, "ours", same),

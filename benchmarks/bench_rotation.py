@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from reft_kernels.rotation import OrthonormalRotation  # noqa: E402
+from reft_kernels.interventions.rotation import OrthonormalRotation  # noqa: E402
 
 MAPS = ("householder", "householder_full_base", "cholesky_qr", "torch_orthogonal")
 

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
-from reft_kernels.cli import load_pretrained  # noqa: E402
+from reft_kernels.cli.main import load_pretrained  # noqa: E402
 from reft_kernels.jobs.prompts import load_builtin_instructions  # noqa: E402
-from reft_kernels.models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
+from reft_kernels.base_models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
 
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
                       "{% if add_generation_prompt %}<s> assistant : {% endif %}")

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
-from reft_kernels.cli import CliError, load_pretrained, resolve_model  # noqa: E402
+from reft_kernels.cli.main import CliError, load_pretrained, resolve_model  # noqa: E402
 from reft_kernels.jobs.prompts import load_builtin_instructions  # noqa: E402
-from reft_kernels.models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
+from reft_kernels.base_models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
 
 DEFAULT_TARGET = "bees make honey. the sky is blue on a clear day. a spider has eight legs."
 

@@ -29,8 +29,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
-from reft_kernels.models.pretrained import resolve_model  # noqa: E402
-from reft_kernels.models.tiny import build_word_tokenizer  # noqa: E402
+from reft_kernels.base_models.pretrained import resolve_model  # noqa: E402
+from reft_kernels.base_models.tiny import build_word_tokenizer  # noqa: E402
 
 GOOD = ["good", "great", "fine", "lovely", "excellent", "nice", "happy", "wonderful"]
 BAD = ["bad", "awful", "poor", "terrible", "sad", "boring", "ugly", "horrible"]

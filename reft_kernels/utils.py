@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 
-from .reft_model import ReftModel, get_reft_model
+from .model.reft_model import ReftModel, get_reft_model
 
 __all__ = ["TaskType", "ReftType", "get_reft_model", "ReftModel"]
 

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reft_kernels as pyreft
-from reft_kernels import adapter_plan, patcher
+from reft_kernels.model import patcher, plan as adapter_plan
 from reft_kernels.checkpoint import export_pyreft
 from reft_kernels.ops import reft_edit_multi
 from reft_kernels.ops.reference import reft_edit_multi_reference, reft_edit_reference
@@ -97,7 +97,7 @@ def test_registry_stands_alone_on_its_interface():
     """The registry needs only the base model, the two module containers and a sites callback
     (ReftModel passes its interventions, extra_adapters and its patch's sync)."""
     from torch import nn
-    from reft_kernels.adapters import AdapterRegistry
+    from reft_kernels.model.registry import AdapterRegistry
     model, primary, extra, synced = tiny_llama(), nn.ModuleDict(), nn.ModuleDict(), []
     registry = AdapterRegistry(model, primary, extra, synced.append)
     ivs = {"a": make_iv(), "b": make_iv(rank=2)}

@@ -10,7 +10,7 @@ import torch
 import reft_kernels as rk
 from reft_kernels import checkpoint as ck
 from reft_kernels.checkpoint import dir_merge
-from reft_kernels.models.tiny import tiny_llama
+from reft_kernels.base_models.tiny import tiny_llama
 
 D, R = 32, 4
 

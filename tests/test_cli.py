@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from reft_kernels.cli import main
+from reft_kernels.cli.main import main
 from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +112,7 @@ def test_bad_rank_and_dropout_are_one_line_errors_with_exit_2(base_dir, tmp_path
 
 def test_every_train_option_has_help_and_default():
     """``train --help`` describes every option and shows the default of every valued option."""
-    from reft_kernels.cli import build_parser
+    from reft_kernels.cli.main import build_parser
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     text = train.format_help()

@@ -10,9 +10,9 @@ import torch
 import transformers
 
 import reft_kernels as rk
-from reft_kernels.completions import COMPLETIONS, hartley_factors, hartley_mix
-from reft_kernels.pyreft_rotation import rotation_from_pyreft
-from reft_kernels.rotation import OrthonormalRotation
+from reft_kernels.interventions.completions import COMPLETIONS, hartley_factors, hartley_mix
+from reft_kernels.compat.pyreft.rotation import rotation_from_pyreft
+from reft_kernels.interventions.rotation import OrthonormalRotation
 
 D, R, T = 64, 4, 7
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "loreft_compact_before_completion")

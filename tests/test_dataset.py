@@ -1,13 +1,13 @@
-"""Positions, data modules and the collator (reft_kernels.dataset)."""
+"""Positions, data modules and the collator (reft_kernels.data.datasets)."""
 import pytest
 import torch
 
 import reft_kernels as rk
-from reft_kernels.dataset import (IGNORE_INDEX, get_intervention_locations, make_classification_data_module,
+from reft_kernels.data.datasets import (IGNORE_INDEX, get_intervention_locations, make_classification_data_module,
                                   make_generation_inputs, make_last_position_supervised_data_module,
                                   make_multiple_position_supervised_data_module, parse_positions)
 from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_data_modules_and_cli_refuse_empty_positions(data, tmp_path, capsys):
         make_multiple_position_supervised_data_module(tok, None, prompts, outputs, positions="f0+l0")
     with pytest.raises(ValueError, match="selects no token"):
         make_generation_inputs(tok, prompts[:2], positions="l0")
-    from reft_kernels.cli import main
+    from reft_kernels.cli.main import main
     code = main(["train", "--model", str(tmp_path / "unused"), "--data", "builtin", "--output",
                  str(tmp_path / "out"), "--positions", "f0+l0"])
     assert code == 2
@@ -221,8 +221,8 @@ def test_pyreft_dataset_classes_sink_layout(data):
 
 
 def test_public_names_after_the_split():
-    """reft_kernels.dataset keeps every public name (positions re-exported), and the top level too."""
-    from reft_kernels import dataset, dataset_positions
+    """reft_kernels.data.datasets keeps every public name (positions re-exported), and the top level too."""
+    from reft_kernels.data import datasets as dataset, positions as dataset_positions
     for name in dataset.__all__:
         assert getattr(dataset, name) is not None, name
     for name in dataset_positions.__all__:

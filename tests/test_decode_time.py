@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import reft_kernels as pyreft
-from reft_kernels.edit_state import GeneratedPositions
+from reft_kernels.model.edit_state import GeneratedPositions
 from test_patcher import add_reference_hook
 
 H, RANK, NEW = 64, 4, 7

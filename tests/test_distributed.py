@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import reft_kernels as rk
-from reft_kernels.models.tiny import tiny_llama
+from reft_kernels.base_models.tiny import tiny_llama
 
 VOCAB, D, R, STEPS, GLOBAL_BATCH, SEQ = 64, 32, 4, 3, 8, 12
 # A collective that never completes must fail the test, not stall CI: gloo's own default is 30 min.
@@ -125,9 +125,9 @@ TRAINER_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, os.environ["REFT_TEST_ROOT"])
     import reft_kernels as rk
     from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
-    from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
-    from reft_kernels.dataset import make_multiple_position_supervised_data_module
-    from reft_kernels.trainer import ReftTrainerForCausalLM
+    from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
+    from reft_kernels.data.datasets import make_multiple_position_supervised_data_module
+    from reft_kernels.training.trainer import ReftTrainerForCausalLM
     out = sys.argv[1]
     rows = load_builtin_instructions()[:16]
     prompts = [format_prompt(r["instruction"], r["input"]) for r in rows]

@@ -156,7 +156,7 @@ def test_every_position_means_every_prompt_position(setup):
 
 def test_window_offset_sources():
     from transformers import DynamicCache
-    from reft_kernels.patcher import window_offset
+    from reft_kernels.model.patcher import window_offset
     model = torch.nn.Linear(1, 1)
     k = torch.zeros(1, 2, 7, 4)
     assert window_offset((), {"cache_position": torch.tensor([9])}, 1, model) == 9
@@ -171,7 +171,7 @@ def test_window_offset_sources():
 def test_window_offset_refuses_to_guess(monkeypatch):
     """A cache whose get_seq_length() is untrusted and no other source: a clear error, not 0."""
     import transformers
-    from reft_kernels import patcher
+    from reft_kernels.model import patcher
     untrusted = type("StaticCache", (transformers.cache_utils.Cache,), {"__init__": lambda self: None})
     cache = untrusted()
     model = torch.nn.Linear(1, 1)

@@ -5,7 +5,7 @@ import transformers
 
 import reft_kernels as pyreft
 from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

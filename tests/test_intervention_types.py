@@ -1,4 +1,4 @@
-"""The intervention-type registry (reft_kernels.intervention_types): its records agree with the
+"""The intervention-type registry (reft_kernels.interventions.registry): its records agree with the
 modules, the op variants and the checkpoint rules, and a seventh class is one record plus its math."""
 import pytest
 import torch
@@ -6,11 +6,11 @@ from torch import nn
 
 import reft_kernels as rk
 from reft_kernels import checkpoint as ck
-from reft_kernels import intervention_types as it
-from reft_kernels.cli_args import build_parser
-from reft_kernels.interventions import INTERVENTION_CLASSES, ReftIntervention, intervention_class
+from reft_kernels.interventions import registry as it
+from reft_kernels.cli.args import build_parser
+from reft_kernels.interventions.modules import INTERVENTION_CLASSES, ReftIntervention, intervention_class
 from reft_kernels.ops import VARIANTS, reft_edit
-from reft_kernels.pyreft_keys import from_pyreft, to_pyreft
+from reft_kernels.interventions.pyreft_keys import from_pyreft, to_pyreft
 from test_checkpoint import D, R, run, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")

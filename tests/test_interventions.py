@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import reft_kernels as pyreft
-from reft_kernels.config import ReftConfig
-from reft_kernels.interventions import INTERVENTION_CLASSES, OrthonormalRotation, intervention_class
-from reft_kernels.rotation import apply_householder_base, householder_form
+from reft_kernels.model.config import ReftConfig
+from reft_kernels.interventions.modules import INTERVENTION_CLASSES, OrthonormalRotation, intervention_class
+from reft_kernels.interventions.rotation import apply_householder_base, householder_form
 
 D, R = 32, 4
 pytestmark = pytest.mark.usefixtures("one_thread")

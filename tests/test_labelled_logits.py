@@ -1,4 +1,4 @@
-"""Logits at labelled positions only (reft_kernels.labelled_logits): the same loss and gradients as
+"""Logits at labelled positions only (reft_kernels.model.labelled_logits): the same loss and gradients as
 the full forward (<= 1e-6 relative, fp32; ReftTrainer* switch it on, a plain Trainer with
 ``LabelledLogitsCallback``), for a Llama-layout model, Gemma and GPT-2, with and without
 ``num_items_in_batch``, through ReftTrainerForCausalLM and a plain ``transformers.Trainer`` with
@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import reft_kernels as rk
-from reft_kernels.labelled_logits import LabelledLogitsCallback, labelled_head
-from reft_kernels.prefix_cache import PrefixCacheCallback
+from reft_kernels.model.labelled_logits import LabelledLogitsCallback, labelled_head
+from reft_kernels.model.prefix_cache import PrefixCacheCallback
 from test_prefix_cache import D, LAYERS, causal_lm, corpus, reft_on, targs  # noqa: F401 (corpus: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

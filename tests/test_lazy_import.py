@@ -24,8 +24,8 @@ def _loaded_after(code):
 
 @pytest.mark.parametrize("code", [
     "import reft_kernels",
-    "import reft_kernels.cli as c; c.build_parser()",
-    "import reft_kernels.cli as c, contextlib, io\n"
+    "import reft_kernels.cli.main as c; c.build_parser()",
+    "import reft_kernels.cli.main as c, contextlib, io\n"
     "for cmd in ([], ['serve'], ['train'], ['generate'], ['demo'], ['fetch-model']):\n"
     "    with contextlib.redirect_stdout(io.StringIO()):\n"
     "        try: c.build_parser().parse_args(cmd + ['--help'])\n"

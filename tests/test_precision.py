@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from reft_kernels.cli import main
+from reft_kernels.cli.main import main
 from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
-from reft_kernels.precision import cpu_bf16_flags, resolve_dtype
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.model.precision import cpu_bf16_flags, resolve_dtype
 
 
 def _cpuinfo(tmp_path, flags):
@@ -58,7 +58,7 @@ def test_train_records_the_dtype_and_generate_reuses_it(base_dir, tmp_path, caps
                  "--dtype", dtype]) == 0
     assert json.loads((out / "reft_run.json").read_text())["dtype"] == dtype
     seen = []
-    import reft_kernels.cli as cli
+    import reft_kernels.cli.main as cli
     real = cli.load_causal_lm
     monkeypatch.setattr(cli, "load_causal_lm", lambda name, d=None: seen.append(d) or real(name, d))
     capsys.readouterr()

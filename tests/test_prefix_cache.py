@@ -10,8 +10,8 @@ from transformers import TrainingArguments
 
 import reft_kernels as rk
 from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
-from reft_kernels.prefix_cache import PrefixCache, PrefixCacheCallback
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.model.prefix_cache import PrefixCache, PrefixCacheCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 D, R, LAYERS = 32, 2, 4

@@ -15,7 +15,7 @@ import transformers
 from transformers import TrainingArguments
 
 import reft_kernels as rk
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers.logging.set_verbosity_error()
@@ -37,11 +37,11 @@ def test_as_pyreft_makes_pyreft_imports_resolve_to_reft_kernels():
         from pyreft.utils import TaskType
         from pyreft.reft_trainer import ReftTrainerForCausalLM
         from pyreft.dataset import ReftDataset
-        import reft_kernels.reft_trainer as real
+        import reft_kernels.training.reft_trainer as real
         assert pyreft is rk and pyreft.utils is rk.utils
         assert TaskType is rk.TaskType and ReftDataset is rk.ReftDataset
         assert ReftTrainerForCausalLM is rk.ReftTrainerForCausalLM
-        assert real.__spec__.name == "reft_kernels.reft_trainer"   # the shared module keeps its name
+        assert real.__spec__.name == "reft_kernels.training.reft_trainer"   # the shared module keeps its name
         assert rk.as_pyreft() is rk                                 # idempotent
         # exact (default): rotations keep pyreft's d x d base unless an intervention says otherwise
         iv = pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2)
@@ -51,6 +51,36 @@ def test_as_pyreft_makes_pyreft_imports_resolve_to_reft_kernels():
                                          orthogonal_map="cholesky_qr").rotate_layer.orthogonal_map == "cholesky_qr"
         rk.as_pyreft(exact=False)
         assert pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2).rotate_layer.base is None
+        print("OK")
+    """))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK"
+
+
+def test_every_pyreft_submodule_name_resolves_both_ways():
+    """pyreft's six submodule names: ``import pyreft.<name>`` under the alias, and attributes of
+    ``import reft_kernels as pyreft``, both the module that holds pyreft's names."""
+    out = run_py(textwrap.dedent("""
+        import importlib
+        import reft_kernels as rk
+        homes = rk._PYREFT_SUBMODULES
+        assert sorted(homes) == ["config", "dataset", "interventions", "reft_model", "reft_trainer", "utils"]
+        for name, home in homes.items():
+            assert getattr(rk, name) is importlib.import_module("reft_kernels." + home), name
+            assert name in dir(rk)
+        assert rk.interventions.LoreftIntervention is rk.LoreftIntervention
+        assert {"LoreftIntervention", "LowRankRotateLayer"} <= set(dir(rk.interventions))
+        import reft_kernels.interventions.registry        # our package loaded before the alias
+        rk.as_pyreft()
+        import pyreft.config, pyreft.dataset, pyreft.interventions, pyreft.reft_model, pyreft.reft_trainer
+        from pyreft.interventions import LoreftIntervention
+        from pyreft.config import ReftConfig
+        from pyreft.reft_model import ReftModel
+        for name, home in homes.items():
+            assert importlib.import_module("pyreft." + name) is importlib.import_module("reft_kernels." + home)
+        assert LoreftIntervention is rk.LoreftIntervention and ReftConfig is rk.ReftConfig
+        assert ReftModel is rk.ReftModel
+        assert rk.interventions.registry is importlib.import_module("reft_kernels.interventions.registry")
         print("OK")
     """))
     assert out.returncode == 0, out.stderr
@@ -75,7 +105,7 @@ def test_pyreft_alias_runs_a_script_unmodified(tmp_path):
         if __name__ == "__main__":
             print(VALUE, TaskType.CAUSAL_LM.value, T2 is TaskType, sys.argv[1:])
     """))
-    out = run_py(None, "-W", "error::RuntimeWarning", "-m", "reft_kernels.pyreft_alias", str(script),
+    out = run_py(None, "-W", "error::RuntimeWarning", "-m", "reft_kernels.compat.pyreft.alias", str(script),
                  "--seed", "42", cwd=str(tmp_path.parent))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "7 CAUSAL_LM True ['--seed', '42']"

@@ -17,9 +17,9 @@ import zipfile
 import pytest
 import torch
 
-from reft_kernels.cli import main
-from reft_kernels.models import real
-from reft_kernels.models.real import ModelUnavailable, cached_model_dir, fetch_model
+from reft_kernels.cli.main import main
+from reft_kernels.base_models import real
+from reft_kernels.base_models.real import ModelUnavailable, cached_model_dir, fetch_model
 
 FETCH_ENV = "REFT_KERNELS_FETCH_MODEL"
 

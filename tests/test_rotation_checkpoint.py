@@ -125,7 +125,7 @@ def test_rank_deficient_basis_in_a_checkpoint_is_refused(tmp_path):
 def test_checkpoint_loads_build_rotations_without_the_rng_parity_draw():
     """Construction draws pyreft's (d, d - r) completion for RNG parity; a checkpoint load, which
     overwrites the weights at once, skips it (no d x (d - r) temporary per loaded adapter)."""
-    from reft_kernels.rotation import OrthonormalRotation, without_rng_parity_draw
+    from reft_kernels.interventions.rotation import OrthonormalRotation, without_rng_parity_draw
     torch.manual_seed(0)
     OrthonormalRotation(64, 4)
     after_parity = torch.rand(3)

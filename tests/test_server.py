@@ -109,7 +109,7 @@ def _text(assets, ids):
 def reference(assets, adapter, prompt_ids, max_new_tokens):
     """ReftModel.generate on a fresh base with ``adapter`` alone (or the plain base), greedy."""
     from reft_kernels import ReftModel
-    from reft_kernels.dataset import get_intervention_locations
+    from reft_kernels.data.datasets import get_intervention_locations
     base = _base_model(assets["base"])
     ids = torch.tensor([prompt_ids])
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=3,
@@ -339,11 +339,11 @@ def test_engine_mixed_and_grouped_batches_agree(assets):
 
 
 def _cli_has_serve() -> bool:
-    from reft_kernels.cli import build_parser
+    from reft_kernels.cli.main import build_parser
     return "serve" in build_parser()._subparsers._group_actions[0].choices
 
 
-@pytest.mark.skipif(not _cli_has_serve(), reason="reft_kernels/cli.py does not register the serve subcommand yet")
+@pytest.mark.skipif(not _cli_has_serve(), reason="reft_kernels/cli/main.py does not register the serve subcommand yet")
 def test_docs_snippet_runs_as_written(tmp_path):
     """The quick-start block of docs/serving.md (= the README snippet), verbatim but for the port,
     with `reft-kernels` and `python` resolving to this checkout."""

@@ -60,10 +60,14 @@ def _resolve(importer, node, modules):
     return found
 
 
+LAZY_TABLES = ("_EXPORTS", "_PYREFT_SUBMODULES")
+
+
 def _lazy_table_edges(importer, node, modules):
-    """A package's ``_EXPORTS = {"Name": "submodule"}`` table (PEP 562 lazy exports): an edge to each."""
+    """A package's ``_EXPORTS = {"Name": "submodule"}`` table (PEP 562 lazy exports; also the
+    ``_PYREFT_SUBMODULES`` name -> module table): an edge to each."""
     if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
-            and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)):
+            and any(isinstance(t, ast.Name) and t.id in LAZY_TABLES for t in node.targets)):
         return set()
     subs = {v.value for v in node.value.values if isinstance(v, ast.Constant)}
     return {f"{importer}.{sub}" for sub in subs if f"{importer}.{sub}" in modules}
@@ -122,9 +126,10 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
-    assert "reft_kernels.checkpoint" in graph["reft_kernels.reft_model"]
+    assert "reft_kernels.checkpoint" in graph["reft_kernels.model.reft_model"]
     assert "reft_kernels.families" in graph["reft_kernels.checkpoint.validate"]   # a "from .. import" edge
-    assert "reft_kernels.trainer" in graph["reft_kernels"]  # the lazy _EXPORTS table
+    assert "reft_kernels.training.trainer" in graph["reft_kernels"]  # the lazy _EXPORTS table
+    assert "reft_kernels.training.reft_trainer" in graph["reft_kernels"]  # the _PYREFT_SUBMODULES table
     assert "reft_kernels.serving.engine" in graph["reft_kernels.serving"]
 
 
@@ -137,7 +142,8 @@ def test_checkpoint_code_never_imports_reft_model():
             if nxt not in reached:
                 reached.add(nxt)
                 todo.append(nxt)
-    assert "reft_kernels.reft_model" not in reached and "reft_kernels" not in reached
+    assert "reft_kernels.model.reft_model" not in reached and "reft_kernels" not in reached
+    assert "reft_kernels.model.registry" not in reached and "reft_kernels.model.patcher" not in reached
 
 
 @pytest.mark.parametrize("name", sorted(_modules()))
@@ -152,14 +158,16 @@ def test_module_size(name):
 
 
 def test_readme_layout_names_every_module():
-    """The README's layout section names every top-level module, subpackage and ops module."""
+    """The README's layout section names every top-level module, every subpackage, and every module of
+    the subpackages a newcomer changes first (ops, model, interventions, compat/pyreft, data, cli, ...)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     start = text.index("## Layout")
     layout = text[start:text.index("```", text.index("```", start) + 3)]
     package = ROOT / PACKAGE
     wanted = [p for p in package.iterdir() if p.suffix == ".py" and not p.name.startswith("__")]
     wanted += [p for p in package.iterdir() if (p / "__init__.py").is_file()]
-    wanted += [p for p in (package / "ops").glob("*.py") if not p.name.startswith("__")]
+    for sub in ("ops", "model", "interventions", "compat/pyreft", "data", "cli", "training", "base_models"):
+        wanted += [p for p in (package / sub).glob("*.py") if not p.name.startswith("__")]
     missing = sorted(p.relative_to(ROOT).as_posix() for p in wanted if p.name not in layout
                      and p.name + "/" not in layout)
     assert not missing, f"README.md's layout section does not name {missing}; add a line for each"

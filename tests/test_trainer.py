@@ -8,10 +8,10 @@ import transformers
 from transformers import TrainerCallback, TrainingArguments
 
 import reft_kernels as rk
-from reft_kernels.dataset import make_classification_data_module, make_multiple_position_supervised_data_module
+from reft_kernels.data.datasets import make_classification_data_module, make_multiple_position_supervised_data_module
 from reft_kernels.jobs.prompts import format_prompt, load_builtin_instructions
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
-from reft_kernels.trainer import (REFT_CHECKPOINT_DIR, ReftTrainerForCausalLM, ReftTrainerForSequenceClassification,
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.training.trainer import (REFT_CHECKPOINT_DIR, ReftTrainerForCausalLM, ReftTrainerForSequenceClassification,
                                   enable_gradient_checkpointing, no_decay_parameter_names)
 
 transformers.logging.set_verbosity_error()

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from reft_kernels.dataset_positions import get_intervention_locations, parse_positions
+from reft_kernels.data.positions import get_intervention_locations, parse_positions
 from reft_kernels.vllm_plugin.plan import build_step_plan, edited_ranges
 from reft_kernels.vllm_plugin.store import AdapterEntry, _kinds
 

@@ -15,7 +15,7 @@ Modules: :mod:`.spec` (intervention specs, keys, canonical tensor checks, Checkp
 :mod:`.tensors` (canonical tensors <-> our modules and pyreft state dicts), :mod:`.files`
 (atomic writes, pickle-free readers), :mod:`.ours`, :mod:`.pyreft_format`, :mod:`.validate`
 (checks against the model), :mod:`.api` (the functions below). None imports
-``reft_kernels.reft_model``: :func:`load_reft_model` is handed ``get_reft_model``.
+``reft_kernels.model.reft_model``: :func:`load_reft_model` is handed ``get_reft_model``.
 """
 from .api import (LoadedCheckpoint, load_base_state, load_reft_model, load_weights, read_checkpoint,
                   read_for_model, save_reft_model, export_pyreft, set_default_wrapper)

@@ -5,7 +5,7 @@ mapping key -> module; ``config.representations``; ``model``, the base model). T
 one themselves: :func:`read_for_model` returns the plain pieces (a ReftConfig holding the loaded
 intervention modules, and the base-model state dict), and :func:`load_reft_model` hands them to
 ``wrap`` (``reft_kernels.get_reft_model``, which registers itself as the default through
-:func:`set_default_wrapper`). So nothing in this package imports ``reft_kernels.reft_model``.
+:func:`set_default_wrapper`). So nothing in this package imports ``reft_kernels.model.reft_model``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..config import ReftConfig
-from ..interventions import as_dtype
+from ..model.config import ReftConfig
+from ..interventions.modules import as_dtype
 from .dir_merge import recover, write_checkpoint_dir
 from .files import resolve_dir
 from .ours import BASE_WEIGHTS_NAME, CARD_MARKER, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, model_card as model_card_text, our_layout, read_ours, write_ours
@@ -34,7 +34,7 @@ _default_wrap: Optional[Callable] = None
 def set_default_wrapper(wrap: Callable) -> None:
     """Set how :func:`load_reft_model` wraps a model: ``wrap(model, reft_config, **kwargs)``.
 
-    ``reft_kernels.reft_model`` registers ``get_reft_model`` here when it is imported (which
+    ``reft_kernels.model.reft_model`` registers ``get_reft_model`` here when it is imported (which
     ``import reft_kernels`` always does).
     """
     global _default_wrap
@@ -161,7 +161,7 @@ def load_reft_model(load_directory, model, config=None, *, dtype=None, include_m
     names the file or intervention key, the expected and the found value) the model is unchanged.
     """
     wrap = wrap if wrap is not None else _default_wrap
-    if wrap is None:  # only if reft_kernels.reft_model was never imported
+    if wrap is None:  # only if reft_kernels.model.reft_model was never imported
         raise RuntimeError("load_reft_model needs wrap=reft_kernels.get_reft_model (import "
                            "reft_kernels first)")
     loaded = read_for_model(load_directory, model, config, dtype=dtype,

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..interventions import as_dtype
+from ..interventions.modules import as_dtype
 from .files import read_json, read_safetensors, write_json
 from .spec import (CheckpointError, InterventionSpec, _check_tensor_set, _class_name, _dims,
                    _spec_from_module, _specs_from_config, check_finite)

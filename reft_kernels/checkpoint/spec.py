@@ -2,13 +2,13 @@
 
 * :class:`InterventionSpec`: everything needed to rebuild one intervention (one entry of
   ``reft_config.json``; for pyreft directories what ``config.json`` or a user config gives).
-* pyvene's intervention keys and the class names come from :mod:`reft_kernels.intervention_types`
+* pyvene's intervention keys and the class names come from :mod:`reft_kernels.interventions.registry`
   (re-exported: :func:`intervention_key`).
 * Canonical tensors: one intervention's weights as a dict with the tensor names of our format:
   ``rotate_layer.weight`` R (r, d) fp32 with orthonormal rows (Lo/Cons/Lobi/DiReFT) and, in our
   format, the rotation's own state for bit-exact resume (``rotate_layer.reflectors``/``.signs``/
   ``.base_householder``, pyreft's d x d ``.base`` when loaded from it, or the Cholesky-QR map's
-  ``rotate_layer.basis``; see :mod:`reft_kernels.rotation`),
+  ``rotate_layer.basis``; see :mod:`reft_kernels.interventions.rotation`),
   ``proj_layer.weight``/``proj_layer.bias`` (No/NodiReFT), ``learned_source.weight``/``.bias``
   (Lo/No/Di/NodiReFT) or ``learned_source`` (r,) (Cons/LobiReFT). :func:`_check_tensor_set`
   checks that a set is complete and consistent, :func:`check_finite` that it holds no NaN/Inf.
@@ -22,11 +22,11 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from ..intervention_types import (REPRESENTATION_FIELDS, intervention_key, lookup, names_where,  # noqa: F401
+from ..interventions.registry import (REPRESENTATION_FIELDS, intervention_key, lookup, names_where,  # noqa: F401
                                   representation_keys, type_name)
-from ..interventions import as_dtype, dtype_name
+from ..interventions.modules import as_dtype, dtype_name
 
-# live views of the registry (reft_kernels.intervention_types): they follow later registrations
+# live views of the registry (reft_kernels.interventions.registry): they follow later registrations
 CLASSES = names_where("name")
 ROTATED = names_where("rotated")
 PROJECTED = names_where("projected")

@@ -3,8 +3,8 @@
 pyreft's rotated classes hold R through torch's orthogonal parametrization: the materialized
 ``rotate_layer.weight`` is R^T = base @ householder_product(original), with ``base`` (d, d) fixed
 at initialisation and ``original`` (d, r) trained; LoReFT's slim save keeps R^T (d, r) directly.
-The key conversion lives in :mod:`reft_kernels.pyreft_keys` and the rotation maps in
-:mod:`reft_kernels.rotation` (``rotation_from_pyreft`` / ``rotation_to_pyreft`` are re-exported here).
+The key conversion lives in :mod:`reft_kernels.interventions.pyreft_keys` and the rotation maps in
+:mod:`reft_kernels.interventions.rotation` (``rotation_from_pyreft`` / ``rotation_to_pyreft`` are re-exported here).
 
 Our modules hold R as ``rotate_layer.weight`` (computed) plus the rotation's own state for
 bit-exact resume (``rotate_layer.reflectors``, ``.signs``, ``.base_householder`` and, loaded from
@@ -19,8 +19,8 @@ from typing import Dict
 
 import torch
 
-from ..pyreft_keys import from_pyreft, to_pyreft
-from ..rotation import rotation_from_pyreft, rotation_to_pyreft  # noqa: F401 - public helpers
+from ..interventions.pyreft_keys import from_pyreft, to_pyreft
+from ..interventions.rotation import rotation_from_pyreft, rotation_to_pyreft  # noqa: F401 - public helpers
 from .spec import ROTATED, VECTOR_SOURCE, CheckpointError, _check_tensor_set
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..interventions import intervention_class
+from ..interventions.modules import intervention_class
 from ..families import hidden_size, resolve_site
-from ..rotation import without_rng_parity_draw
+from ..interventions.rotation import without_rng_parity_draw
 from .spec import PROJECTED, CheckpointError, InterventionSpec, _class_name, _dims
 from .tensors import _tensors_from_module
 

@@ -9,7 +9,7 @@ English; with the adapter (0.0034% of the base model's parameters: ``2 d r + r``
 answers in emojis, also questions it was not trained on. Each prompt is the user turn in the
 model's own chat template.
 
-The job fetches the model on first use (:func:`reft_kernels.models.real.fetch_model`), prints
+The job fetches the model on first use (:func:`reft_kernels.base_models.real.fetch_model`), prints
 greedy generations before and after, saves the adapter with its loss curve (``loss_curve.png``)
 and a ``reft_run.json`` so that ``reft-kernels generate --adapter DIR --prompt ...`` works.
 """
@@ -51,19 +51,19 @@ def run_chat_demo(model_dir: Optional[str] = None, output_dir: Optional[str] = N
     ``model_dir``: a local chat model (default: SmolLM2-135M-Instruct, fetched and cached on first
     use). ``layer``: default the middle one. ``max_steps`` > 0 overrides ``epochs`` (tests).
     ``dtype``: the base model's (a torch dtype or "auto"/"float32"/"bfloat16", see
-    :mod:`reft_kernels.precision`); the intervention and optimizer state stay fp32.
-    ``prefix_cache``: run layers 0..layer-1 once per example (exact; :mod:`reft_kernels.prefix_cache`).
+    :mod:`reft_kernels.model.precision`); the intervention and optimizer state stay fp32.
+    ``prefix_cache``: run layers 0..layer-1 once per example (exact; :mod:`reft_kernels.model.prefix_cache`).
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import LoreftIntervention, ReftConfig, get_reft_model
-    from ..dataset import make_last_position_supervised_data_module
-    from ..models.pretrained import load_pretrained
-    from ..models.real import fetch_model
+    from ..data.datasets import make_last_position_supervised_data_module
+    from ..base_models.pretrained import load_pretrained
+    from ..base_models.real import fetch_model
     from ..ops import resolve_backend
-    from ..precision import resolve_dtype
-    from ..trainer import ReftTrainerForCausalLM
+    from ..model.precision import resolve_dtype
+    from ..training.trainer import ReftTrainerForCausalLM
 
     t_start = time.perf_counter()
     if model_dir is None:

@@ -34,7 +34,7 @@ def generate_text(reft_model, tokenizer, prompts, positions: str, num_interventi
 
     Returns ``(texts, new_token_ids)``.
     """
-    from ..dataset import make_generation_inputs
+    from ..data.datasets import make_generation_inputs
     tokenizer.padding_side = "left"
     batch = make_generation_inputs(tokenizer, prompts, positions, num_interventions, share_weights,
                                    device=next(reft_model.model.parameters()).device)

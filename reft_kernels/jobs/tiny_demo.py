@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..models.tiny import build_word_tokenizer, pretrain_base, tiny_llama
+from ..base_models.tiny import build_word_tokenizer, pretrain_base, tiny_llama
 from .prompts import format_prompt, load_builtin_instructions
 from .runs import generate_text, loss_history, save_loss_curve, use_progress_bar, write_run_info
 
@@ -31,7 +31,7 @@ def demo_reft_setup(model, num_layers: int, rank: int, positions: str, dtype=tor
     Returns ``(reft_model, num_interventions, share_weights)``.
     """
     from .. import LoreftIntervention, ReftConfig, get_reft_model
-    from ..dataset import parse_positions
+    from ..data.datasets import parse_positions
     first_n, last_n = parse_positions(positions)
     layers = list(range(num_layers))
     untied = first_n > 0 and last_n > 0
@@ -101,8 +101,8 @@ def run_tiny_demo(output_dir: Optional[str] = None, epochs: int = 60, quick: boo
     from tqdm.auto import tqdm
 
     from .. import ReftModel
-    from ..dataset import make_multiple_position_supervised_data_module
-    from ..trainer import ReftTrainerForCausalLM
+    from ..data.datasets import make_multiple_position_supervised_data_module
+    from ..training.trainer import ReftTrainerForCausalLM
 
     t_start = _time.perf_counter()
     torch.manual_seed(seed)

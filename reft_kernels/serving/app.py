@@ -25,8 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..dataset import no_header_prompt_template
-from .adapters import AdapterError
+from ..data.datasets import no_header_prompt_template
+from .adapter_files import AdapterError
 from .engine import Engine, GenerationRequest, UnknownAdapterError
 from .guard import BodyTooLarge, Guard, server_error_body, too_large_body
 from .options import ServeOptions

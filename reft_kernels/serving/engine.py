@@ -17,7 +17,7 @@ deterministic, sampled rows keep their seed). A failed request's future carries 
 
 A batch is left-padded; row ``b`` with a prompt of ``L_b`` tokens and ``pad_b = W - L_b`` pad tokens
 (``W`` the batch width) is edited at ``prompt_locations(L_b, rule_b) + pad_b``, the rule being the
-adapter's training position rule (see :mod:`.adapters`), exactly as ``reft-kernels generate``.
+adapter's training position rule (see :mod:`.adapter_files`), exactly as ``reft-kernels generate``.
 Decoding settings are per row (see :mod:`.rows`).
 
 Two ways to run a batch (``mode``):
@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .adapters import AdapterError, AdapterSpec, prompt_locations, read_adapter_spec
+from .adapter_files import AdapterError, AdapterSpec, prompt_locations, read_adapter_spec
 from .rows import RowState, SamplingParams, hf_hooks
 from .scheduler import Empty, QueueWorker
 
@@ -57,7 +57,7 @@ class UnknownAdapterError(KeyError):
 
 def mixed_supported() -> bool:
     """True when ReftModel has named adapters with per-row ``adapter_ids`` (one mixed generate)."""
-    from ..reft_model import ReftModel
+    from ..model.reft_model import ReftModel
     return all(hasattr(ReftModel, name) for name in ("load_adapter", "delete_adapter"))
 
 
@@ -145,8 +145,8 @@ class Engine(QueueWorker):
 
     def _load(self, spec: AdapterSpec) -> int:
         """Load the checkpoint; the number of its interventions (= location slots it reads)."""
-        from ..config import ReftConfig
-        from ..reft_model import ReftModel
+        from ..model.config import ReftConfig
+        from ..model.reft_model import ReftModel
         if not self.named_adapters:   # one ReftModel per adapter, all on the shared base model
             reft_model = ReftModel.load(spec.adapter_dir, self.model, backend=self.backend)
             reft_model.eval()

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..models.pretrained import context_length, load_causal_lm
+from ..base_models.pretrained import context_length, load_causal_lm
 from .options import API_KEY_ENV_VARS, ServeOptions
 
 __all__ = ["add_arguments", "build_parser", "serve_from_args", "main", "ServeError", "build_engine"]
@@ -147,7 +147,7 @@ def load_base(name: str, dtype: str, device: Optional[str]):
 
 def build_engine(args):
     """(engine, served name, context length, base path) from parsed arguments."""
-    from .adapters import AdapterError, read_adapter_spec
+    from .adapter_files import AdapterError, read_adapter_spec
     from .engine import Engine
     names = [n for n, _ in args.adapters]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -194,9 +194,9 @@ def engine_kind(args) -> str:
 
 
 def _build_vllm_engine(args, model_name: str, served: str):
-    from .adapters import AdapterError
+    from .adapter_files import AdapterError
     from .vllm_engine import VllmEngine
-    from ..models.pretrained import resolve_model
+    from ..base_models.pretrained import resolve_model
     try:
         path = resolve_model(model_name)
     except ValueError as exc:

@@ -23,7 +23,7 @@ import logging
 import threading
 from typing import Dict, Optional
 
-from .adapters import AdapterError, AdapterSpec, read_adapter_spec
+from .adapter_files import AdapterError, AdapterSpec, read_adapter_spec
 from .engine import GenerationRequest, GenerationResult, UnknownAdapterError
 from .scheduler import Empty, QueueWorker
 

@@ -58,7 +58,7 @@ def cache_salt(adapter: Optional[str], positions: Optional[str], prompt_len: int
     """
     if adapter is None:
         return None
-    from ..dataset_positions import parse_positions
+    from ..data.positions import parse_positions
     _first, last = parse_positions(positions)
     salt = f"reft:{adapter}:{version}"
     return f"{salt}:L{prompt_len}" if last else salt

@@ -17,7 +17,7 @@ stacked ``[A, r_max, d]`` (ranks zero-padded, exact) and one call of the per-row
 selected token with its own slot. Groups are rebuilt on every load and unload.
 
 Position rule of intervention ``i`` for a prompt of ``L`` tokens (pyreft's, as
-:func:`reft_kernels.dataset_positions.get_intervention_locations`): with ``f = min(L // 2, first_n)``
+:func:`reft_kernels.data.positions.get_intervention_locations`): with ``f = min(L // 2, first_n)``
 and ``l = min(L // 2, last_n)``, token position ``p`` is edited when ``p < f`` (kind ``"first"``),
 ``L - l <= p < L`` (kind ``"last"``) or either (kind ``"both"``). Untied ``fN+lM`` adapters
 (``share_weights=False``, both N and M > 0) give the first half of their interventions kind
@@ -134,7 +134,7 @@ class AdapterStore:
              share_weights: Optional[bool] = None) -> LoadedAdapter:
         """Read ``path`` (ours or pyreft's) and add it under ``name``; nothing changes on error."""
         from ..checkpoint.api import read_for_model
-        from ..dataset_positions import parse_positions
+        from ..data.positions import parse_positions
         from ..jobs.runs import read_run_info
         if self.refusal:
             raise RuntimeError(self.refusal)
@@ -178,7 +178,7 @@ class AdapterStore:
             self._restack()
 
     def _restack(self) -> None:
-        from ..adapter_plan import stack_weights
+        from ..model.plan import stack_weights
         members: Dict[Tuple, list] = {}
         for adapter in self.adapters.values():
             seen: Dict[int, int] = {}

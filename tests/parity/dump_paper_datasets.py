@@ -1,5 +1,5 @@
 """Build the paper script's datasets (pyreft_examples/loreft/dataset.py) and torch.save their
-items: run as is (pyreft) or under ``python -m reft_kernels.pyreft_alias`` (reft_kernels).
+items: run as is (pyreft) or under ``python -m reft_kernels.compat.pyreft.alias`` (reft_kernels).
 Usage: dump_paper_datasets.py DATA_DIR TOKENIZER_DIR OUT.pt"""
 import os
 import sys

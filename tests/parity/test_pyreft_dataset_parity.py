@@ -21,7 +21,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means "not the parit
 
 import torch
 
-from reft_kernels.models.tiny import build_word_tokenizer
+from reft_kernels.base_models.tiny import build_word_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -44,7 +44,7 @@ def dumps(tmp_path_factory):
     tok.save_pretrained(root / "tok")
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = {}
-    for lib, prefix in (("pyreft", []), ("reft_kernels", ["-m", "reft_kernels.pyreft_alias"])):
+    for lib, prefix in (("pyreft", []), ("reft_kernels", ["-m", "reft_kernels.compat.pyreft.alias"])):
         target = root / f"{lib}.pt"
         proc = subprocess.run([sys.executable, *prefix, os.path.join(HERE, "dump_paper_datasets.py"),
                                str(root), str(root / "tok"), str(target)],

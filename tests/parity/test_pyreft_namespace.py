@@ -3,7 +3,8 @@
 Run in the parity venv (pyreft 0.1.0) by .ci/pyreft_parity.sh; skipped where pyreft is not
 importable. Covers the package namespace (``dir(pyreft)``) and every function/class defined in
 pyreft's modules ``utils``, ``config``, ``reft_model``, ``reft_trainer``, ``interventions`` and
-``dataset``, each compared with the same module path here (``reft_kernels.<module>``).
+``dataset``, each compared with the same attribute here (``reft_kernels.<module>``, whose home
+``reft_kernels._PYREFT_SUBMODULES`` names).
 """
 import importlib
 import inspect
@@ -41,7 +42,7 @@ def test_namespace_has_every_pyreft_name():
 def test_submodule_defines_pyreft_names(sub):
     theirs = importlib.import_module(f"pyreft.{sub}")
     ours = getattr(reft_kernels, sub)   # an attribute path too, not only an import path
-    assert ours is importlib.import_module(f"reft_kernels.{sub}")
+    assert ours is importlib.import_module(f"reft_kernels.{reft_kernels._PYREFT_SUBMODULES[sub]}")
     missing = sorted(set(defined_in(theirs)) - set(dir(ours)))
     assert missing == [], f"pyreft.{sub} names missing from reft_kernels.{sub}: {missing}"
 
@@ -89,7 +90,7 @@ def _pairs():
             yield f"pyreft.{name}", obj, getattr(reft_kernels, name)
     for sub in SUBMODULES:
         theirs = importlib.import_module(f"pyreft.{sub}")
-        ours = importlib.import_module(f"reft_kernels.{sub}")
+        ours = getattr(reft_kernels, sub)
         for name, obj in sorted(defined_in(theirs).items()):
             if id(obj) not in seen and hasattr(ours, name):
                 yield f"pyreft.{sub}.{name}", obj, getattr(ours, name)

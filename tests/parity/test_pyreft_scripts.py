@@ -1,5 +1,5 @@
 """pyreft's paper script, run unchanged under pyreft 0.1.0 and under reft_kernels
-(``python -m reft_kernels.pyreft_alias train.py ...``): the same losses and generations.
+(``python -m reft_kernels.compat.pyreft.alias train.py ...``): the same losses and generations.
 
 The script folder (pyreft_examples/loreft: train.py, dataset.py, task_config.py, templates.py,
 compute_metrics.py) is a minimal copy of pyreft's examples/loreft with the same flags and flow
@@ -27,7 +27,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means "not the parit
 import torch
 
 import reft_kernels as rk
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT_DIR = os.path.join(HERE, "pyreft_examples", "loreft")
@@ -68,7 +68,7 @@ FLAGS = ["-task", "commonsense", "-l", "0;1", "-r", "4", "-p", "f3+l3", "-share_
 def run(setup, lib):
     out_dir = setup / f"out_{lib}"
     flags = ["-data_dir", str(setup / "datasets"), "-model", str(setup / "model"), "-output_dir", str(out_dir)]
-    prefix = [sys.executable, "-m", "reft_kernels.pyreft_alias"] if lib == "reft_kernels" else [sys.executable]
+    prefix = [sys.executable, "-m", "reft_kernels.compat.pyreft.alias"] if lib == "reft_kernels" else [sys.executable]
     env = dict(os.environ, PYTHONPATH=ROOT, REFT_KERNELS_BACKEND="torch", OMP_NUM_THREADS="1")
     proc = subprocess.run(prefix + [os.path.join(SCRIPT_DIR, "train.py")] + FLAGS + flags, cwd=str(setup),
                           capture_output=True, text=True, env=env, timeout=600)

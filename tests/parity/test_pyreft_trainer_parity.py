@@ -27,7 +27,7 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 import reft_kernels as rk
 from reft_kernels.jobs.prompts import load_builtin_instructions
-from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
+from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
 
 transformers.logging.set_verbosity_error()
 D, R, STEPS, SEED = 64, 4, 20, 42

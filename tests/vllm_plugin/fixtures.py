@@ -25,7 +25,7 @@ ADAPTERS = {
 
 def build_tiny(root: str) -> str:
     """A 2-layer random Llama (head_dim 64, vLLM's CPU attention needs it) with a word tokenizer."""
-    from reft_kernels.models.tiny import build_word_tokenizer, tiny_llama
+    from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
     path = os.path.join(root, "tiny-llama")
     if os.path.isdir(path):
         return path
@@ -80,7 +80,7 @@ def hf_reference(model_dir: str, adapters: dict, requests, max_tokens: int) -> l
     """Greedy tokens of ``ReftModel.generate`` per (prompt ids, adapter name | None), one at a time."""
     from transformers import AutoModelForCausalLM
     from reft_kernels import ReftConfig, ReftModel
-    from reft_kernels.serving.adapters import prompt_locations
+    from reft_kernels.serving.adapter_files import prompt_locations
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     holder = ReftModel(ReftConfig(representations=[]), model, backend="torch")
     holder.delete_adapter(holder.adapter_names[0])

@@ -43,7 +43,7 @@ ENGINES = {
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from reft_kernels.models.real import cached_model_dir
+    from reft_kernels.base_models.real import cached_model_dir
     model = cached_model_dir()
     if model is None:
         pytest.skip("SmolLM2-135M-Instruct is not cached; run reft-kernels fetch-model")

@@ -1,0 +1,1 @@
+"""The ``reft-kernels`` command: :mod:`.main` (the subcommands) and :mod:`.args` (their flags)."""

@@ -1,0 +1,1 @@
+"""Compatibility with other ReFT libraries (:mod:`.pyreft`)."""
