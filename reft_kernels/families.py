@@ -14,7 +14,7 @@ components mean there. Everything model-specific about *where* to intervene live
 * ``hidden``: the config attribute(s) holding the residual width (``hidden_size``, ``n_embd``, ``dim``);
 * ``head``: the path of the causal LM's output projection when its ``...ForCausalLM`` forward is
   ``head(body(x))`` followed by elementwise steps only (a cast, Gemma-2's soft-capping), so the head
-  may run on the labelled rows alone (:mod:`reft_kernels.labelled_logits`); None: not split;
+  may run on the labelled rows alone (:mod:`reft_kernels.model.labelled_logits`); None: not split;
 * ``unsupported``: component -> why this family has no such (batch, seq, hidden) tensor.
 
 Unknown model types fall back to :func:`_generic_family`, which finds the block list (inside
