@@ -18,6 +18,12 @@ Each implementation runs in its own process and environment:
   default compact base has the same initial R but another completion: the same statistics,
   another path).
 
+``--matrix`` runs five engines in one go, interleaved: pyreft 0.1.0 fp32 and bf16, ours fp32, bf16
+and bf16 + the frozen-prefix cache, all in the parity venv (transformers 4.45.1), one thread each.
+The five processes hold their models side by side and take turns (one training step, one paired
+timing round or one generation pair at a time), so each sees the same machine load; the load
+average is recorded every turn. Written to ``real_model_matrix[_f7l7].json`` and ``.png``.
+
 Measured per implementation: time per training step (the Trainer's whole step, median over
 steps after the first); then on one batch, alternating 6 times so both see the same load, the
 ReFT forward+backward and the frozen base model's (a zero-cost trainable hook at the same layers:
@@ -29,6 +35,7 @@ Writes ``benchmarks/results/real_model[_f7l7].json`` and ``.png``.
     python benchmarks/bench_real_model.py --ours-latest               # quick start, 100 steps each
     python benchmarks/bench_real_model.py --recipe f7l7 --steps 20    # the paper's recipe
     python benchmarks/bench_real_model.py --steps 10                  # a quick look
+    python benchmarks/bench_real_model.py --matrix --steps 20         # the five engines, interleaved
 
 Numbers taken on a shared 2-core CPU vary with the other jobs: compare ratios within one run.
 """
@@ -37,15 +44,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from reft_kernels.jobs.prompts import PYREFT_QUICKSTART_EXAMPLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the parity venv of .ci/pyreft_parity.sh (same variable, same default)
-VENV_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", "/tmp/reft-parity-venv"), "bin", "python")
+# the parity venv of .ci/pyreft_parity.sh (the same variable); --pyreft-python overrides it
+VENV_PYTHON = os.path.join(os.environ["REFT_PARITY_VENV"], "bin", "python") if os.environ.get("REFT_PARITY_VENV") \
+    else None
 EXAMPLES = PYREFT_QUICKSTART_EXAMPLES  # pyreft README, verbatim
 HELD_OUT = ["What is the capital of France?", "Which dog breed do you like best?"]
 
@@ -61,6 +71,23 @@ def _rss_mb(field="VmRSS"):
     return float("nan")
 
 
+class Baton:
+    """A child's side of the interleaving: ``turn()`` says "ready" and waits for the parent's "go"
+    (``--baton R,W``: the file descriptors of the two pipes); without a baton it does nothing."""
+
+    def __init__(self, spec=None):
+        self.pipes = None
+        if spec:
+            r, w = (int(x) for x in spec.split(","))
+            self.pipes = (os.fdopen(r, "r"), os.fdopen(w, "w"))
+
+    def turn(self):
+        if self.pipes is not None:
+            self.pipes[1].write("ready\n")
+            self.pipes[1].flush()
+            self.pipes[0].readline()
+
+
 RECIPES = {
     # name: (layers as fractions of the depth, positions; f/l groups untied)
     "quickstart": ((1 / 2,), "l1"),
@@ -69,7 +96,8 @@ RECIPES = {
 
 
 def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe: str = "quickstart",
-          dtype: str = "float32", prefix_cache: bool = False, gen_rounds: int = 3) -> dict:
+          dtype: str = "float32", prefix_cache: bool = False, gen_rounds: int = 3, baton: Baton = None,
+          pairs: int = 6) -> dict:
     import statistics
 
     import torch
@@ -78,6 +106,8 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
         import pyreft
     else:
         import reft_kernels as pyreft
+    baton = baton or Baton()
+    baton.turn()
     extra = {"pyreft_base": True} if impl == "ours_pyreft_base" else {}
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
@@ -94,9 +124,12 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
     # ---- the recipe (only the import differs) ----
     torch.manual_seed(seed)
     site_layers = layers if positions == "l1" else layers + layers   # untied: f group, then l group
+    # pyreft's LoReFT cannot take a bf16 base with fp32 weights (a dtype mismatch in its matmul), so a
+    # bf16 pyreft run keeps its README's setting: the intervention in bf16 too. Ours stays fp32.
+    iv_dtype = torch.bfloat16 if impl == "pyreft" and dtype == "bfloat16" else torch.float32
     reft_config = pyreft.ReftConfig(representations=[{
         "layer": layer, "component": "block_output", "low_rank_dimension": 4,
-        "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=4, dtype=torch.float32, **extra)}
+        "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=4, dtype=iv_dtype, **extra)}
         for layer in site_layers])
     reft_model = pyreft.get_reft_model(model, reft_config)
     prompts, answers_train = [chat(q) for q, _ in EXAMPLES], [a for _, a in EXAMPLES]
@@ -107,7 +140,7 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
             tok, model, prompts, answers_train, positions=positions, num_interventions=len(site_layers),
             share_weights=False)
     args = transformers.TrainingArguments(
-        num_train_epochs=steps, output_dir=os.path.join("/tmp", f"bench_real_{impl}_{os.getpid()}"),
+        num_train_epochs=steps, output_dir=tempfile.mkdtemp(prefix=f"bench_real_{impl}_"),
         per_device_train_batch_size=10, learning_rate=4e-3, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=True, seed=seed, disable_tqdm=True)
 
@@ -115,6 +148,7 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, *a, **k):
+            baton.turn()
             t["s"] = time.perf_counter()
 
         def on_step_end(self, *a, **k):
@@ -154,6 +188,9 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
             if cache is not None:
                 cache.paused = False
 
+    if impl != "pyreft":   # as in the trainer's steps: the LM head at labelled positions only
+        reft_model.labelled_logits = True
+
     def reft_fwd_bwd():
         trainer.compute_loss(reft_model, dict(batch)).backward()
 
@@ -163,7 +200,8 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
         return time.perf_counter() - t0
 
     reft_times, base_times = [], []
-    for i in range(7):
+    for i in range(pairs + 1):
+        baton.turn()
         tr, tb = timed(reft_fwd_bwd), timed(base_fwd_bwd)
         if i:                                   # the first pair warms up
             reft_times.append(tr)
@@ -197,12 +235,18 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
 
     for iv in reft_model.interventions.values():   # pyreft never switches its interventions to eval
         (iv[0] if isinstance(iv, (list, tuple)) else iv).eval()
+    baton.turn()
     generate(HELD_OUT[0], True, 4)
-    gen_pairs = [(generate(q, True)[0], generate(q, False)[0]) for q in HELD_OUT * gen_rounds]   # alternating
+    gen_pairs = []
+    for q in HELD_OUT * gen_rounds:   # alternating
+        baton.turn()
+        gen_pairs.append((generate(q, True)[0], generate(q, False)[0]))
+    baton.turn()
     per_tok_adapter = statistics.median(a for a, _ in gen_pairs)
     per_tok_base = statistics.median(b for _, b in gen_pairs)
     answers = {q: generate(q, True, 24)[1] for q in [EXAMPLES[0][0]] + HELD_OUT}
-    return {"impl": impl, "dtype": dtype, "prefix_cache": prefix_cache, "paired_cache_hits": cache_hits,
+    return {"impl": impl, "dtype": dtype, "intervention_dtype": str(iv_dtype).replace("torch.", ""),
+            "prefix_cache": prefix_cache, "paired_cache_hits": cache_hits,
             "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": threads, "steps": len(step_times), "recipe": recipe, "layers": layers,
             "positions": positions, "interventions": len(site_layers),
@@ -219,21 +263,59 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
 # ------------------------------------------------------------------------------------------------
 # parent: run each implementation, write JSON + PNG
 # ------------------------------------------------------------------------------------------------
+def _command(python, impl, args, config, out):
+    dtype, cache = config.get("dtype", "float32"), config.get("cache", False)
+    return [python, os.path.abspath(__file__), "--child", impl, "--model", args.model, "--steps", str(args.steps),
+            "--seed", str(args.seed), "--threads", str(args.threads), "--recipe", args.recipe, "--child-out", out,
+            "--dtype", dtype, "--gen-rounds", str(args.gen_rounds), "--pairs", str(args.pairs)] + \
+        (["--prefix-cache"] if cache else [])
+
+
 def _run(python, impl, args, config=None) -> dict:
     """One child run; ``config``: {"dtype": ..., "cache": bool}."""
-    config = config or {}
-    dtype, cache = config.get("dtype", "float32"), config.get("cache", False)
-    out = os.path.join("/tmp", f"bench_real_{impl}_{dtype}_{int(cache)}_{os.getpid()}.json")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [python, os.path.abspath(__file__), "--child", impl, "--model", args.model, "--steps", str(args.steps),
-           "--seed", str(args.seed), "--threads", str(args.threads), "--recipe", args.recipe, "--child-out", out,
-           "--dtype", dtype, "--gen-rounds", str(args.gen_rounds)] + (["--prefix-cache"] if cache else [])
+    out = tempfile.mktemp(prefix=f"bench_real_{impl}_", suffix=".json")
     print(f"running {impl} with {python} ...", flush=True)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    proc = subprocess.run(_command(python, impl, args, config or {}, out), env={**os.environ, "PYTHONPATH": ROOT},
+                          cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{impl} failed (exit {proc.returncode})")
     with open(out) as f:
         return json.load(f)
+
+
+def _run_interleaved(runs, args, loads: list) -> list:
+    """All runs at once, one turn at a time (see :class:`Baton`); ``loads`` gets the 1-min load average
+    at every turn. Returns the results in the order of ``runs``."""
+    children = []
+    for python, impl, config in runs:
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        out = tempfile.mktemp(prefix=f"bench_real_{impl}_", suffix=".json")
+        cmd = _command(python, impl, args, config, out) + ["--baton", f"{go_r},{ready_w}"]
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, pass_fds=(go_r, ready_w))
+        os.close(go_r)
+        os.close(ready_w)
+        children.append({"proc": proc, "out": out, "go": os.fdopen(go_w, "w"), "ready": os.fdopen(ready_r, "r"),
+                         "impl": impl})
+    for c in children:
+        c["pending"] = c["ready"].readline()
+    alive = list(children)
+    while alive:
+        for c in list(alive):
+            if not c["pending"]:            # it has finished (or failed)
+                alive.remove(c)
+                continue
+            loads.append(os.getloadavg()[0])
+            c["go"].write("go\n")
+            c["go"].flush()
+            c["pending"] = c["ready"].readline()   # it runs alone until its next turn
+    results = []
+    for c in children:
+        if c["proc"].wait() != 0:
+            raise SystemExit(f"{c['impl']} failed (exit {c['proc'].returncode})")
+        with open(c["out"]) as f:
+            results.append(json.load(f))
+    return results
 
 
 def _plot(results, path):
@@ -269,6 +351,12 @@ def _plot(results, path):
     print(f"wrote {path}")
 
 
+def _fp32_twin(r, results):
+    """The fp32 run without the cache of the same engine (what a bf16 run's final loss is held to)."""
+    return next((x for x in results if x["impl"] == r["impl"] and x["dtype"] == "float32" and not x["prefix_cache"]),
+                None)
+
+
 def summary(results) -> list:
     """One row per run: the ratios the targets are stated in (pyreft = the first run)."""
     ref = results[0]
@@ -280,8 +368,29 @@ def summary(results) -> list:
              "gen_adapter_over_base_per_token": round(r["gen_adapter_over_base_paired_median"], 3),
              "peak_rss_mb": round(r["peak_rss_mb"]),
              "final_loss": r["final_loss"],
+             "final_loss_rel_to_fp32": round(r["final_loss"] / _fp32_twin(r, results)["final_loss"] - 1, 4)
+             if _fp32_twin(r, results) else None,
+             "gen_ms_per_token_adapter": round(1e3 * r["gen_s_per_token_adapter"], 1),
+             "gen_ms_per_token_base": round(1e3 * r["gen_s_per_token_base"], 1),
              "max_abs_loss_diff_vs_pyreft": round(max(abs(x - y) for x, y in zip(r["losses"], ref["losses"])), 6)}
             for r in results]
+
+
+def targets(results) -> dict:
+    """The issue's targets, read off a --matrix run (None where a run is missing)."""
+    by = {r["label"]: r for r in results}
+    fast, ref = by.get("ours bf16+cache"), by.get("pyreft fp32")
+    if fast is None or ref is None:
+        return {}
+    twin = _fp32_twin(fast, results)
+    out = {"bf16_cache_step_over_pyreft_fp32_step": fast["step_s_median"] / ref["step_s_median"],
+           "bf16_cache_step_over_base_bf16_fwd_bwd": fast["step_s_median"] / fast["base_fwd_bwd_s_median"],
+           "bf16_cache_final_loss_rel_to_ours_fp32": fast["final_loss"] / twin["final_loss"] - 1 if twin else None}
+    out["met"] = {"step <= 0.35 x pyreft fp32": out["bf16_cache_step_over_pyreft_fp32_step"] <= 0.35,
+                  "step <= 0.8 x frozen base bf16 fwd+bwd": out["bf16_cache_step_over_base_bf16_fwd_bwd"] <= 0.8,
+                  "final loss within 2% of fp32": twin is not None
+                  and abs(out["bf16_cache_final_loss_rel_to_ours_fp32"]) <= 0.02}
+    return out
 
 
 def main(argv=None) -> int:
@@ -292,7 +401,9 @@ def main(argv=None) -> int:
                    help="quickstart: 1 layer, last position (pyreft README); f7l7: 4 layers, f7+l7 (the paper)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--pyreft-python", default=VENV_PYTHON, help="python with pyreft 0.1.0 installed")
+    p.add_argument("--pyreft-python", default=VENV_PYTHON,
+                   help="python with pyreft 0.1.0 installed (default: $REFT_PARITY_VENV/bin/python)")
+    p.add_argument("--pairs", type=int, default=6, help="paired timing rounds of ReFT vs frozen-base fwd+bwd")
     p.add_argument("--ours-latest", action="store_true", help="also run ours under the main python")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/real_model[_f7l7].json)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -304,16 +415,19 @@ def main(argv=None) -> int:
                    help="pyreft fp32, pyreft bf16, ours fp32, ours bf16, ours bf16 + prefix cache, one run (parity venv)")
     p.add_argument("--child", choices=["pyreft", "ours", "ours_pyreft_base"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument("--baton", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         result = child(args.child, args.model, args.steps, args.seed, args.threads, args.recipe, args.dtype,
-                       args.prefix_cache, args.gen_rounds)
+                       args.prefix_cache, args.gen_rounds, Baton(args.baton), args.pairs)
         with open(args.child_out, "w") as f:
             json.dump(result, f, ensure_ascii=False)
         return 0
     if args.out is None:
-        suffix = ("" if args.recipe == "quickstart" else "_" + args.recipe) + ("_bf16_cache" if args.matrix else "")
+        suffix = ("_matrix" if args.matrix else "") + ("" if args.recipe == "quickstart" else "_" + args.recipe)
         args.out = os.path.join(ROOT, "benchmarks", "results", f"real_model{suffix}.json")
+    if args.pyreft_python is None:
+        p.error("pass --pyreft-python (a python with pyreft 0.1.0) or set REFT_PARITY_VENV to its venv")
     if args.model is None:
         sys.path.insert(0, ROOT)
         from reft_kernels.base_models.real import fetch_model
@@ -329,17 +443,25 @@ def main(argv=None) -> int:
         runs = [("pyreft fp32", args.pyreft_python, "pyreft", f32), ("pyreft bf16", args.pyreft_python, "pyreft", b16),
                 ("ours fp32", args.pyreft_python, "ours", f32), ("ours bf16", args.pyreft_python, "ours", b16),
                 ("ours bf16+cache", args.pyreft_python, "ours", {**b16, "cache": True})]
-    results = []
-    for label, python, impl, extra in runs:
-        r = _run(python, impl, args, dict(extra))
+    loads = [os.getloadavg()[0]]
+    if args.matrix:
+        results = _run_interleaved([(python, impl, dict(extra)) for _, python, impl, extra in runs], args, loads)
+    else:
+        results = [_run(python, impl, args, dict(extra)) for _, python, impl, extra in runs]
+    loads.append(os.getloadavg()[0])
+    for (label, *_), r in zip(runs, results):
         r["label"] = label
-        results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}, ensure_ascii=False, indent=1), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    load = {"start": loads[0], "end": loads[-1], "median": statistics.median(loads), "max": max(loads)}
     with open(args.out, "w") as f:
-        json.dump({"recipe": args.recipe, "model": args.model,
-                   "steps": args.steps, "seed": args.seed, "machine": "shared 2-core CPU (other jobs running)",
-                   "summary": summary(results), "results": results}, f, ensure_ascii=False, indent=1)
+        json.dump({"recipe": args.recipe, "model": args.model, "steps": args.steps, "seed": args.seed,
+                   "interleaved": args.matrix, "machine": "shared 2-core CPU (other jobs running)",
+                   "load_average_1min": load, "summary": summary(results), "targets": targets(results),
+                   "results": results},
+                  f, ensure_ascii=False, indent=1)
+    print(f"load average (1 min) during the run: {load}")
+    print(json.dumps(targets(results), indent=1))
     for row in summary(results):
         print(row)
     print(f"wrote {args.out}")
