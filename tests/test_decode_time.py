@@ -3,36 +3,20 @@ the same with and without KV cache, for left-padded batches, beams, and mixed ad
 against a hand-written full-recompute loop."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import reft_kernels as pyreft
 from reft_kernels.model.edit_state import GeneratedPositions
 from test_patcher import add_reference_hook
 
-H, RANK, NEW = 64, 4, 7
-LENGTHS = (5, 9, 7)
+from tiny_llama_reft import H, two_layer_reft
+
+NEW = 7
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=H, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                         pad_token_id=0)).eval()
-    ivs = []
-    for _ in range(2):
-        iv = pyreft.LoreftIntervention(embed_dim=H, low_rank_dimension=RANK, dtype=torch.float32)
-        with torch.no_grad():
-            iv.learned_source.bias.uniform_(-6, 6)               # a strong edit, so tokens change
-        ivs.append(iv)
-    config = pyreft.ReftConfig(representations=[
-        {"layer": 0, "component": "block_output", "low_rank_dimension": RANK, "intervention": ivs[0]},
-        {"layer": 1, "component": "block_output", "low_rank_dimension": RANK, "intervention": ivs[1]}])
-    reft = pyreft.get_reft_model(model, config, backend="torch")
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 100, (n,), generator=g) for n in LENGTHS]
-    return model, ivs, reft, prompts
+    return two_layer_reft(lambda bias: bias.uniform_(-6, 6))   # a strong edit, so tokens change
 
 
 def gen_kwargs(**kw):
