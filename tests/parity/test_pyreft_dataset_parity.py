@@ -13,18 +13,15 @@ import sys
 
 import pytest
 
-try:
-    import pyreft  # noqa: F401
-except Exception as e:  # noqa: BLE001 - any import failure means "not the parity env"
-    pytest.skip(f"pyreft not importable ({type(e).__name__}: {e}); run .ci/pyreft_parity.sh",
-                allow_module_level=True)
+from pyreft_env import PARITY_DIR, ROOT, require_pyreft  # noqa: E402
+
+pyreft = require_pyreft()
 
 import torch
 
 from reft_kernels.base_models.tiny import build_word_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+HERE = PARITY_DIR
 WORDS = "the a cat dog sat on mat big small red runs fast slow how many apples are left".split()
 
 

@@ -11,11 +11,9 @@ import inspect
 
 import pytest
 
-try:
-    import pyreft
-except Exception as e:  # noqa: BLE001 - any import failure means "not the parity env"
-    pytest.skip(f"pyreft not importable ({type(e).__name__}: {e}); run .ci/pyreft_parity.sh",
-                allow_module_level=True)
+from pyreft_env import require_pyreft  # noqa: E402
+
+pyreft = require_pyreft()
 
 import reft_kernels
 

@@ -11,18 +11,15 @@ Both directions, all six intervention classes, tied and untied f+l layouts, a ti
 
 Skipped when pyreft is not importable (the main environment).
 """
-import copy
 import os
 
 import pytest
 import torch
 
-try:
-    import pyreft
-    import transformers
-except Exception as e:  # noqa: BLE001 - any import failure means "not the parity env"
-    pytest.skip(f"pyreft not importable ({type(e).__name__}: {e}); run .ci/pyreft_parity.sh",
-                allow_module_level=True)
+from pyreft_env import require_pyreft  # noqa: E402
+
+pyreft = require_pyreft()
+import transformers  # noqa: E402
 
 import reft_kernels as rk
 from reft_kernels import checkpoint as ck

@@ -18,20 +18,17 @@ import sys
 
 import pytest
 
-try:
-    import pyreft  # noqa: F401
-except Exception as e:  # noqa: BLE001 - any import failure means "not the parity env"
-    pytest.skip(f"pyreft not importable ({type(e).__name__}: {e}); run .ci/pyreft_parity.sh",
-                allow_module_level=True)
+from pyreft_env import PARITY_DIR, ROOT, require_pyreft  # noqa: E402
+
+pyreft = require_pyreft()
 
 import torch
 
 import reft_kernels as rk
 from reft_kernels.base_models.tiny import build_word_tokenizer, tiny_llama
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = PARITY_DIR
 SCRIPT_DIR = os.path.join(HERE, "pyreft_examples", "loreft")
-ROOT = os.path.dirname(os.path.dirname(HERE))
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 ANIMALS = ["cat", "dog", "bird", "fish", "horse", "sheep", "goat", "mouse"]
 

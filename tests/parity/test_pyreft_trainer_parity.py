@@ -15,12 +15,10 @@ differs from the first batch on (~6e-4 relative at step 1 here; the batches are 
 import pytest
 import torch
 
-try:
-    import pyreft
-    import transformers
-except Exception as e:  # noqa: BLE001 - any import failure means "not the parity env"
-    pytest.skip(f"pyreft not importable ({type(e).__name__}: {e}); run .ci/pyreft_parity.sh",
-                allow_module_level=True)
+from pyreft_env import require_pyreft  # noqa: E402
+
+pyreft = require_pyreft()
+import transformers  # noqa: E402
 
 import datasets
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
