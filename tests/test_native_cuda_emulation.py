@@ -36,17 +36,22 @@ def emulated_source() -> str:
     return out
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cuda_emu")
+def build_emulator(tmp, driver):
+    """The kernels of csrc/reft_cuda.cu, emulated on the CPU, linked with ``driver`` (a file of
+    tests/cuda_emu) into an executable in ``tmp``."""
     (tmp / "reft_cuda_emu.cpp").write_text(emulated_source())
-    exe = tmp / "emu"
+    exe = tmp / driver.replace(".cpp", "")
     cmd = ["g++", "-std=c++20", "-O1", f"-I{EMU}", f"-I{CSRC}"] + [f"-I{p}" for p in include_paths()]
-    cmd += ["-include", str(EMU / "cuda_runtime.h"), str(EMU / "driver.cpp"),
+    cmd += ["-include", str(EMU / "cuda_runtime.h"), str(EMU / driver),
             str(tmp / "reft_cuda_emu.cpp"), "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return build_emulator(tmp_path_factory.mktemp("cuda_emu"), "driver.cpp")
 
 
 CASES = [  # variant, act, r, d, dropout, bf16 -- r > 4 / > 8 / > 16 and d > 256 hit the chunks,
@@ -118,15 +123,7 @@ def test_cuda_kernels_match_torch_backend(emulator, tmp_path, variant, act, r, d
 # per-row adapters (A > 1: adapter and order arrays): against the torch backend
 @pytest.fixture(scope="module")
 def emulator_multi(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cuda_emu_multi")
-    (tmp / "reft_cuda_emu.cpp").write_text(emulated_source())
-    exe = tmp / "emu_multi"
-    cmd = ["g++", "-std=c++20", "-O1", f"-I{EMU}", f"-I{CSRC}"] + [f"-I{p}" for p in include_paths()]
-    cmd += ["-include", str(EMU / "cuda_runtime.h"), str(EMU / "driver_multi.cpp"),
-            str(tmp / "reft_cuda_emu.cpp"), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return exe
+    return build_emulator(tmp_path_factory.mktemp("cuda_emu_multi"), "driver_multi.cpp")
 
 
 MULTI_CASES = [  # variant, act, r, d, A, K, dropout

@@ -5,13 +5,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "reft_cuda.h"
-
-template <typename T> std::vector<T> read(FILE* f, size_t n) {
-  std::vector<T> v(n);
-  if (n && fread(v.data(), sizeof(T), n, f) != n) throw 1;
-  return v;
-}
+#include "driver_io.h"
 
 template <typename S> void run(reft_cuda::DType dt, std::vector<float>& x, std::vector<float>& g,
                                std::vector<float>& saved, const std::vector<int64_t>& rows,
@@ -38,12 +32,7 @@ int main(int argc, char** argv) {
              c = read<float>(f, r);
   auto g = read<float>(f, M * d);
   fclose(f);
-  reft::RowParams<float> rp;
-  rp.P = P.data(), rp.W = h[4] ? W.data() : nullptr, rp.b = b.data(), rp.c = h[6] ? c.data() : nullptr;
-  rp.r = static_cast<int>(r), rp.d = d, rp.act = static_cast<int>(h[7]);
-  rp.has_weight = h[4], rp.subtract_proj = h[5], rp.dropout = p > 0;
-  rp.seed = static_cast<uint64_t>(h[8]), rp.threshold = static_cast<uint32_t>(p * 16777216.0);
-  rp.scale = static_cast<float>(1.0 / (1.0 - p));
+  const reft::RowParams<float> rp = row_params(P, W, b, c, h.data() + 4, r, d, p);
   const int K = reft_cuda::backward_chunks(N, d, /*sm_count=*/3);
   std::vector<float> saved(N * d), out(2 * r * d + 2 * r);
   if (h[9]) run<c10::BFloat16>(reft_cuda::DType::kBFloat16, x, g, saved, rows, rp, out, K);

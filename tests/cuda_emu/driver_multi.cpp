@@ -5,13 +5,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "reft_cuda.h"
-
-template <typename T> std::vector<T> read(FILE* f, size_t n) {
-  std::vector<T> v(n);
-  if (n && fread(v.data(), sizeof(T), n, f) != n) throw 1;
-  return v;
-}
+#include "driver_io.h"
 
 int main(int argc, char** argv) {
   FILE* f = fopen(argv[1], "rb");
@@ -24,12 +18,7 @@ int main(int argc, char** argv) {
              c = read<float>(f, A * r);
   auto g = read<float>(f, M * d);
   fclose(f);
-  reft::RowParams<float> rp;
-  rp.P = P.data(), rp.W = h[5] ? W.data() : nullptr, rp.b = b.data(), rp.c = h[7] ? c.data() : nullptr;
-  rp.r = static_cast<int>(r), rp.d = d, rp.act = static_cast<int>(h[8]);
-  rp.has_weight = h[5], rp.subtract_proj = h[6], rp.dropout = p > 0;
-  rp.seed = static_cast<uint64_t>(h[9]), rp.threshold = static_cast<uint32_t>(p * 16777216.0);
-  rp.scale = static_cast<float>(1.0 / (1.0 - p));
+  const reft::RowParams<float> rp = row_params(P, W, b, c, h.data() + 5, r, d, p);
   const int K = static_cast<int>(h[10]);
   std::vector<int64_t> order, starts(A + 1, 0);
   for (int64_t a = 0; a <= A; ++a) {
