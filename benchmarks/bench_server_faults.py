@@ -34,17 +34,18 @@ import concurrent.futures
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from reft_kernels.serving.launch import http_client_module, launch_server  # noqa: E402
+
 WORDS = "the a cat dog sat on mat red blue green one two three four five six what is capital of italy why".split()
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")
@@ -53,12 +54,10 @@ MODELS = ["base", *ADAPTERS]
 
 
 def httpx():
-    for name in ("httpx2", "httpx"):   # the openai client's HTTP library, under either name
-        try:
-            return __import__(name)
-        except ImportError:
-            continue
-    raise SystemExit("needs httpx (installed with the openai client)")
+    try:
+        return http_client_module()
+    except ImportError as e:
+        raise SystemExit(str(e))
 
 
 def make_assets(root: str) -> dict:
@@ -101,26 +100,14 @@ def make_assets(root: str) -> dict:
 
 
 def start_server(assets: dict, extra=(), pythonpath: str = ROOT):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """The server of the checkout at ``pythonpath`` (old or new code), its log in the temp dir."""
     args = [a for n, p in assets["runs"].items() for a in ("--adapter", f"{n}={p}")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, "REFT_KERNELS_BACKEND": "torch"}
-    proc = subprocess.Popen([sys.executable, "-m", "reft_kernels.serving", "--port", str(port), *args,
-                             "--served-model-name", "base", "--backend", "torch", "--batch-window-ms", "5",
-                             "--max-batch-size", "16", "--log-level", "error", *extra],
-                            cwd=pythonpath, env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tempfile.gettempdir(), f"reft_server_{port}.log"), "w"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}; see {tempfile.gettempdir()}/reft_server_{port}.log")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    log = os.path.join(tempfile.gettempdir(), f"reft_server_{os.getpid()}_{time.monotonic_ns()}.log")
+    return launch_server([*args, "--served-model-name", "base", "--backend", "torch", "--batch-window-ms", "5",
+                          "--max-batch-size", "16", "--log-level", "error", *extra],
+                         cwd=pythonpath, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                         log_hint=f"see {log}")
 
 
 def rss_mib(pid: int) -> float:

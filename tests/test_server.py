@@ -7,15 +7,15 @@ import functools
 import json
 import signal
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
 import torch
+
+from reft_kernels.serving.launch import free_port, launch_server
 
 try:   # the HTTP tests need the server's extra dependencies; the engine tests run without them
     import openai
@@ -49,10 +49,6 @@ def _tokenizer():
     return tok
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -131,21 +127,8 @@ def reference(assets, adapter, prompt_ids, max_new_tokens):
 
 
 def _start(args, env_extra=None):
-    port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "reft_kernels.serving", "--port", str(port), *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start in 120 s")
+    return launch_server(args, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +333,7 @@ def test_docs_snippet_runs_as_written(tmp_path):
     import re
     text = open(os.path.join(ROOT, "docs", "serving.md"), encoding="utf-8").read()
     block = re.search(r"<!-- serving-snippet:start -->\n```bash\n(.*?)```", text, re.S).group(1)
-    port = str(_free_port())
+    port = str(free_port())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, target in (("reft-kernels", f"{sys.executable} -m reft_kernels"), ("python", sys.executable)):

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 import torch
 
+from reft_kernels.serving.launch import free_port, http_client_module
 from test_server import PROMPTS, _ids, _start, _text, _tok, assets, reference  # noqa: F401 (fixture)
 
 try:
@@ -24,12 +25,10 @@ except ImportError:
 
 
 def _httpx():
-    for name in ("httpx2", "httpx"):   # the openai client's HTTP library, under either name
-        try:
-            return __import__(name)
-        except ImportError:
-            continue
-    pytest.skip("no httpx")
+    try:
+        return http_client_module()
+    except ImportError as e:
+        pytest.skip(str(e))
 
 
 def _engine(assets, names=("alpha", "beta")):
@@ -394,8 +393,7 @@ def test_unexpected_errors_are_openai_500_and_the_connection_lives(assets, caplo
     next request on the same keep-alive connection of a real uvicorn server is answered."""
     uvicorn = pytest.importorskip("uvicorn")
     httpx = _httpx()
-    from test_server import _free_port
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_app(assets), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
