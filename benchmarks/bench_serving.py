@@ -1,5 +1,9 @@
 """Serving benchmark: N concurrent requests spread over A adapters on one small Llama (CPU).
 
+``--engine hf`` (default, below): our hf engine against pyreft on a small random Llama.
+``--engine vllm`` (run it in the vLLM venv): vLLM + the reft_kernels plugin against our hf engine,
+pyreft and stock vLLM on the real model, with time to first token; see benchmarks/serving_vllm.py.
+
 Work: N prompts of ``--prompt-len`` random tokens, request i for adapter ``i % A`` (LoReFT rank 4 on
 ``--layers``, position rule l1: the last prompt token), greedy, exactly ``--new-tokens`` new tokens
 each (eos is disabled, so every method does the same number of decode steps). Throughput =
@@ -294,7 +298,16 @@ def paired_ratio(ours, theirs, key):
 
 
 def main():
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    engine, rest = pre.parse_known_args()
+    if engine.engine == "vllm":
+        sys.path.insert(0, HERE)
+        import serving_vllm
+        return serving_vllm.main(rest)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: this benchmark; vllm: benchmarks/serving_vllm.py (in the vLLM venv)")
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, nargs="+", default=[16, 64],
                    help="N values; each is run with every A <= N")

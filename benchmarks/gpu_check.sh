@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_check.sh --no-install   # use the python environment as it is
 #   bash benchmarks/gpu_check.sh --vllm         # also: vLLM 0.32 (the plain CUDA wheel) in its own venv,
 #        the plugin == HF equality tests (tests/vllm_plugin, V1 model runner) and a throughput line
-#        (benchmarks/bench_vllm.py: stock vLLM eager and with CUDA graphs, plugin, hf engine) -> $OUT/vllm*
+#        (benchmarks/bench_serving.py --engine vllm: stock vLLM eager and with CUDA graphs, plugin, hf
+#        engine) -> $OUT/serving_vllm*
 #
 # Results: $OUT (default ./gpu_results): gpu_check.json, gpu_check.md, gpu_check.log, pytest.xml,
 # ops.json, model.json, launch.json. Exit status: 0 passed, 1 a correctness test failed,
@@ -93,8 +94,8 @@ elif [ "$VLLM" = 1 ]; then
   export VLLM_USE_V2_MODEL_RUNNER=0
   "$VENV/bin/python" -m pytest tests/vllm_plugin -q -p no:cacheprovider 2>&1 | tee "$OUT/vllm_pytest.log" | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" = 0 ] || { say "vLLM plugin tests FAILED (see $OUT/vllm_pytest.log)"; code=1; }
-  "$VENV/bin/python" benchmarks/bench_vllm.py --configs stock_graphs,stock,plugin_base,plugin_adapters,hf \
-    --out "$OUT/vllm.json" 2>&1 | tee -a "$LOG" || say "WARNING: the vLLM benchmark failed"
+  "$VENV/bin/python" benchmarks/bench_serving.py --engine vllm --engines stock_graphs,stock,plugin,hf \
+    --requests 16 --adapters 16 --out "$OUT/serving_vllm" 2>&1 | tee -a "$LOG" || say "WARNING: the vLLM benchmark failed"
 fi
 say "exit $code; results in $OUT (gpu_check.md, gpu_check.json, gpu_check.log)"
 exit "$code"
