@@ -13,6 +13,8 @@ Using it:
 * the batch state: ``logits_processors=[REFT_LOGITS_PROCESSOR]`` (vLLM's public per-request hook);
 * per request: ``SamplingParams(extra_args={"reft_adapter": NAME})`` (``vllm_xargs`` over HTTP) and
   the prompt's ``cache_salt`` from :func:`cache_salt` (:func:`reft_prompt` builds both);
+  decode-time edits with ``extra_args["reft_generated_positions"]`` (``"all"``, ``k`` = every k-th
+  generated token, or a list of generated-token indices, as ``ReftModel.generate``);
 * unknown names: the processor's ``validate_params`` refuses a request naming no loaded adapter in
   vLLM's front end (400 over HTTP). The front end learns the names from the endpoint part
   (:mod:`.endpoint`, ``VLLM_PLUGINS=reft_kernels`` under ``vllm serve``), from ``--engine vllm``, or
@@ -25,12 +27,15 @@ one read of vLLM internals, version-checked).
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
-__all__ = ["register", "REFT_LOGITS_PROCESSOR", "ADAPTER_KEY", "cache_salt", "reft_prompt", "publish_adapters"]
+__all__ = ["register", "REFT_LOGITS_PROCESSOR", "ADAPTER_KEY", "GENERATED_KEY", "cache_salt", "reft_prompt",
+           "publish_adapters"]
 
 REFT_LOGITS_PROCESSOR = "reft_kernels.vllm_plugin.batch_state:ReftBatchState"
 ADAPTER_KEY = "reft_adapter"
+GENERATED_KEY = "reft_generated_positions"   # decode-time edits: "all", k (every k-th), [j, ...]
 
 
 def register() -> None:
@@ -48,19 +53,24 @@ def publish_adapters(source):
 
 
 def cache_salt(adapter: Optional[str], positions: Optional[str], prompt_len: int,
-               version: str = "") -> Optional[str]:
+               version: str = "", generated=None) -> Optional[str]:
     """The prefix-cache salt of a request: KV blocks are shared only between requests whose edits agree.
 
     None (no salt, share with everyone) without an adapter. With one, the adapter's name (and its
     load ``version``, so a reloaded adapter never reuses its predecessor's blocks); when the adapter
     edits last-k positions, also the prompt length, because the edited positions ``L-k..L-1``
-    move with it (a prompt that is a prefix of another has its edits elsewhere).
+    move with it (a prompt that is a prefix of another has its edits elsewhere). With decode-time
+    edits (``generated``, the ``reft_generated_positions`` value), also the rule and the prompt
+    length: vLLM caches blocks of generated tokens too, and a later prompt that contains this
+    answer must not reuse tokens edited by a rule it does not have.
     """
     if adapter is None:
         return None
     from ..data.positions import parse_positions
     _first, last = parse_positions(positions)
     salt = f"reft:{adapter}:{version}"
+    if generated is not None:
+        return f"{salt}:G{json.dumps(generated, separators=(',', ':'))}:L{prompt_len}"
     return f"{salt}:L{prompt_len}" if last else salt
 
 

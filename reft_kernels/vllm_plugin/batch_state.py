@@ -1,10 +1,12 @@
 """Which adapter each request of the running batch uses, via vLLM's public logits-processor API.
 
 A request names its adapter in ``SamplingParams.extra_args={"reft_adapter": NAME}`` (``vllm_xargs``
-over the OpenAI server). vLLM calls a v1 logits processor's ``update_state(BatchUpdate)`` before
+over the OpenAI server), and optionally decode-time edits with ``"reft_generated_positions"``:
+``"all"``, ``k`` (every k-th generated token) or a list of generated-token indices, the values
+``ReftModel.generate(generated_positions=...)`` takes. vLLM calls a v1 logits processor's ``update_state(BatchUpdate)`` before
 every forward with the requests added to, removed from and moved within the persistent batch:
 each added one with its batch index, sampling params and prompt token ids. :class:`ReftBatchState`
-keeps ``index -> (adapter name, prompt length)`` from those updates and publishes it for the
+keeps ``index -> (adapter name, prompt length, decode-time rule)`` from those updates and publishes it for the
 model of the same worker process (:func:`current`). Its ``apply`` leaves the logits unchanged.
 
 Load it with ``LLM(..., logits_processors=[REFT_LOGITS_PROCESSOR])`` or
@@ -19,9 +21,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-__all__ = ["ReftBatchState", "ADAPTER_KEY", "current", "require"]
+__all__ = ["ReftBatchState", "ADAPTER_KEY", "GENERATED_KEY", "current", "require"]
 
-ADAPTER_KEY = "reft_adapter"
+from . import ADAPTER_KEY, GENERATED_KEY
 _active: Optional["ReftBatchState"] = None
 
 
@@ -31,8 +33,15 @@ def adapter_of(params) -> Optional[str]:
     return extra.get(ADAPTER_KEY)
 
 
+def generated_of(params):
+    """The request's decode-time edit rule (:class:`~reft_kernels.edit_state.GeneratedPositions`), or None."""
+    from ..edit_state import GeneratedPositions
+    extra = getattr(params, "extra_args", None) or {}
+    return GeneratedPositions.parse(extra.get(GENERATED_KEY))
+
+
 class ReftBatchState(LogitsProcessor):
-    """Tracks ``batch index -> (adapter, prompt length)``; never changes logits."""
+    """Tracks ``batch index -> (adapter, prompt length, decode-time rule)``; never changes logits."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -43,11 +52,19 @@ class ReftBatchState(LogitsProcessor):
         from . import known
         name = adapter_of(sampling_params)
         if name is None:
+            if (getattr(sampling_params, "extra_args", None) or {}).get(GENERATED_KEY) is not None:
+                raise VLLMValidationError(f"extra_args[{GENERATED_KEY!r}] edits generated tokens with an adapter; "
+                                          f"name one with extra_args[{ADAPTER_KEY!r}]", parameter=GENERATED_KEY)
             return
         where = f"extra_args[{ADAPTER_KEY!r}] (vllm_xargs over HTTP)"
         if not isinstance(name, str) or not name:
             raise VLLMValidationError(f"{where}={name!r} must be an adapter name (a non-empty string), or left "
                                       "out for the base model", parameter=ADAPTER_KEY, value=name)
+        try:
+            generated_of(sampling_params)
+        except (TypeError, ValueError) as exc:
+            raise VLLMValidationError(f"extra_args[{GENERATED_KEY!r}]: {exc}", parameter=GENERATED_KEY,
+                                      value=(sampling_params.extra_args or {}).get(GENERATED_KEY)) from None
         names = known.known()
         if names is None:
             raise VLLMValidationError(
@@ -63,7 +80,7 @@ class ReftBatchState(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         global _active
-        self.rows: Dict[int, Tuple[str, int]] = {}   # batch index -> (adapter, prompt length)
+        self.rows: Dict[int, Tuple] = {}   # batch index -> (adapter, prompt length, GeneratedPositions | None)
         self.batch_size = 0
         _active = self
 
@@ -81,7 +98,7 @@ class ReftBatchState(LogitsProcessor):
             if name is None:
                 rows.pop(index, None)
             else:
-                rows[index] = (name, len(prompt_ids) if prompt_ids is not None else -1)
+                rows[index] = (name, len(prompt_ids) if prompt_ids is not None else -1, generated_of(params))
         for a, b, direction in batch_update.moved:
             ra, rb = rows.pop(a, None), rows.pop(b, None)
             if ra is not None:

@@ -8,7 +8,10 @@ edits position ``p`` when ``p`` is in its kind's range (see :mod:`.store`):
     first: [0, f)      last: [L - l, L)      both: either,   f = min(L//2, first_n), l = min(L//2, last_n)
 
 so the edited rows are the intersection of those ranges with ``[p0, p1]``, shifted to row
-offsets. This depends only on absolute positions and the prompt length, never on how the prompt
+offsets. A request with a decode-time rule (``GeneratedPositions``, as
+``ReftModel.generate(generated_positions=...)``) also has every intervention edit each generated
+position ``p = L + j`` (``p >= L``) whose index ``j`` the rule selects, in whatever step computes it
+(a decode step, or a recompute after preemption). This depends only on absolute positions and the prompt length, never on how the prompt
 was split into chunks or how much of it came from the prefix cache: chunked prefill and cache
 hits edit exactly the tokens a single full-prompt forward would (the cached KV rows themselves are
 kept apart per adapter by the cache salt, :func:`reft_kernels.vllm_plugin.cache_salt`).
@@ -45,14 +48,15 @@ def build_step_plan(store, rows: Mapping[int, Tuple[str, int]], query_start_loc:
                     positions: torch.Tensor) -> Dict[int, list]:
     """``{layer: [(group_key, rows, slots), ...]}`` for this step (empty when nothing is edited).
 
-    ``rows``: batch index -> (adapter name, prompt length) of the requests with an adapter;
+    ``rows``: batch index -> (adapter name, prompt length, decode-time rule or None) of the requests
+    with an adapter;
     ``query_start_loc`` (num_reqs + 1,) and ``positions`` (num_tokens,) on the CPU.
     """
     loc = query_start_loc.tolist()
     num_reqs = len(loc) - 1
     pos = positions
     acc: Dict[Tuple, Tuple[list, list]] = {}
-    for index, (name, prompt_len) in rows.items():
+    for index, (name, prompt_len, generated) in rows.items():
         if index >= num_reqs:
             continue
         start, end = loc[index], loc[index + 1]
@@ -67,16 +71,21 @@ def build_step_plan(store, rows: Mapping[int, Tuple[str, int]], query_start_loc:
             continue
         p0 = int(pos[start])
         p1 = p0 + (end - start)               # exclusive; a request's positions are consecutive
-        if p0 >= prompt_len:                   # decoding: prompt edits are behind it
-            continue
-        for entry in adapter.entries:
-            for lo, hi in edited_ranges(entry.kind, prompt_len, adapter.first_n, adapter.last_n):
-                a, b = max(lo, p0), min(hi, p1)
-                if a >= b:
-                    continue
-                lists = acc.setdefault(entry.group, ([], []))
-                lists[0].append(torch.arange(start + a - p0, start + b - p0))
-                lists[1].append(torch.full((b - a,), entry.slot, dtype=torch.int64))
+        spans = []
+        if p0 < prompt_len:                    # prompt tokens in this step
+            for entry in adapter.entries:
+                for lo, hi in edited_ranges(entry.kind, prompt_len, adapter.first_n, adapter.last_n):
+                    a, b = max(lo, p0), min(hi, p1)
+                    if a < b:
+                        spans.append((entry, a, b))
+        if generated is not None and p1 > prompt_len:   # generated tokens L + j the rule selects
+            for p in range(max(p0, prompt_len), p1):
+                if generated.hits(p - prompt_len):
+                    spans.extend((entry, p, p + 1) for entry in adapter.entries)
+        for entry, a, b in spans:
+            lists = acc.setdefault(entry.group, ([], []))
+            lists[0].append(torch.arange(start + a - p0, start + b - p0))
+            lists[1].append(torch.full((b - a,), entry.slot, dtype=torch.int64))
     plan: Dict[int, list] = {}
     for key in sorted(acc, key=lambda k: (k[0], k[1])):
         r, s = acc[key]

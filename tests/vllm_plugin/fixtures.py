@@ -77,7 +77,8 @@ def prompts_for(tokenizer, n: int = 8):
 
 
 def hf_reference(model_dir: str, adapters: dict, requests, max_tokens: int) -> list:
-    """Greedy tokens of ``ReftModel.generate`` per (prompt ids, adapter name | None), one at a time."""
+    """Greedy tokens of ``ReftModel.generate`` per (prompt ids, adapter name | None[, generated_positions]),
+    one at a time."""
     from transformers import AutoModelForCausalLM
     from reft_kernels import ReftConfig, ReftModel
     from reft_kernels.serving.adapter_files import prompt_locations
@@ -88,7 +89,7 @@ def hf_reference(model_dir: str, adapters: dict, requests, max_tokens: int) -> l
         holder.load_adapter(item["path"], adapter_name=name)
     outs = []
     with torch.inference_mode():
-        for ids, name in requests:
+        for ids, name, *gen in requests:          # (prompt ids, adapter) or (..., generated_positions)
             x = torch.tensor([ids])
             kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
                       min_new_tokens=max_tokens, pad_token_id=0)
@@ -97,7 +98,8 @@ def hf_reference(model_dir: str, adapters: dict, requests, max_tokens: int) -> l
             else:
                 n = len(holder.adapter_config(name).representations)
                 locs = torch.tensor([prompt_locations(len(ids), adapters[name]["positions"], n, False)])
-                out = holder.generate(intervention_locations=locs, adapter_ids=[name], **kw)
+                out = holder.generate(intervention_locations=locs, adapter_ids=[name],
+                                      generated_positions=gen[0] if gen else None, **kw)
             outs.append(out[0, len(ids):].tolist())
     return outs
 

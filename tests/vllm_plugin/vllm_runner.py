@@ -1,7 +1,7 @@
 """Run one vLLM engine configuration and print its greedy outputs as JSON (used by the tests).
 
 argv[1] is a JSON spec: model, adapters ({name: {path, positions}}), engine (LLM keywords),
-batches (a list of request lists; each request {ids, adapter, salt}), max_tokens.
+batches (a list of request lists; each request {ids, adapter, salt[, generated]}), max_tokens.
 Batches run one after another (so earlier ones fill the prefix cache for later ones).
 """
 import json
@@ -26,6 +26,8 @@ def main() -> None:
                 prompt["cache_salt"] = r["salt"]
             prompts.append(prompt)
             extra = {"reft_adapter": r["adapter"]} if r.get("adapter") else None
+            if r.get("generated") is not None:
+                extra["reft_generated_positions"] = r["generated"]
             params.append(SamplingParams(max_tokens=spec["max_tokens"], min_tokens=spec["max_tokens"], temperature=0.0,
                                          extra_args=extra))
         outs = llm.generate(prompts, params, use_tqdm=False)
