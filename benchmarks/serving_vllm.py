@@ -81,7 +81,7 @@ def _ours(engine_name, a, adapters):
     from reft_kernels.serving import GenerationRequest, SamplingParams
     tok = AutoTokenizer.from_pretrained(a.model)
     if engine_name == "hf":
-        from reft_kernels.models.pretrained import load_causal_lm
+        from reft_kernels.base_models.pretrained import load_causal_lm
         from reft_kernels.serving import Engine
         torch.set_num_threads(a.threads)
         model, _, _ = load_causal_lm(a.model, torch.float32)
@@ -283,7 +283,7 @@ def main(argv):
     if a.child:
         return child(a)
     sys.path.insert(0, ROOT)
-    from reft_kernels.models.real import cached_model_dir
+    from reft_kernels.base_models.real import cached_model_dir
     model = cached_model_dir()
     if model is None:
         sys.exit("run `reft-kernels fetch-model` first")

@@ -30,12 +30,12 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from .known import ADAPTER_KEY, GENERATED_KEY   # their one home
+
 __all__ = ["register", "REFT_LOGITS_PROCESSOR", "ADAPTER_KEY", "GENERATED_KEY", "cache_salt", "reft_prompt",
            "publish_adapters"]
 
 REFT_LOGITS_PROCESSOR = "reft_kernels.vllm_plugin.batch_state:ReftBatchState"
-ADAPTER_KEY = "reft_adapter"
-GENERATED_KEY = "reft_generated_positions"   # decode-time edits: "all", k (every k-th), [j, ...]
 
 
 def register() -> None:

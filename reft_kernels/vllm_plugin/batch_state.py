@@ -23,7 +23,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 __all__ = ["ReftBatchState", "ADAPTER_KEY", "GENERATED_KEY", "current", "require"]
 
-from . import ADAPTER_KEY, GENERATED_KEY
+from .known import ADAPTER_KEY, GENERATED_KEY
 _active: Optional["ReftBatchState"] = None
 
 
@@ -35,7 +35,7 @@ def adapter_of(params) -> Optional[str]:
 
 def generated_of(params):
     """The request's decode-time edit rule (:class:`~reft_kernels.edit_state.GeneratedPositions`), or None."""
-    from ..edit_state import GeneratedPositions
+    from ..model.edit_state import GeneratedPositions
     extra = getattr(params, "extra_args", None) or {}
     return GeneratedPositions.parse(extra.get(GENERATED_KEY))
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-__all__ = ["publish", "known", "configured_names", "ADAPTERS_CONFIG_KEY"]
+__all__ = ["publish", "known", "configured_names", "ADAPTERS_CONFIG_KEY", "ADAPTER_KEY", "GENERATED_KEY"]
 
 ADAPTERS_CONFIG_KEY = "reft_adapters"     # hf_overrides={"reft_adapters": {name: path | {path, positions}}}
+ADAPTER_KEY = "reft_adapter"              # per request: extra_args / vllm_xargs {"reft_adapter": NAME}
+GENERATED_KEY = "reft_generated_positions"   # decode-time edits: "all", k (every k-th), [j, ...]
 _published: Optional[frozenset] = None
 local_store = None                       # the AdapterStore of a worker in this process (set by .model)
 
