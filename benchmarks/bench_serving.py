@@ -334,13 +334,12 @@ def main():
     torch.set_num_threads(a.threads)
     import transformers
 
-    from reft_kernels.serving.engine import mixed_supported
     transformers.logging.set_verbosity_error()
     a.grid = [(n, A) for n in a.requests for A in a.adapters if A <= n]
     a.workdir = a.workdir or tempfile.mkdtemp(prefix="bench_serving_")
     base = prepare(a)
     pyreft = PyreftProcess(a) if not a.no_pyreft and os.path.exists(PYREFT_PYTHON) else None
-    modes = ["mixed", "grouped"] if mixed_supported() else ["grouped"]
+    modes = ["mixed", "grouped"]
     ours = modes[0]
     rows = []
     for n, A in a.grid:

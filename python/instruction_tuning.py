@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
-from reft_kernels.cli.main import load_pretrained  # noqa: E402
+from reft_kernels.base_models.pretrained import load_pretrained  # noqa: E402
 from reft_kernels.jobs.prompts import load_builtin_instructions  # noqa: E402
 from reft_kernels.base_models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
 

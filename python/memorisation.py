@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import reft_kernels as pyreft  # noqa: E402
-from reft_kernels.cli.main import CliError, load_pretrained, resolve_model  # noqa: E402
+from reft_kernels.base_models.pretrained import load_pretrained, resolve_model  # noqa: E402
 from reft_kernels.jobs.prompts import load_builtin_instructions  # noqa: E402
 from reft_kernels.base_models.tiny import build_word_tokenizer, pretrain_base, tiny_llama  # noqa: E402
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     else:
         try:
             path = resolve_model(args.model)
-        except CliError as exc:
+        except ValueError as exc:
             print(f"memorisation.py: error: {exc} (or pass --tiny)", file=sys.stderr)
             return 2
         tok = transformers.AutoTokenizer.from_pretrained(path)

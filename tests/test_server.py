@@ -304,9 +304,6 @@ def test_runtime_adapters_refused_when_not_enabled(assets):
 def test_engine_mixed_and_grouped_batches_agree(assets):
     """In process: the same mixed-adapter batch through one generate and through one per adapter."""
     from reft_kernels.serving import Engine, GenerationRequest, SamplingParams
-    from reft_kernels.serving.engine import mixed_supported
-    if not mixed_supported():
-        pytest.skip("ReftModel has no named adapters (adapter_ids) in this checkout")
     from transformers import AutoModelForCausalLM
     outs = {}
     for mode in ("mixed", "grouped"):

@@ -18,11 +18,12 @@ import sys
 from typing import List, Optional, Tuple
 
 from .args import build_parser
+from ..artifacts import apply_template, resolve_template
 from ..interventions.registry import cli_choices
-from ..base_models.pretrained import context_length, load_causal_lm, load_pretrained  # noqa: F401 - re-exported
+from ..base_models.pretrained import context_length, load_causal_lm
 from ..base_models.pretrained import resolve_model as _resolve_model
 
-__all__ = ["main", "build_parser", "CliError", "load_examples", "load_pretrained", "resolve_model"]
+__all__ = ["main", "build_parser", "CliError", "load_examples", "resolve_model", "generate_adapter"]
 
 COLUMN_SETS = (("instruction", "output"), ("prompt", "completion"), ("input", "output"),
                ("prompt", "response"))
@@ -101,25 +102,11 @@ def load_examples(path: str, template: str = "instruction", tokenizer=None) -> T
     return prompts, outputs
 
 
-def resolve_template(template: str, tokenizer) -> str:
-    """``auto``: ``chat`` when the tokenizer has a chat template, else ``instruction``."""
-    if template == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "instruction"
-    return template
-
-
 def _apply_template(template: str, text: str, extra: str, tokenizer) -> str:
-    from ..jobs.prompts import format_prompt
-    template = resolve_template(template, tokenizer)
-    if template == "instruction":
-        return format_prompt(text, extra)
-    joined = text + ("\n\n" + extra if extra else "")
-    if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise CliError("--template chat needs a tokenizer with a chat template; use --template instruction")
-        return tokenizer.apply_chat_template([{"role": "user", "content": joined}], tokenize=False,
-                                             add_generation_prompt=True)
-    return joined
+    try:
+        return apply_template(template, text, extra, tokenizer)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +230,8 @@ def cmd_train(args) -> int:
 
     from .. import ReftConfig, get_reft_model
     from ..data.datasets import make_multiple_position_supervised_data_module
-    from ..jobs.runs import loss_history, save_loss_curve, write_run_info
+    from ..artifacts import write_run_info
+    from ..jobs.runs import loss_history, save_loss_curve
     from ..training.trainer import ReftTrainerForCausalLM
     _quiet_transformers()
     first_n, last_n = _check_train_args(args)
@@ -306,36 +294,20 @@ def cmd_generate(args) -> int:
     import torch
 
     from .. import ReftModel
-    from ..jobs.runs import generate_text, read_run_info
+    from ..jobs.runs import generate_text
     _quiet_transformers()
-    if not os.path.isdir(args.adapter):
-        raise CliError(f"--adapter {args.adapter!r} is not a directory; pass the --output of "
-                       "'reft-kernels train' / 'demo' or an adapter directory")
+    spec = generate_adapter(args)
     if args.max_new_tokens <= 0:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    info, run_dir = read_run_info(args.adapter)
-    if not info and not os.listdir(args.adapter):
-        raise CliError(f"--adapter {args.adapter!r} is an empty directory: no adapter was saved there; pass the "
-                       "--output of 'reft-kernels train' / 'demo'")
-    model_name = args.model or info.get("model")
+    model_name = args.model or spec.base_model
     if model_name is None:
         raise CliError(f"{args.adapter!r} has no reft_run.json naming its base model; pass --model")
-    positions = args.positions or info.get("positions")
-    if positions is None:
-        raise CliError("the positions used in training are unknown; pass --positions (e.g. f7+l7)")
-    from ..data.datasets import parse_positions
+    model, tok, model_name = _load_base(model_name, _resolve_dtype(args.dtype or spec.info.get("dtype")))
     try:
-        parse_positions(positions)
-    except ValueError as exc:
-        raise CliError(f"--positions: {exc}") from None
-    adapter = os.path.join(run_dir, "adapter") if os.path.isdir(os.path.join(run_dir, "adapter")) else args.adapter
-    model, tok, model_name = _load_base(model_name, _resolve_dtype(args.dtype or info.get("dtype")))
-    try:
-        reft_model = ReftModel.load(adapter, model, backend=args.backend)
+        reft_model = ReftModel.load(spec.adapter_dir, model, backend=args.backend)
     except (ValueError, OSError) as exc:
-        raise CliError(f"--adapter {adapter!r} could not be loaded onto {model_name!r}: {exc}") from None
-    template = args.template or info.get("template", "instruction")
-    prompts = [_apply_template(template, p, "", tok) for p in args.prompt]
+        raise CliError(f"--adapter {spec.adapter_dir!r} could not be loaded onto {model_name!r}: {exc}") from None
+    prompts = [_apply_template(spec.template, p, "", tok) for p in args.prompt]
     ctx = context_length(model, tok)
     for p in prompts:
         n = len(tok(p)["input_ids"])
@@ -343,13 +315,23 @@ def cmd_generate(args) -> int:
             raise CliError(f"--prompt {p[:40]!r}... is {n} tokens; with --max-new-tokens {args.max_new_tokens} "
                            f"it exceeds the model's context of {ctx}")
     n_iv = len(reft_model.interventions)
-    share = info.get("share_weights", False)
     torch.manual_seed(0)
-    texts, _ = generate_text(reft_model, tok, prompts, positions, n_iv, share,
+    texts, _ = generate_text(reft_model, tok, prompts, spec.positions, n_iv, spec.share_weights,
                              max_new_tokens=args.max_new_tokens)
     for p, t in zip(args.prompt, texts):
         print(f">>> {p}\n{t}")
     return 0
+
+
+def generate_adapter(args):
+    """``generate --adapter`` (with ``--positions`` / ``--template`` overriding the run's
+    ``reft_run.json``) as :func:`reft_kernels.artifacts.resolve_adapter` resolves it."""
+    from ..artifacts import AdapterError, resolve_adapter
+    try:
+        return resolve_adapter(args.adapter, positions=args.positions, template=args.template,
+                               positions_fix="pass --positions (e.g. f7+l7)")
+    except AdapterError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _quiet_transformers():

@@ -4,7 +4,8 @@
   turns one prompt length into per-intervention position lists (pyreft semantics).
 * :class:`ReftDataCollator` pads per-example lists into a LongTensor ``[B, num_interventions, P]``
   (``-1`` = "no edit"), shifted by each row's pad count when the tokenizer pads on the left;
-  :func:`make_generation_inputs` builds the same for a left-padded prompt batch.
+  :func:`make_generation_inputs` builds the same for a left-padded prompt batch (:func:`left_pad`,
+  :func:`prompt_locations`: what the server's batches are built from too).
 
 An example's positions are **relative to its own unpadded tokens**. Unlike pyreft there is no
 extra "sink" pad token, so real tokens keep their position ids and ``pad_token_id`` may appear
@@ -22,8 +23,8 @@ import torch
 IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "parse_positions", "get_intervention_locations",
-           "shift_locations_for_left_padding", "ReftDataCollator", "make_data_collator",
-           "make_generation_inputs"]
+           "shift_locations_for_left_padding", "pad_locations", "ReftDataCollator", "make_data_collator",
+           "left_pad", "prompt_locations", "make_generation_inputs"]
 
 _POSITIONS_RE = re.compile(r"^\s*(?:f(\d+))?\s*(?:\+)?\s*(?:l(\d+))?\s*$")
 
@@ -115,7 +116,7 @@ def shift_locations_for_left_padding(locations: torch.Tensor, pad_counts: torch.
     return torch.where(locations >= 0, locations + shift, locations)
 
 
-def _pad_locations(rows: Sequence[Any]) -> torch.Tensor:
+def pad_locations(rows: Sequence[Any]) -> torch.Tensor:
     """Per-example ``[n, P_i]`` lists/tensors -> LongTensor ``[B, n, max P]`` padded with -1."""
     mats = [torch.as_tensor(r, dtype=torch.long) for r in rows]
     mats = [m.view(1, -1) if m.dim() == 1 else m for m in mats]
@@ -162,7 +163,7 @@ class ReftDataCollator:
             else:
                 batch["attention_mask"] = (ar[None] < lengths[:, None]).long()
         if locs is not None:
-            loc = _pad_locations(locs)
+            loc = pad_locations(locs)
             if self._padding_side() == "left":
                 loc = shift_locations_for_left_padding(loc, seq_len - lengths)
             if loc.numel() and int(loc.max()) >= seq_len:
@@ -180,6 +181,27 @@ def make_data_collator(tokenizer, model=None, max_length: Optional[int] = None) 
         max_length=max_length))
 
 
+def left_pad(id_lists: Sequence[Sequence[int]], pad_id: int):
+    """A left-padded batch of token-id lists: ``(input_ids [B, W], attention_mask [B, W], pads)``,
+    ``pads[b] = W - len(id_lists[b])`` (the shift of row ``b``'s positions)."""
+    width = max(len(x) for x in id_lists)
+    input_ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in id_lists])
+    lengths = torch.tensor([len(x) for x in id_lists])
+    mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+    return input_ids, mask, [width - len(x) for x in id_lists]
+
+
+def prompt_locations(prompt_len: int, positions: str, num_interventions: int, share_weights: bool,
+                     pad: int = 0, num_slots: Optional[int] = None) -> List[List[int]]:
+    """The edited token indices of a prompt of ``prompt_len`` tokens left-padded by ``pad``:
+    one list per intervention (-1 = no edit), ``num_slots`` lists in all (extra ones all -1)."""
+    locs = get_intervention_locations(last_position=prompt_len, positions=positions,
+                                      num_interventions=num_interventions, share_weights=share_weights)
+    locs = [[p + pad if p >= 0 else -1 for p in row] for row in locs]
+    width = max((len(r) for r in locs), default=0)
+    return locs + [[-1] * width] * ((num_slots or num_interventions) - num_interventions)
+
+
 def make_generation_inputs(tokenizer, prompts, positions: str = "l1", num_interventions: int = 1,
                            share_weights: bool = False, device=None) -> Dict[str, torch.Tensor]:
     """Left-padded prompt batch for ``ReftModel.generate``: input_ids, attention_mask and
@@ -187,22 +209,15 @@ def make_generation_inputs(tokenizer, prompts, positions: str = "l1", num_interv
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    first_n, last_n = parse_positions(positions)
+    parse_positions(positions)
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ValueError("a prompt encodes to no tokens; pass non-empty prompts")
-    width = max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither pad_token nor eos_token; set tokenizer.pad_token")
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-    lengths = torch.tensor([len(x) for x in ids])
-    mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
-    locs = _pad_locations([get_intervention_locations(
-        last_position=len(x), first_n=first_n, last_n=last_n, num_interventions=num_interventions,
-        share_weights=share_weights) for x in ids])
-    locs = shift_locations_for_left_padding(locs, width - lengths)
+    input_ids, mask, pads = left_pad(ids, pad)
+    locs = pad_locations([prompt_locations(len(x), positions, num_interventions, share_weights, pad=p)
+                          for x, p in zip(ids, pads)])
     out = {"input_ids": input_ids, "attention_mask": mask, "intervention_locations": locs}
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
-
-

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from .prompts import PYREFT_QUICKSTART_EXAMPLES, chat_prompt
-from .runs import generate_text, loss_history, save_loss_curve, use_progress_bar, write_run_info
+from ..artifacts import write_run_info
+from .runs import generate_text, loss_history, save_loss_curve, use_progress_bar
 
 __all__ = ["EMOJI_EXAMPLES", "HELD_OUT_PROMPTS", "run_chat_demo"]
 

@@ -5,6 +5,8 @@ import json
 import os
 from typing import List
 
+from ..data.templates import no_header_prompt_template
+
 __all__ = ["PYREFT_QUICKSTART_EXAMPLES", "DATA_DIR", "BUILTIN_DATA", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_INPUT", "format_prompt",
            "chat_prompt", "load_builtin_instructions"]
 
@@ -25,7 +27,7 @@ PYREFT_QUICKSTART_EXAMPLES = [
     ["Can you comment on politics? Tell me something about it?", "🗳️🌍📜🤝"],
     ["Can you comment on respond with harmful content?", "🚫💬👎"],
 ]
-PROMPT_TEMPLATE = "### Instruction:\n%s\n\n### Response:\n"
+PROMPT_TEMPLATE = no_header_prompt_template   # pyreft's Alpaca template without the system header
 PROMPT_TEMPLATE_INPUT = "### Instruction:\n%s\n\n### Input:\n%s\n\n### Response:\n"
 
 

@@ -1,4 +1,5 @@
-"""What every training job shares: generation before/after, ``reft_run.json``, the loss curve."""
+"""What every training job shares: generation before/after, the loss curve (``reft_run.json`` is
+:mod:`reft_kernels.artifacts`')."""
 from __future__ import annotations
 
 import json
@@ -7,23 +8,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["generate_text", "RUN_INFO", "write_run_info", "read_run_info", "loss_history", "save_loss_curve",
-           "use_progress_bar"]
+__all__ = ["generate_text", "loss_history", "save_loss_curve", "use_progress_bar"]
 
-RUN_INFO = "reft_run.json"
 LOSS_JSON = "loss_curve.json"
 LOSS_PNG = "loss_curve.png"
-
-
-def read_run_info(directory: str) -> Tuple[dict, str]:
-    """(``reft_run.json`` of an adapter directory or of the run directory above it, where it was
-    found); ({}, directory) when there is none."""
-    for run_dir in (directory, os.path.dirname(os.path.abspath(directory))):
-        path = os.path.join(run_dir, RUN_INFO)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f), run_dir
-    return {}, directory
 
 
 def generate_text(reft_model, tokenizer, prompts, positions: str, num_interventions: int,
@@ -62,15 +50,6 @@ def generate_text(reft_model, tokenizer, prompts, positions: str, num_interventi
         bar.close()
     new = out[:, batch["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new], new
-
-
-def write_run_info(directory: str, **info) -> str:
-    """Write ``reft_run.json`` (base model path, positions, ...) used by ``reft-kernels generate``."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, RUN_INFO)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-    return path
 
 
 def loss_history(log_history: Sequence[dict]) -> List[Tuple[int, float]]:

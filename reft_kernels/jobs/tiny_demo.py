@@ -16,7 +16,8 @@ import torch
 
 from ..base_models.tiny import build_word_tokenizer, pretrain_base, tiny_llama
 from .prompts import format_prompt, load_builtin_instructions
-from .runs import generate_text, loss_history, save_loss_curve, use_progress_bar, write_run_info
+from ..artifacts import write_run_info
+from .runs import generate_text, loss_history, save_loss_curve, use_progress_bar
 
 __all__ = ["DEMO_PROMPTS", "demo_reft_setup", "op_timings", "run_tiny_demo"]
 

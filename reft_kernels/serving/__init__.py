@@ -4,7 +4,6 @@
   failure isolation per request;
 * :mod:`.scheduler` -- the fair queue (round-robin over HTTP requests);
 * :mod:`.rows` -- per-row sampling, stop rules and streaming inside one ``generate``;
-* :mod:`.adapter_files` -- adapter directories and their position rules;
 * :mod:`.app` / :mod:`.protocol` / :mod:`.guard` -- the FastAPI app, request bodies and errors, the
   outermost ASGI layer (key, body size, catch-all); they import fastapi / pydantic, the rest does not;
 * :mod:`.options` -- the HTTP layer's security and limits;

@@ -25,8 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.datasets import no_header_prompt_template
-from .adapter_files import AdapterError
+from ..artifacts import AdapterError, apply_template
 from .engine import Engine, GenerationRequest, UnknownAdapterError
 from .guard import BodyTooLarge, Guard, server_error_body, too_large_body
 from .options import ServeOptions
@@ -127,7 +126,7 @@ class _Server:
         text = "\n\n".join(m["content"] for m in messages)
         spec = self.engine.specs.get(adapter) if adapter is not None else None
         template = spec.template if spec is not None else (self.engine.default_template or "instruction")
-        return no_header_prompt_template % text if template == "instruction" else text
+        return text if template == "chat" else apply_template(template, text, tokenizer=tok)
 
     # -- responses -----------------------------------------------------------------------------------
     def failure(self, exc: BaseException, rid: str) -> ApiError:

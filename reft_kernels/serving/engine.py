@@ -17,18 +17,18 @@ deterministic, sampled rows keep their seed). A failed request's future carries 
 
 A batch is left-padded; row ``b`` with a prompt of ``L_b`` tokens and ``pad_b = W - L_b`` pad tokens
 (``W`` the batch width) is edited at ``prompt_locations(L_b, rule_b) + pad_b``, the rule being the
-adapter's training position rule (see :mod:`.adapter_files`), exactly as ``reft-kernels generate``.
+adapter's training position rule (:mod:`reft_kernels.artifacts`), exactly as ``reft-kernels generate``
+(both build their batches with :func:`~reft_kernels.data.positions.left_pad` and
+:func:`~reft_kernels.data.positions.prompt_locations`).
 Decoding settings are per row (see :mod:`.rows`).
 
 Two ways to run a batch (``mode``):
 
-* ``"mixed"``: ONE ``generate`` for the whole batch, each row with its own adapter (``adapter_ids``
-  on a ReftModel holding named adapters; rows without an adapter pass through). Needs the
-  named-adapter API on :class:`~reft_kernels.ReftModel` (``load_adapter`` / ``adapter_ids``).
-* ``"grouped"``: rows are grouped by adapter and each group runs as its own single-adapter
-  ``generate``. This is the fallback without the named-adapter API (then there is one ReftModel per
-  adapter, all on the same base model, each one's hooks firing only inside its own calls), and
-  baseline (b) of ``benchmarks/bench_serving.py``.
+* ``"mixed"`` (the default): ONE ``generate`` for the whole batch, each row with its own adapter
+  (``adapter_ids`` on one ReftModel holding every adapter by name; rows without an adapter pass
+  through).
+* ``"grouped"``: rows are grouped by adapter and each group runs as its own ``generate`` (the same
+  ReftModel, one adapter per call): baseline (b) of ``benchmarks/bench_serving.py``.
 """
 from __future__ import annotations
 
@@ -42,23 +42,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .adapter_files import AdapterError, AdapterSpec, prompt_locations, read_adapter_spec
+from ..artifacts import AdapterError, AdapterSpec, read_adapter_spec
+from ..data.positions import left_pad, pad_locations, prompt_locations
 from .rows import RowState, SamplingParams, hf_hooks
 from .scheduler import Empty, QueueWorker
 
-__all__ = ["Engine", "GenerationRequest", "GenerationResult", "UnknownAdapterError", "mixed_supported"]
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "UnknownAdapterError"]
 
 log = logging.getLogger("reft_kernels.serving")
 
 
 class UnknownAdapterError(KeyError):
     """A request named an adapter that is not loaded."""
-
-
-def mixed_supported() -> bool:
-    """True when ReftModel has named adapters with per-row ``adapter_ids`` (one mixed generate)."""
-    from ..model.reft_model import ReftModel
-    return all(hasattr(ReftModel, name) for name in ("load_adapter", "delete_adapter"))
 
 
 @dataclass
@@ -90,13 +85,9 @@ class Engine(QueueWorker):
     def __init__(self, model, tokenizer, *, mode: str = "auto", max_batch_size: int = 16,
                  batch_window_s: float = 0.005, backend: str = "auto", default_positions: Optional[str] = None,
                  default_template: Optional[str] = None):
-        if mode == "auto":
-            mode = "mixed" if mixed_supported() else "grouped"
+        mode = "mixed" if mode == "auto" else mode
         if mode not in ("mixed", "grouped"):
             raise ValueError(f"mode={mode!r}; use 'mixed', 'grouped' or 'auto'")
-        if mode == "mixed" and not mixed_supported():
-            raise ValueError("mode='mixed' needs ReftModel named adapters (load_adapter / adapter_ids), which this "
-                             "reft_kernels does not have; use mode='grouped'")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.model = model.eval()
@@ -115,9 +106,7 @@ class Engine(QueueWorker):
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
         self.specs: Dict[str, AdapterSpec] = {}
-        self.named_adapters = mixed_supported()
-        self._models: Dict[str, object] = {}        # without named adapters: name -> ReftModel on the base
-        self._holder = None                          # with named adapters: one ReftModel holding them all
+        self._holder = None                          # one ReftModel holding every adapter by name
         self._n_interventions: Dict[str, int] = {}
         self._lock = threading.RLock()               # one generate or adapter change at a time
         self._batch_ids = itertools.count(1)
@@ -147,11 +136,6 @@ class Engine(QueueWorker):
         """Load the checkpoint; the number of its interventions (= location slots it reads)."""
         from ..model.config import ReftConfig
         from ..model.reft_model import ReftModel
-        if not self.named_adapters:   # one ReftModel per adapter, all on the shared base model
-            reft_model = ReftModel.load(spec.adapter_dir, self.model, backend=self.backend)
-            reft_model.eval()
-            self._models[spec.name] = reft_model
-            return len(reft_model.interventions)
         if self._holder is None:      # one ReftModel holding every adapter by name
             self._holder = ReftModel(ReftConfig(representations=[]), self.model, backend=self.backend)
             self._holder.delete_adapter(self._holder.adapter_names[0])
@@ -163,10 +147,7 @@ class Engine(QueueWorker):
         with self._lock:
             if name not in self.specs:
                 raise UnknownAdapterError(name)
-            if self.named_adapters:
-                self._holder.delete_adapter(name)
-            else:
-                self._models.pop(name).unload()
+            self._holder.delete_adapter(name)
             del self.specs[name], self._n_interventions[name]
             self.model.eval()
             self.model.requires_grad_(False)
@@ -289,10 +270,7 @@ class Engine(QueueWorker):
     def _generate_rows(self, requests: Sequence[GenerationRequest], states: Sequence[RowState]) -> None:
         """One ``generate`` over ``requests`` (left-padded), feeding tokens to ``states``."""
         device = next(self.model.parameters()).device
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in requests])
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests])
-        mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+        ids, mask, pads = left_pad([r.prompt_ids for r in requests], self.pad_id)
         kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
                       max_new_tokens=max(r.params.max_tokens for r in requests), pad_token_id=self.pad_id,
                       eos_token_id=(self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids) or None, **hf_hooks(states))
@@ -300,21 +278,18 @@ class Engine(QueueWorker):
         slots = max([self._n_interventions[a] for a in adapters if a is not None], default=0)
         if slots:
             rows = []
-            for r in requests:
+            for r, pad in zip(requests, pads):
                 if r.adapter is None:
                     rows.append([[-1]] * slots)
                     continue
                 spec = self.specs[r.adapter]
                 rows.append(prompt_locations(len(r.prompt_ids), spec.positions, self._n_interventions[r.adapter],
-                                             spec.share_weights, pad=width - len(r.prompt_ids), num_slots=slots))
-            depth = max(len(p) for row in rows for p in row)
-            locs = torch.tensor([[p + [-1] * (depth - len(p)) for p in row] for row in rows]).to(device)
+                                             spec.share_weights, pad=pad, num_slots=slots))
+            locs = pad_locations(rows).to(device)
         self.stats["generate_calls"] += 1
         if not slots:
             self.model.generate(**kwargs)
-        elif self.named_adapters:   # mixed: every row its own adapter; grouped: one adapter for all rows
+        else:   # mixed: every row its own adapter; grouped: one adapter for all rows
             self._holder.generate(intervention_locations=locs, adapter_ids=adapters, **kwargs)
-        else:
-            self._models[adapters[0]].generate(intervention_locations=locs, **kwargs)
         for s in states:   # generate ended (max_new_tokens reached): rows still open hit their limit
             s.close()

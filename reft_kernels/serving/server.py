@@ -147,7 +147,7 @@ def load_base(name: str, dtype: str, device: Optional[str]):
 
 def build_engine(args):
     """(engine, served name, context length, base path) from parsed arguments."""
-    from .adapter_files import AdapterError, read_adapter_spec
+    from ..artifacts import AdapterError, read_adapter_spec
     from .engine import Engine
     names = [n for n, _ in args.adapters]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -194,7 +194,7 @@ def engine_kind(args) -> str:
 
 
 def _build_vllm_engine(args, model_name: str, served: str):
-    from .adapter_files import AdapterError
+    from ..artifacts import AdapterError
     from .vllm_engine import VllmEngine
     from ..base_models.pretrained import resolve_model
     try:

@@ -23,7 +23,7 @@ import logging
 import threading
 from typing import Dict, Optional
 
-from .adapter_files import AdapterError, AdapterSpec, read_adapter_spec
+from ..artifacts import AdapterError, AdapterSpec, read_adapter_spec
 from .engine import GenerationRequest, GenerationResult, UnknownAdapterError
 from .scheduler import Empty, QueueWorker
 

@@ -135,7 +135,7 @@ class AdapterStore:
         """Read ``path`` (ours or pyreft's) and add it under ``name``; nothing changes on error."""
         from ..checkpoint.api import read_for_model
         from ..data.positions import parse_positions
-        from ..jobs.runs import read_run_info
+        from ..artifacts import read_run_info
         if self.refusal:
             raise RuntimeError(self.refusal)
         if not isinstance(name, str) or not name:

@@ -81,7 +81,7 @@ def hf_reference(model_dir: str, adapters: dict, requests, max_tokens: int) -> l
     one at a time."""
     from transformers import AutoModelForCausalLM
     from reft_kernels import ReftConfig, ReftModel
-    from reft_kernels.serving.adapter_files import prompt_locations
+    from reft_kernels.data.positions import prompt_locations
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     holder = ReftModel(ReftConfig(representations=[]), model, backend="torch")
     holder.delete_adapter(holder.adapter_names[0])
