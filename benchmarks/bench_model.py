@@ -17,7 +17,7 @@ environment: pyreft 0.1.0 needs transformers 4.45).
     python benchmarks/bench_model.py --repeats 3 --hidden 128 --seq 64   # a smoke run
 
 The pieces take an argparse-like namespace; ``device`` and ``dtype`` attributes (default CPU,
-float32) place the model, inputs and interventions (benchmarks/gpu_bench_model.py uses them).
+float32) place the model, inputs and interventions (benchmarks/gpu/gpu_bench_model.py uses them).
 """
 from __future__ import annotations
 

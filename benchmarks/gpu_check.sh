@@ -14,7 +14,7 @@
 #
 # Results: $OUT (default ./gpu_results): gpu_check.json, gpu_check.md, gpu_check.log, pytest.xml,
 # ops.json, model.json, launch.json. Exit status: 0 passed, 1 a correctness test failed,
-# 2 only benchmark errors, 3 no usable GPU (see benchmarks/gpu_check.py).
+# 2 only benchmark errors, 3 no usable GPU (see benchmarks/gpu/gpu_check.py).
 # Environment: PYTHON (default python3), TORCH_SPEC (default torch==2.13.0, the project's pin;
 # empty: keep the installed torch), INSTALL_TIMEOUT (seconds per pip call, default 180).
 set -uo pipefail
@@ -60,7 +60,7 @@ if [ "$INSTALL" = 1 ]; then
   if [ -n "$TORCH_SPEC" ]; then pip_install "$TORCH_SPEC" triton; else pip_install triton; fi
   pip_install -e ".[test]"
   # nvcc for the native CUDA backend: the machine's, or NVIDIA's wheels matching torch's CUDA.
-  if home=$("$PYTHON" benchmarks/gpu_env.py ensure-nvcc 2> >(tee -a "$LOG" >&2)); then
+  if home=$("$PYTHON" benchmarks/gpu/gpu_env.py ensure-nvcc 2> >(tee -a "$LOG" >&2)); then
     export CUDA_HOME="$home" PATH="$home/bin:$PATH"
     say "CUDA_HOME=$CUDA_HOME"
   else
@@ -68,7 +68,7 @@ if [ "$INSTALL" = 1 ]; then
   fi
   say "install step took $((SECONDS - start)) s"
 elif [ -z "${CUDA_HOME:-}" ] && [[ " ${MODE[*]:-} " != *" --dry-run "* ]]; then
-  home=$("$PYTHON" benchmarks/gpu_env.py ensure-nvcc --no-install 2>>"$LOG") && export CUDA_HOME="$home"
+  home=$("$PYTHON" benchmarks/gpu/gpu_env.py ensure-nvcc --no-install 2>>"$LOG") && export CUDA_HOME="$home"
 fi
 
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
@@ -80,7 +80,7 @@ if not ok and torch.version.cuda is None:
     print("NOTE: this torch is a CPU build (on a GPU machine: the index served a CPU wheel)")
 EOF
 
-"$PYTHON" benchmarks/gpu_check.py --out "$OUT" ${MODE[@]+"${MODE[@]}"} 2>&1 | tee -a "$LOG"
+"$PYTHON" benchmarks/gpu/gpu_check.py --out "$OUT" ${MODE[@]+"${MODE[@]}"} 2>&1 | tee -a "$LOG"
 code=${PIPESTATUS[0]}
 
 if [ "$VLLM" = 1 ] && [[ " ${MODE[*]:-} " == *" --dry-run "* ]]; then

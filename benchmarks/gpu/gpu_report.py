@@ -1,6 +1,6 @@
-"""Markdown summary of the GPU check's JSON (benchmarks/gpu_check.py writes both).
+"""Markdown summary of the GPU check's JSON (benchmarks/gpu/gpu_check.py writes both).
 
-    python benchmarks/gpu_report.py gpu_results/gpu_check.json > summary.md
+    python benchmarks/gpu/gpu_report.py gpu_results/gpu_check.json > summary.md
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ no_grad, bf16 hidden, fp32 R, bf16 W and b:
 plus the same eager/enqueue numbers at a minimal shape (B=1, T=1, d=64): the backend's fixed
 launch latency, native (C++ launcher) against Triton's (Python launcher).
 
-    python benchmarks/gpu_launch.py --json launch.json           # on a GPU
-    python benchmarks/gpu_launch.py --json launch.json --tiny    # CPU smoke run (no graphs)
+    python benchmarks/gpu/gpu_launch.py --json launch.json           # on a GPU
+    python benchmarks/gpu/gpu_launch.py --json launch.json --tiny    # CPU smoke run (no graphs)
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))   # the repository
 from gpu_bench_ops import kernels_per_call, measure, parse_bench_args, sync, write_results  # noqa: E402
 from reft_kernels.ops import loreft  # noqa: E402
 from reft_kernels.ops.autograd import get_backend_safely  # noqa: E402

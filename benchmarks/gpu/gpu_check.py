@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ET
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from gpu_pytest_budget import BUDGET_REASON  # noqa: E402
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))   # the repository (HERE: benchmarks/gpu)
 
 CUDA_TESTS = ["tests/test_ops.py::test_variants_match_oracle_on_cuda", "tests/test_gpu_model.py"]
 FULL_ONLY_TESTS = ["tests/test_triton_backend.py", "tests/test_native_build.py"]

@@ -13,8 +13,8 @@ Per shape x provider x mode (fwd, fwd_bwd, fwd_bwd_hgrad as in bench_ops.py):
   fwd_frac_copy  time of a device-to-device copy of those same bytes (an (N, d) tensor) over
                  the forward time: 1.0 means the forward runs at copy speed
 
-    python benchmarks/gpu_bench_ops.py --json ops.json            # on a GPU: the four shapes
-    python benchmarks/gpu_bench_ops.py --json ops.json --tiny     # on CPU: smoke run
+    python benchmarks/gpu/gpu_bench_ops.py --json ops.json            # on a GPU: the four shapes
+    python benchmarks/gpu/gpu_bench_ops.py --json ops.json --tiny     # on CPU: smoke run
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 import torch.utils.benchmark as tb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # benchmarks/
 from bench_ops import MODES, make_inputs, providers  # noqa: E402
 
 RANK = 4

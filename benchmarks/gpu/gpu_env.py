@@ -1,7 +1,7 @@
 """What the GPU check runs on, and a CUDA compiler for the native backend from the package index.
 
-    python benchmarks/gpu_env.py report          # GPU, driver, torch, triton, CUDA, nvcc as JSON
-    python benchmarks/gpu_env.py ensure-nvcc     # print a CUDA_HOME with bin/nvcc (pip-installs
+    python benchmarks/gpu/gpu_env.py report          # GPU, driver, torch, triton, CUDA, nvcc as JSON
+    python benchmarks/gpu/gpu_env.py ensure-nvcc     # print a CUDA_HOME with bin/nvcc (pip-installs
                                                  # the nvcc wheels matching torch's CUDA if none)
 
 The native CUDA backend compiles ``csrc/`` with ``torch.utils.cpp_extension``, which needs

@@ -11,8 +11,8 @@ layer). Per backend the overhead is the median of the paired ReFT/base time rati
 Times are wall-clock with a CUDA synchronise at the end of each call ("cpu" is the host's
 process time of the same call).
 
-    python benchmarks/gpu_bench_model.py --json model.json            # on a GPU
-    python benchmarks/gpu_bench_model.py --json model.json --tiny     # CPU smoke run
+    python benchmarks/gpu/gpu_bench_model.py --json model.json            # on a GPU
+    python benchmarks/gpu/gpu_bench_model.py --json model.json --tiny     # CPU smoke run
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # benchmarks/
 from bench_model import build_model, compare, generate_fns, train_fns  # noqa: E402
 from gpu_bench_ops import parse_bench_args, write_results  # noqa: E402
 from gpu_launch import available  # noqa: E402
