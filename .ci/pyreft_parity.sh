@@ -9,26 +9,17 @@
 #                      and reused when its stamp matches this script's pins)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+source .ci/venv_lib.sh
 VENV="${REFT_PARITY_VENV:-/tmp/reft-parity-venv}"
-pipi() {  # pip install, without the noise of this machine's local-index warnings
-  "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
-  return "${PIPESTATUS[0]}"
-}
-PINS="torch==2.13.0 transformers==4.45.1 pyvene==0.1.8 pyreft==0.1.0 v3"
-if [ "$(cat "$VENV/.reft-parity-stamp" 2>/dev/null)" != "$PINS" ]; then
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  # torch first and alone, exactly pinned: the CPU build on local disk (never a CUDA one).
-  pipi torch==2.13.0
+parity_packages() {  # after torch
   # transformers 4.45.1 needs tokenizers<0.21 and huggingface-hub<1.0; pyvene imports
   # matplotlib and networkx at module load, pyreft imports datasets (<4 keeps hub<1.0).
   pipi transformers==4.45.1 "huggingface-hub<1.0" "datasets<4" \
     matplotlib networkx safetensors pytest pytest-timeout hypothesis "accelerate>=0.26" triton ninja
   # pyreft/pyvene declare heavy, unneeded deps (wandb, jupyter, seaborn, ...): --no-deps.
   pipi --no-deps pyvene==0.1.8 pyreft==0.1.0
-  echo "$PINS" > "$VENV/.reft-parity-stamp"
-fi
+}
+venv_ensure .reft-parity-stamp "torch==2.13.0 transformers==4.45.1 pyvene==0.1.8 pyreft==0.1.0 v3" parity_packages
 pipi --no-deps -e .
 "$VENV/bin/python" -c "import transformers; assert transformers.__version__ == '4.45.1', transformers.__version__"
 echo "== oldest supported transformers (4.45.1): the tests that touch transformers internals =="

