@@ -27,9 +27,9 @@ from typing import Dict, Optional
 
 from .classes import (ReftClassificationDataset, ReftDataset, ReftGenerationDataset,
                               ReftRawDataset, ReftSupervisedDataset)
-from .positions import (IGNORE_INDEX, ReftDataCollator, get_intervention_locations,
-                                make_data_collator, make_generation_inputs, parse_positions,
-                                shift_locations_for_left_padding)
+from .positions import (IGNORE_INDEX, ReftDataCollator, get_intervention_locations, left_pad,
+                        make_data_collator, make_generation_inputs, pad_locations, parse_positions,
+                        prompt_locations, shift_locations_for_left_padding)
 from .preference import ReftPreferenceDataset, ReftRewardCollator, ReftRewardDataset
 from .templates import no_header_prompt_template, prompt_input, prompt_no_input
 
@@ -39,6 +39,7 @@ __all__ = [
     "make_last_position_supervised_chat_data_module", "make_multiple_position_supervised_data_module",
     "make_classification_data_module", "shift_locations_for_left_padding",
     "no_header_prompt_template", "prompt_input", "prompt_no_input", "make_generation_inputs",
+    "left_pad", "pad_locations", "prompt_locations",
     "ReftDataset", "ReftSupervisedDataset", "ReftGenerationDataset", "ReftClassificationDataset",
     "ReftRawDataset", "ReftPreferenceDataset", "ReftRewardDataset", "ReftRewardCollator",
 ]
