@@ -85,7 +85,8 @@ class Baton:
         if self.pipes is not None:
             self.pipes[1].write("ready\n")
             self.pipes[1].flush()
-            self.pipes[0].readline()
+            if not self.pipes[0].readline():   # the parent is gone: stop rather than run unpaired
+                raise SystemExit("bench_real_model: the parent of this interleaved run exited")
 
 
 RECIPES = {
@@ -235,16 +236,19 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
 
     for iv in reft_model.interventions.values():   # pyreft never switches its interventions to eval
         (iv[0] if isinstance(iv, (list, tuple)) else iv).eval()
-    baton.turn()
-    generate(HELD_OUT[0], True, 4)
-    gen_pairs = []
-    for q in HELD_OUT * gen_rounds:   # alternating
+    gen_pairs, answers = [], {}
+    if gen_rounds:   # --gen-rounds 0: no generation (bench_generate_bf16.py times it on its own)
         baton.turn()
-        gen_pairs.append((generate(q, True)[0], generate(q, False)[0]))
-    baton.turn()
-    per_tok_adapter = statistics.median(a for a, _ in gen_pairs)
-    per_tok_base = statistics.median(b for _, b in gen_pairs)
-    answers = {q: generate(q, True, 24)[1] for q in [EXAMPLES[0][0]] + HELD_OUT}
+        generate(HELD_OUT[0], True, 4)
+        for q in HELD_OUT * gen_rounds:   # alternating
+            baton.turn()
+            gen_pairs.append((generate(q, True)[0], generate(q, False)[0]))
+        baton.turn()
+        answers = {q: generate(q, True, 24)[1] for q in [EXAMPLES[0][0]] + HELD_OUT}
+
+    def median(xs):
+        xs = list(xs)
+        return statistics.median(xs) if xs else None
     return {"impl": impl, "dtype": dtype, "intervention_dtype": str(iv_dtype).replace("torch.", ""),
             "prefix_cache": prefix_cache, "paired_cache_hits": cache_hits,
             "transformers": transformers.__version__, "torch": torch.__version__,
@@ -255,8 +259,10 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
             "base_fwd_bwd_s_median": statistics.median(base_times),
             "reft_over_base_paired_median": statistics.median(r / b for r, b in zip(reft_times, base_times)),
             "peak_rss_mb": peak_rss, "rss_before_train_mb": rss_before,
-            "gen_s_per_token_adapter": per_tok_adapter, "gen_s_per_token_base": per_tok_base,
-            "gen_adapter_over_base_paired_median": statistics.median(a / b for a, b in gen_pairs),
+            "step_s_all": step_times,
+            "gen_s_per_token_adapter": median(a for a, _ in gen_pairs),
+            "gen_s_per_token_base": median(b for _, b in gen_pairs),
+            "gen_adapter_over_base_paired_median": median(a / b for a, b in gen_pairs),
             "losses": losses, "final_loss": losses[-1] if losses else None, "answers": answers}
 
 
@@ -351,6 +357,10 @@ def _plot(results, path):
     print(f"wrote {path}")
 
 
+def _round(x, digits):
+    return None if x is None else round(x, digits)
+
+
 def _fp32_twin(r, results):
     """The fp32 run without the cache of the same engine (what a bf16 run's final loss is held to)."""
     return next((x for x in results if x["impl"] == r["impl"] and x["dtype"] == "float32" and not x["prefix_cache"]),
@@ -365,13 +375,13 @@ def summary(results) -> list:
              "reft_over_base_fwd_bwd": round(r["reft_over_base_paired_median"], 3),
              "step_over_base_fwd_bwd": round(r["step_s_median"] / r["base_fwd_bwd_s_median"], 3),
              "step_over_pyreft_step": round(r["step_s_median"] / ref["step_s_median"], 3),
-             "gen_adapter_over_base_per_token": round(r["gen_adapter_over_base_paired_median"], 3),
+             "gen_adapter_over_base_per_token": _round(r["gen_adapter_over_base_paired_median"], 3),
              "peak_rss_mb": round(r["peak_rss_mb"]),
              "final_loss": r["final_loss"],
              "final_loss_rel_to_fp32": round(r["final_loss"] / _fp32_twin(r, results)["final_loss"] - 1, 4)
              if _fp32_twin(r, results) else None,
-             "gen_ms_per_token_adapter": round(1e3 * r["gen_s_per_token_adapter"], 1),
-             "gen_ms_per_token_base": round(1e3 * r["gen_s_per_token_base"], 1),
+             "gen_s_per_token_adapter": _round(r["gen_s_per_token_adapter"], 4),
+             "gen_s_per_token_base": _round(r["gen_s_per_token_base"], 4),
              "max_abs_loss_diff_vs_pyreft": round(max(abs(x - y) for x, y in zip(r["losses"], ref["losses"])), 6)}
             for r in results]
 
@@ -410,7 +420,8 @@ def main(argv=None) -> int:
                    help="the base model's dtype for every run (--matrix runs both)")
     p.add_argument("--prefix-cache", action="store_true",
                    help="ours: cache the frozen layers below the lowest intervention (reft_kernels.model.prefix_cache)")
-    p.add_argument("--gen-rounds", type=int, default=3, help="generation timing: pairs per held-out question")
+    p.add_argument("--gen-rounds", type=int, default=3,
+                   help="generation timing: pairs per held-out question (0: no generation)")
     p.add_argument("--matrix", action="store_true",
                    help="pyreft fp32, pyreft bf16, ours fp32, ours bf16, ours bf16 + prefix cache, one run (parity venv)")
     p.add_argument("--child", choices=["pyreft", "ours", "ours_pyreft_base"], help=argparse.SUPPRESS)
