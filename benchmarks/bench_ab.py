@@ -15,6 +15,12 @@ Cases (CPU):
                                 a tiny Llama and on bench_model.py's default size
 
     python benchmarks/bench_ab.py --old OLD_TREE [--new NEW_TREE] --rounds 8 --out results/x.json
+
+``--inprocess`` (model-level cases only, when both trees have the same ``reft_kernels/ops``):
+one process imports the new tree as ``reft_kernels`` and the old as ``reft_kernels_old`` (the
+old one's ``ops`` is the new one's: the op's custom ops register once), and each repeat calls
+old and new back to back (order alternating), so both see the same load; reported per case:
+min CPU time per side and the median of the paired new/old ratios.
 """
 from __future__ import annotations
 
@@ -100,6 +106,85 @@ def worker(tree: str, repeats: int, sizes) -> None:
     print("AB_RESULT " + json.dumps(times), flush=True)
 
 
+def _load_as(tree: str, alias: str, shared_ops: str):
+    """Import ``tree``'s reft_kernels as ``alias``, its ``ops`` (and submodules) taken from the
+    already imported ``shared_ops`` package."""
+    import importlib
+    import importlib.util
+    import pkgutil
+    ops = importlib.import_module(shared_ops)
+    for info in pkgutil.iter_modules(ops.__path__):
+        try:
+            importlib.import_module(f"{shared_ops}.{info.name}")
+        except ImportError:      # triton on a CPU-only machine
+            pass
+    for name in [n for n in sys.modules if n == shared_ops or n.startswith(shared_ops + ".")]:
+        sys.modules[alias + ".ops" + name[len(shared_ops):]] = sys.modules[name]
+    package = os.path.join(os.path.abspath(tree), "reft_kernels")
+    spec = importlib.util.spec_from_file_location(alias, os.path.join(package, "__init__.py"),
+                                                  submodule_search_locations=[package])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def inprocess(args) -> dict:
+    """Model-level cases, old and new interleaved in one process (see the module docstring)."""
+    import copy
+    import statistics
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.abspath(args.new))
+    import reft_kernels as new
+    old = _load_as(args.old, "reft_kernels_old", "reft_kernels.ops")
+    print(f"old: {os.path.dirname(old.__file__)}, new: {os.path.dirname(new.__file__)}", flush=True)
+    sys.path.insert(0, HERE)
+    import bench_model
+    results = {}
+    for size in args.sizes:
+        a = SimpleNamespace(rank=4, backend="auto", **MODEL_SIZES[size])
+        base_model = bench_model.build_model(a)
+        for setting in ("one", "all_f7l7"):
+            sites = bench_model.plan(a, setting, a.seq)
+            ids = torch.randint(1, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+            locs = torch.tensor([[pos for _, pos in sites]] * a.batch)
+            psites = bench_model.plan(a, setting, a.prompt)
+            prompt = ids[:1, :a.prompt]
+            unit = {"sources->base": (None, [[pos] for _, pos in psites])}
+            kw = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+            steps = {}
+            for side, lib in (("old", old), ("new", new)):
+                torch.manual_seed(0)
+                train = lib.get_reft_model(copy.deepcopy(base_model), lib.ReftConfig(
+                    representations=bench_model.representations(lib, a, sites)), backend=a.backend)
+                torch.manual_seed(0)
+                gen = lib.get_reft_model(copy.deepcopy(base_model), lib.ReftConfig(
+                    representations=bench_model.representations(lib, a, psites)), backend=a.backend).eval()
+                steps[side] = {
+                    "train": (lambda m=train: m(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                 intervention_locations=locs, labels=ids).loss.backward()),
+                    "generate": (lambda m=gen: m.generate({"input_ids": prompt}, unit_locations=unit,
+                                                          intervene_on_prompt=True, **kw))}
+            for step in ("train", "generate"):
+                times = {"old": [], "new": []}
+                with torch.set_grad_enabled(step == "train"):
+                    for k in range(2 + args.rounds * args.repeats):
+                        for side in (("old", "new") if k % 2 == 0 else ("new", "old")):
+                            t = time.process_time()
+                            steps[side][step]()
+                            times[side].append(time.process_time() - t)
+                t_old, t_new = times["old"][2:], times["new"][2:]   # 2 warm-up calls each
+                case = f"model/{step}/{setting}/{size}"
+                results[case] = {"old_min_s": min(t_old), "new_min_s": min(t_new),
+                                 "min_ratio": min(t_new) / min(t_old),
+                                 "median_paired_ratio": statistics.median(n / o for n, o in zip(t_new, t_old))}
+                r = results[case]
+                print(f"{case:<34}{1e3 * r['old_min_s']:>9.3f} ms{1e3 * r['new_min_s']:>9.3f} ms   min new/old "
+                      f"{r['min_ratio']:.3f}   median paired {r['median_paired_ratio']:.3f}", flush=True)
+    return results
+
+
 def _run(tree: str, args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": os.path.abspath(tree)}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", tree, "--repeats", str(args.repeats),
@@ -120,12 +205,26 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=list(MODEL_SIZES),
                     help="model sizes (default: tiny and mid; 'default' is bench_model.py's)")
     ap.add_argument("--out", default=None, help="JSON path for the per-case results")
+    ap.add_argument("--inprocess", action="store_true", help="model-level cases, old and new in one process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.repeats, args.sizes)
     if not args.old:
         ap.error("--old is required")
+    if args.inprocess:
+        load_before = os.getloadavg()
+        results = inprocess(args)
+        geomean = {k: math.exp(sum(math.log(r[k]) for r in results.values()) / len(results))
+                   for k in ("min_ratio", "median_paired_ratio")}
+        print(f"geomean new/old: {geomean}; load average before {load_before}, after {os.getloadavg()}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": {"mode": "inprocess", "calls_per_side": args.rounds * args.repeats, "threads": 1,
+                                    "clock": "process CPU", "loadavg_before": load_before,
+                                    "loadavg_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")},
+                           "cases": results, "geomean": geomean}, f, indent=1)
+        return None
     load_before = os.getloadavg()
     best = {"old": {}, "new": {}}
     for k in range(args.rounds):
