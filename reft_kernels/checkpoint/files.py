@@ -42,9 +42,13 @@ def read_json(path) -> dict:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
                               f"{_CORRUPT_FIX}") from None
+    return _expect_dict(data, path, "JSON ", "an object ({...})")
+
+
+def _expect_dict(data, path, held: str, expected: str) -> dict:
+    """``data`` if it is a dict; else CheckpointError: ``path`` holds a <held><type>, expected ..."""
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, expected an object "
-                              f"({{...}}); {_CORRUPT_FIX}")
+        raise CheckpointError(f"{path} holds a {held}{type(data).__name__}, expected {expected}; {_CORRUPT_FIX}")
     return data
 
 
@@ -69,10 +73,7 @@ def read_torch_bin(path) -> dict:
     except Exception as e:  # noqa: BLE001 - report which file, whatever torch raised
         raise CheckpointError(f"cannot read {path} as a pyreft weights file "
                               f"(torch.load(weights_only=True) failed: {e}); {_CORRUPT_FIX}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a state dict "
-                              f"(name -> tensor); {_CORRUPT_FIX}")
-    return data
+    return _expect_dict(data, path, "", "a state dict (name -> tensor)")
 
 
 def write_json(path, data, sort_keys: bool = False) -> None:

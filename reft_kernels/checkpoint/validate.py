@@ -66,9 +66,13 @@ def check_base_fits(model, sd, where):
         if name not in params:
             raise CheckpointError(f"{where}: base-model parameter {name!r} does not exist in "
                                   f"{type(model).__name__}")
-        if tuple(params[name].shape) != tuple(v.shape):
-            raise CheckpointError(f"{where}: base-model parameter {name!r} expected shape "
-                                  f"{tuple(params[name].shape)}, found {tuple(v.shape)}")
+        _check_shape(params[name], v, f"{where}: base-model parameter {name!r}")
+
+
+def _check_shape(expected, found, what: str, expected_note: str = "", found_note: str = "") -> None:
+    if tuple(expected.shape) != tuple(found.shape):
+        raise CheckpointError(f"{what} expected shape {tuple(expected.shape)}{expected_note}, "
+                              f"found {tuple(found.shape)}{found_note}")
 
 
 def check_module_fits(iv, t, cls, where):
@@ -82,9 +86,7 @@ def check_module_fits(iv, t, cls, where):
         if name not in have:
             raise CheckpointError(f"{where}: the checkpoint has {name!r} but the {cls} has no such "
                                   f"tensor (add_bias={getattr(iv, 'add_bias', None)})")
-        if tuple(have[name].shape) != tuple(v.shape):
-            raise CheckpointError(f"{where}: {name} expected shape {tuple(have[name].shape)} "
-                                  f"(the config's module), found {tuple(v.shape)} in the checkpoint")
+        _check_shape(have[name], v, f"{where}: {name}", " (the config's module)", " in the checkpoint")
     if cls in PROJECTED and "proj_layer.bias" in have and "proj_layer.bias" not in t:
         raise CheckpointError(f"{where}: the {cls} has add_bias=True but the checkpoint has no "
                               f"proj_layer.bias")

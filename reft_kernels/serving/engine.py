@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..artifacts import AdapterError, AdapterSpec, read_adapter_spec
+from ..artifacts import AdapterError, AdapterSpec
 from ..data.positions import left_pad, pad_locations, prompt_locations
 from .rows import RowState, SamplingParams, hf_hooks
 from .scheduler import Empty, QueueWorker
@@ -116,10 +116,7 @@ class Engine(QueueWorker):
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> AdapterSpec:
         """Load ``path`` under ``name``; raises AdapterError (bad path/config) or ValueError (name taken)."""
-        spec = read_adapter_spec(name, path, self.default_positions, self.default_template)
-        with self._lock:
-            if name in self.specs:
-                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        with self._adding_adapter(name, path) as spec:
             try:
                 n = self._load(spec)
             except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -12,6 +12,7 @@ already queued.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from typing import Any, Deque, Dict, Hashable, Optional
@@ -79,7 +80,8 @@ class QueueWorker:
     """The request side every engine shares: ``submit`` puts a request into a :class:`FairQueue`
     (one group per HTTP request), and one daemon thread runs the engine's ``_loop`` over it.
     ``start`` makes a fresh queue (a closed one holds its stop signal); ``close`` sends the stop
-    signal (``None``) and joins the thread."""
+    signal (``None``) and joins the thread. :meth:`_adding_adapter` is the engines' shared start of
+    ``load_adapter`` (they set ``specs``, ``_lock``, ``default_positions``, ``default_template``)."""
 
     _worker_name = "reft-engine"
     _worker: Optional[threading.Thread] = None
@@ -100,6 +102,18 @@ class QueueWorker:
             self._queue.put(None)
             self._worker.join(timeout=30)
             self._worker = None
+
+    @contextlib.contextmanager
+    def _adding_adapter(self, name: str, path: str):
+        """Resolve adapter ``name`` at ``path`` (:func:`reft_kernels.artifacts.read_adapter_spec`:
+        AdapterError) and hold the engine's lock while the body loads it; ValueError if ``name`` is
+        taken."""
+        from ..artifacts import read_adapter_spec
+        spec = read_adapter_spec(name, path, self.default_positions, self.default_template)
+        with self._lock:
+            if name in self.specs:
+                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            yield spec
 
     def submit(self, request, group: Optional[Hashable] = None):
         """Queue ``request`` (a :class:`~.engine.GenerationRequest`) and return its future; requests

@@ -23,7 +23,7 @@ import logging
 import threading
 from typing import Dict, Optional
 
-from ..artifacts import AdapterError, AdapterSpec, read_adapter_spec
+from ..artifacts import AdapterError, AdapterSpec
 from .engine import GenerationRequest, GenerationResult, UnknownAdapterError
 from .scheduler import Empty, QueueWorker
 
@@ -80,10 +80,7 @@ class VllmEngine(QueueWorker):
 
     # -- adapters ---------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> AdapterSpec:
-        spec = read_adapter_spec(name, path, self.default_positions, self.default_template)
-        with self._lock:
-            if name in self.specs:
-                raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        with self._adding_adapter(name, path) as spec:
             try:
                 self.llm.collective_rpc("reft_load_adapter", args=(name, spec.adapter_dir, spec.positions,
                                                                    spec.share_weights))
