@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import family_of, get_submodule
+from .lazy_callback import lazy_callback
 
 __all__ = ["call_base", "labelled_head", "LabelledLogitsCallback"]
 
@@ -128,20 +129,6 @@ class _Callback:
             self.model = None
 
 
-def _callback_class():
-    from transformers import TrainerCallback
-
-    class LabelledLogitsCallback(_Callback, TrainerCallback):
-        """``transformers.Trainer(..., callbacks=[LabelledLogitsCallback()])`` on a ReftModel: the
-        training steps compute the LM head and the loss at labelled positions only (module docstring)."""
-
-    LabelledLogitsCallback.__module__ = __name__
-    return LabelledLogitsCallback
-
-
-def __getattr__(name):
-    if name == "LabelledLogitsCallback":   # transformers loads on first use
-        cls = _callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_callback(globals(), "LabelledLogitsCallback", _Callback, """\
+``transformers.Trainer(..., callbacks=[LabelledLogitsCallback()])`` on a ReftModel: the training
+steps compute the LM head and the loss at labelled positions only (module docstring).""")

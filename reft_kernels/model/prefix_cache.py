@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..families import family_of, get_submodule
+from .lazy_callback import lazy_callback
 
 __all__ = ["PrefixCache", "PrefixCacheCallback", "prefix_cache_plan", "DEFAULT_MAX_BYTES"]
 
@@ -251,26 +252,13 @@ class _Callback:
             self.cache.remove()
 
 
-def _callback_class():
-    from transformers import TrainerCallback
-
-    class PrefixCacheCallback(_Callback, TrainerCallback):
-        """``transformers.Trainer(..., callbacks=[PrefixCacheCallback()])`` on a ReftModel: the frozen
-        prefix below the first intervention is computed once per example (module docstring).
-        ``max_gb``: the memory budget (default 1)."""
-
-        def __init__(self, max_gb: float = DEFAULT_MAX_BYTES / 2**30, log: Callable[[str], None] = print):
-            if not max_gb > 0:
-                raise ValueError(f"max_gb={max_gb!r}: the prefix cache budget must be positive (GiB), e.g. 1")
-            _Callback.__init__(self, int(max_gb * 2**30), log)
-
-    PrefixCacheCallback.__module__ = __name__
-    return PrefixCacheCallback
+def _init(self, max_gb: float = DEFAULT_MAX_BYTES / 2**30, log: Callable[[str], None] = print):
+    if not max_gb > 0:
+        raise ValueError(f"max_gb={max_gb!r}: the prefix cache budget must be positive (GiB), e.g. 1")
+    _Callback.__init__(self, int(max_gb * 2**30), log)
 
 
-def __getattr__(name):
-    if name == "PrefixCacheCallback":   # transformers loads on first use
-        cls = _callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_callback(globals(), "PrefixCacheCallback", _Callback, """\
+``transformers.Trainer(..., callbacks=[PrefixCacheCallback()])`` on a ReftModel: the frozen prefix
+below the first intervention is computed once per example (module docstring). ``max_gb``: the
+memory budget (default 1).""", init=_init)
