@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=40)
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--output", default="/tmp/reft_instruction_tuning")
+    p.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "reft_instruction_tuning"))
     p.add_argument("--backend", default="auto")
     args = p.parse_args(argv)
     transformers.logging.set_verbosity_error()

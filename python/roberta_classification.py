@@ -21,6 +21,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--epochs", type=float, default=20)
     p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--output", default="/tmp/reft_roberta")
+    p.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "reft_roberta"))
     p.add_argument("--backend", default="auto")
     args = p.parse_args(argv)
     transformers.logging.set_verbosity_error()
