@@ -25,7 +25,8 @@ timing round or one generation pair at a time), so each sees the same machine lo
 average is recorded every turn. Written to ``real_model_matrix[_f7l7].json`` and ``.png``.
 
 Measured per implementation: time per training step (the Trainer's whole step, median over
-steps after the first); then on one batch, alternating 6 times so both see the same load, the
+steps after the first); then on one batch, alternating ``--pairs`` times (default 6; the training
+steps warm up; in ``--matrix`` only ours' runs, the base being the same model) so both see the same load, the
 ReFT forward+backward and the frozen base model's (a zero-cost trainable hook at the same layers:
 the floor any ReFT engine pays; their paired ratio is the engine's overhead); peak RSS; time per
 generated token with the adapter and without it (greedy, 32 tokens, 6 alternating pairs; the
@@ -200,13 +201,18 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
         fn()
         return time.perf_counter() - t0
 
+    def median(xs):
+        xs = list(xs)
+        return statistics.median(xs) if xs else None
+
     reft_times, base_times = [], []
-    for i in range(pairs + 1):
+    if pairs and cache is not None:   # the training steps warmed everything up but this cache: fill it
         baton.turn()
-        tr, tb = timed(reft_fwd_bwd), timed(base_fwd_bwd)
-        if i:                                   # the first pair warms up
-            reft_times.append(tr)
-            base_times.append(tb)
+        reft_fwd_bwd()
+    for i in range(pairs):
+        baton.turn()
+        reft_times.append(timed(reft_fwd_bwd))
+        base_times.append(timed(base_fwd_bwd))
     cache_hits = cache.hits if cache is not None else None
     if cache is not None:
         cache.remove()
@@ -246,18 +252,14 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
         baton.turn()
         answers = {q: generate(q, True, 24)[1] for q in [EXAMPLES[0][0]] + HELD_OUT}
 
-    def median(xs):
-        xs = list(xs)
-        return statistics.median(xs) if xs else None
     return {"impl": impl, "dtype": dtype, "intervention_dtype": str(iv_dtype).replace("torch.", ""),
             "prefix_cache": prefix_cache, "paired_cache_hits": cache_hits,
             "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": threads, "steps": len(step_times), "recipe": recipe, "layers": layers,
             "positions": positions, "interventions": len(site_layers),
             "step_s_median": statistics.median(step_times[1:] or step_times),
-            "reft_fwd_bwd_s_median": statistics.median(reft_times),
-            "base_fwd_bwd_s_median": statistics.median(base_times),
-            "reft_over_base_paired_median": statistics.median(r / b for r, b in zip(reft_times, base_times)),
+            "reft_fwd_bwd_s_median": median(reft_times), "base_fwd_bwd_s_median": median(base_times),
+            "reft_over_base_paired_median": median(r / b for r, b in zip(reft_times, base_times)),
             "peak_rss_mb": peak_rss, "rss_before_train_mb": rss_before,
             "step_s_all": step_times,
             "gen_s_per_token_adapter": median(a for a, _ in gen_pairs),
@@ -271,9 +273,10 @@ def child(impl: str, model_dir: str, steps: int, seed: int, threads: int, recipe
 # ------------------------------------------------------------------------------------------------
 def _command(python, impl, args, config, out):
     dtype, cache = config.get("dtype", "float32"), config.get("cache", False)
+    pairs = config.get("pairs", args.pairs)
     return [python, os.path.abspath(__file__), "--child", impl, "--model", args.model, "--steps", str(args.steps),
             "--seed", str(args.seed), "--threads", str(args.threads), "--recipe", args.recipe, "--child-out", out,
-            "--dtype", dtype, "--gen-rounds", str(args.gen_rounds), "--pairs", str(args.pairs)] + \
+            "--dtype", dtype, "--gen-rounds", str(args.gen_rounds), "--pairs", str(pairs)] + \
         (["--prefix-cache"] if cache else [])
 
 
@@ -345,8 +348,8 @@ def _plot(results, path):
     names = [f"{r['label'].replace(' ', chr(10))}{chr(10)}tf {r['transformers']}" for r in results]
     x = range(len(results))
     b.bar([i - 0.27 for i in x], [r["step_s_median"] for r in results], 0.27, label="Trainer step (median)")
-    b.bar(list(x), [r["reft_fwd_bwd_s_median"] for r in results], 0.27, label="ReFT fwd+bwd (paired)")
-    b.bar([i + 0.27 for i in x], [r["base_fwd_bwd_s_median"] for r in results], 0.27,
+    b.bar(list(x), [r["reft_fwd_bwd_s_median"] or 0 for r in results], 0.27, label="ReFT fwd+bwd (paired)")
+    b.bar([i + 0.27 for i in x], [r["base_fwd_bwd_s_median"] or 0 for r in results], 0.27,
           label="frozen base fwd+bwd (paired)")
     b.set_xticks(list(x))
     b.set_xticklabels(names, fontsize=7)
@@ -367,13 +370,23 @@ def _fp32_twin(r, results):
                 None)
 
 
+def _base_s(r, results):
+    """The frozen base's fwd+bwd in r's dtype: r's own, or (a --matrix pyreft run times none: the base
+    is the same HF model in the same venv) the first run of that dtype that timed it."""
+    if r["base_fwd_bwd_s_median"] is not None:
+        return r["base_fwd_bwd_s_median"]
+    return next((x["base_fwd_bwd_s_median"] for x in results
+                 if x["dtype"] == r["dtype"] and x["base_fwd_bwd_s_median"] is not None), None)
+
+
 def summary(results) -> list:
     """One row per run: the ratios the targets are stated in (pyreft = the first run)."""
     ref = results[0]
     return [{"run": f"{r['label']} (tf {r['transformers']})",
              "step_s": round(r["step_s_median"], 3),
-             "reft_over_base_fwd_bwd": round(r["reft_over_base_paired_median"], 3),
-             "step_over_base_fwd_bwd": round(r["step_s_median"] / r["base_fwd_bwd_s_median"], 3),
+             "reft_over_base_fwd_bwd": _round(r["reft_over_base_paired_median"], 3),
+             "step_over_base_fwd_bwd": _round(r["step_s_median"] / _base_s(r, results), 3)
+             if _base_s(r, results) else None,
              "step_over_pyreft_step": round(r["step_s_median"] / ref["step_s_median"], 3),
              "gen_adapter_over_base_per_token": _round(r["gen_adapter_over_base_paired_median"], 3),
              "peak_rss_mb": round(r["peak_rss_mb"]),
@@ -413,7 +426,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pyreft-python", default=VENV_PYTHON,
                    help="python with pyreft 0.1.0 installed (default: $REFT_PARITY_VENV/bin/python)")
-    p.add_argument("--pairs", type=int, default=6, help="paired timing rounds of ReFT vs frozen-base fwd+bwd")
+    p.add_argument("--pairs", type=int, default=6,
+                   help="paired timing rounds of ReFT vs frozen-base fwd+bwd after training (--matrix: ours only)")
     p.add_argument("--ours-latest", action="store_true", help="also run ours under the main python")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/real_model[_f7l7].json)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -427,7 +441,12 @@ def main(argv=None) -> int:
     p.add_argument("--child", choices=["pyreft", "ours", "ours_pyreft_base"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--baton", help=argparse.SUPPRESS)
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of a results JSON and exit")
     args = p.parse_args(argv)
+    if args.plot_only:   # redraw the PNG of a written JSON
+        with open(args.plot_only) as f:
+            _plot(json.load(f)["results"], os.path.splitext(args.plot_only)[0] + ".png")
+        return 0
     if args.child:
         result = child(args.child, args.model, args.steps, args.seed, args.threads, args.recipe, args.dtype,
                        args.prefix_cache, args.gen_rounds, Baton(args.baton), args.pairs)
@@ -451,7 +470,9 @@ def main(argv=None) -> int:
                  ("reft_kernels pyreft_base", sys.executable, "ours_pyreft_base", same)]
     if args.matrix:
         f32, b16 = {"dtype": "float32"}, {"dtype": "bfloat16"}
-        runs = [("pyreft fp32", args.pyreft_python, "pyreft", f32), ("pyreft bf16", args.pyreft_python, "pyreft", b16),
+        timed_once = {"pairs": 0}   # the frozen base is the same model in the same venv: timed in ours' runs
+        runs = [("pyreft fp32", args.pyreft_python, "pyreft", {**f32, **timed_once}),
+                ("pyreft bf16", args.pyreft_python, "pyreft", {**b16, **timed_once}),
                 ("ours fp32", args.pyreft_python, "ours", f32), ("ours bf16", args.pyreft_python, "ours", b16),
                 ("ours bf16+cache", args.pyreft_python, "ours", {**b16, "cache": True})]
     loads = [os.getloadavg()[0]]
