@@ -15,7 +15,7 @@ import collections
 import contextlib
 import threading
 import time
-from typing import Any, Deque, Dict, Hashable, Optional
+from typing import Any, Deque, Hashable, Optional
 
 __all__ = ["FairQueue", "Empty", "QueueWorker"]
 
@@ -70,10 +70,6 @@ class FairQueue:
 
     def __len__(self) -> int:
         return self.qsize()
-
-    def waiting_groups(self) -> Dict[Hashable, int]:
-        with self._cond:
-            return {g: len(q) for g, q in self._groups.items()}
 
 
 class QueueWorker:
