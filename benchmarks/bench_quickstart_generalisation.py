@@ -78,13 +78,14 @@ def make_intervention(config: str, d: int):
     return iv
 
 
-def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, threads: int) -> dict:
+def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, threads: int,
+        model_dir: str = MODEL_DIR) -> dict:
     import torch
     import transformers
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
-    tok = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR).float().eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     layer = model.config.num_hidden_layers // 2
@@ -181,7 +182,7 @@ def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, thr
         "emoji_only_unseen": sum(map(emoji_only, unseen_answers)), "n_unseen": len(UNSEEN),
         "unseen_answers": dict(zip(UNSEEN, unseen_answers)),
         "train_s": round(train_s, 1), "generate_s": round(time.perf_counter() - t1, 1),
-        "intervention": repr(iv),
+        "intervention": repr(iv), "completion": getattr(getattr(iv, "rotate_layer", None), "completion", None),
     }
 
 
@@ -214,13 +215,14 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--model-dir", default=MODEL_DIR, help="the converted SmolLM2-135M-Instruct (reft-kernels fetch-model)")
     a = ap.parse_args(argv)
     if a.summarise:
         print(summarise(a.out))
         return
     if a.config is None or a.seed is None:
         ap.error("--config and --seed are required (or --summarise)")
-    row = run(a.config, a.seed, a.epochs, a.lr, a.max_new_tokens, a.threads)
+    row = run(a.config, a.seed, a.epochs, a.lr, a.max_new_tokens, a.threads, a.model_dir)
     with open(a.out, "a") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(json.dumps({k: row[k] for k in ("config", "seed", "final_loss", "exact", "emoji_only_unseen",

@@ -16,6 +16,7 @@ from reft_kernels.interventions.rotation import OrthonormalRotation
 
 D, R, T = 64, 4, 7
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "loreft_compact_before_completion")
+KINDS_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "completions_saved_with_compact_default")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -75,11 +76,18 @@ def test_pyreft_base_flag_is_the_pyreft_completion_and_contradictions_raise():
     a = OrthonormalRotation(D, R, pyreft_base=True)
     torch.manual_seed(0)
     b = OrthonormalRotation(D, R, completion="pyreft")
-    assert a.completion == b.completion == "pyreft" and torch.equal(a.base, b.base)
+    torch.manual_seed(0)
+    c = OrthonormalRotation(D, R)                              # the default (issue 20)
+    assert a.completion == b.completion == c.completion == "pyreft"
+    assert torch.equal(a.base, b.base) and torch.equal(a.base, c.base)
+    assert (a.pyreft_base, b.pyreft_base, c.pyreft_base) == (True, False, False)   # data order: a only
+    assert OrthonormalRotation(D, R, pyreft_base=False).completion == "compact"
     with pytest.raises(ValueError, match="completion='nope' is unknown"):
         OrthonormalRotation(D, R, completion="nope")
-    with pytest.raises(ValueError, match="pyreft_base=True asks for completion='pyreft', not 'hartley'"):
+    with pytest.raises(ValueError, match="pyreft_base=True contradicts completion='hartley'"):
         OrthonormalRotation(D, R, completion="hartley", pyreft_base=True)
+    with pytest.raises(ValueError, match="pyreft_base=False contradicts completion='pyreft'"):
+        OrthonormalRotation(D, R, completion="pyreft", pyreft_base=False)
     with pytest.raises(ValueError, match="orthogonal_map='householder'"):
         OrthonormalRotation(D, R, orthogonal_map="cholesky_qr", completion="hartley")
 
@@ -144,6 +152,47 @@ def test_checkpoint_from_before_the_option_loads_as_compact_with_its_outputs(tmp
     back = rk.ReftModel.load(path, tiny_llama(), config=config)
     assert only(back).rotate_layer.completion == "compact"
     torch.testing.assert_close(logits(back, expected["input_ids"]), expected["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("into", [None, "default", "compact"])
+@pytest.mark.parametrize("kind", COMPLETIONS)
+def test_checkpoints_from_before_the_default_switch_keep_their_kind_and_outputs(tmp_path, kind, into):
+    """tests/data/completions_saved_with_compact_default/<kind> were saved when the default was
+    "compact": each loads as its own kind (the state decides, not today's default or the
+    config's module) and gives the logits it gave then."""
+    src = os.path.join(KINDS_FIXTURE, kind)
+    expected = torch.load(os.path.join(src, "expected_logits.pt"), weights_only=True)
+    path = str(tmp_path / kind)
+    shutil.copytree(src, path)
+    config = None
+    if into is not None:
+        kw = {} if into == "default" else {"completion": into}
+        config = rk.ReftConfig(representations=[{
+            "layer": 1, "component": "block_output", "low_rank_dimension": R,
+            "intervention": rk.LoreftIntervention(embed_dim=D, low_rank_dimension=R, dtype=torch.float32, **kw)}])
+    back = rk.ReftModel.load(path, tiny_llama(), config=config)
+    assert only(back).rotate_layer.completion == kind
+    assert (only(back).rotate_layer.base is not None) == (kind == "pyreft")
+    torch.testing.assert_close(logits(back, expected["input_ids"]), expected["logits"], atol=1e-5, rtol=0)
+
+
+def test_default_is_pyreft_and_saves_its_base(tmp_path):
+    """The default completion is pyreft's (issue 20): a default LoReFT's checkpoint holds the
+    d x d base (d*d*4 bytes), a compact one only the d x r reflectors; both reload exactly."""
+    sizes = {}
+    for kind, kw in (("pyreft", {}), ("compact", {"completion": "compact"})):
+        torch.manual_seed(0)
+        iv = rk.LoreftIntervention(embed_dim=D, low_rank_dimension=R, dtype=torch.float32, **kw)
+        assert iv.rotate_layer.completion == kind
+        config = rk.ReftConfig(representations=[{"layer": 1, "component": "block_output",
+                                                 "low_rank_dimension": R, "intervention": iv}])
+        rm = rk.get_reft_model(tiny_llama(), config).eval()
+        rm.save(str(tmp_path / kind))
+        sizes[kind] = os.path.getsize(tmp_path / kind / "adapter.safetensors")
+        back = rk.ReftModel.load(str(tmp_path / kind), tiny_llama())
+        x = torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(3))
+        assert only(back).rotate_layer.completion == kind and torch.equal(logits(rm, x), logits(back, x))
+    assert sizes["pyreft"] - sizes["compact"] >= D * D * 4
 
 
 def test_hartley_intervention_exports_to_pyreft_keys_with_its_trajectory():

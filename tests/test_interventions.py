@@ -69,7 +69,9 @@ def test_attribute_layout_and_dtypes(cls):
         rot = iv.rotate_layer.weight
         assert rot.shape == (R, D) and rot.dtype == torch.float32
         torch.testing.assert_close(rot @ rot.t(), torch.eye(R), atol=1e-6, rtol=0)
-        assert not any(b.numel() >= D * D for b in iv.buffers())                # no d x d buffer
+        assert iv.rotate_layer.base.shape == (D, D)       # the default: pyreft's d x d completion
+        light = cls(embed_dim=D, low_rank_dimension=R, completion="compact")
+        assert not any(b.numel() >= D * D for b in light.buffers())             # no d x d buffer
 
 
 def test_init_matches_pyreft_rng_stream():
@@ -148,8 +150,8 @@ def test_householder_default_equals_torch_orthogonal(full_base):
         rot.load_state_dict({"parametrizations.weight.original": original,
                              "parametrizations.weight.0.base": base})
         assert rot.base is not None
-    else:             # our own: base kept as r reflectors; export its (original, d x d base)
-        rot = OrthonormalRotation(D, R)
+    else:             # compact: base kept as r reflectors; export its (original, d x d base)
+        rot = OrthonormalRotation(D, R, completion="compact")
         with torch.no_grad():
             rot.reflectors.copy_(0.3 * torch.randn(D, R))     # upper part must be ignored
         assert rot.base is None and not any(b.numel() >= D * D for b in rot.buffers())

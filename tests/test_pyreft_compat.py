@@ -111,8 +111,13 @@ def test_pyreft_alias_runs_a_script_unmodified(tmp_path):
     assert out.stdout.strip() == "7 CAUSAL_LM True ['--seed', '42']"
 
 
-def test_rotations_stay_light_by_default():
-    assert rk.LoreftIntervention(embed_dim=16, low_rank_dimension=2).rotate_layer.base is None
+def test_default_rotation_has_pyreft_completion_but_not_pyreft_base():
+    """The default completion is pyreft's d x d one (issue 20); without pyreft_base=True the
+    trainer keeps HF's loader (see test_pyreft_data_order_default_follows_pyreft_base)."""
+    rot = rk.LoreftIntervention(embed_dim=16, low_rank_dimension=2).rotate_layer
+    assert rot.completion == "pyreft" and rot.base.shape == (16, 16) and rot.pyreft_base is False
+    for light in ({"completion": "compact"}, {"pyreft_base": False}):
+        assert rk.LoreftIntervention(embed_dim=16, low_rank_dimension=2, **light).rotate_layer.base is None
 
 
 def test_namespace_names_resolve_as_attributes():

@@ -13,12 +13,15 @@ Each class keeps pyreft 0.1.0's name, constructor keywords, attribute layout and
 Attributes: ``learned_source`` is W, b (an ``nn.Linear(d, r)`` in ``dtype``) or, for Cons/Lobi, the
 fp32 vector b (``torch.rand(r)`` init); ``proj_layer`` is P, c (No/Nodi; Nodi never uses c, as in
 pyreft); ``rotate_layer`` is an :class:`OrthonormalRotation` whose ``.weight`` is R (r, d),
-parametrised as pyreft's (same optimisation trajectory) unless ``orthogonal_map="cholesky_qr"``;
-``pyreft_base=True`` also keeps pyreft's random d x d completion, so training from the same
-seed follows pyreft's exact path, not only its statistics (``None``, the default, means False
-unless :func:`set_pyreft_base_default` changed it; :func:`reft_kernels.as_pyreft` does). Through
-the trainer that path also needs pyreft's data order (on by default with ``pyreft_base``; see
-:mod:`reft_kernels.training.trainer`), dropout 0 and weight decay 0.
+parametrised as pyreft's (same optimisation trajectory) unless ``orthogonal_map="cholesky_qr"``.
+``completion`` picks the rotation base's completion (:mod:`reft_kernels.interventions.completions`): the
+default, ``"pyreft"``, is pyreft's random d x d one, so training from the same seed follows
+pyreft's exact path; ``"compact"`` and ``"hartley"`` are lighter, opt-in. ``pyreft_base=True``
+is ``completion="pyreft"`` plus, through the trainer, pyreft's data order (see
+:mod:`reft_kernels.training.trainer`; the whole path also needs dropout 0 and weight decay 0);
+``pyreft_base=False`` is ``"compact"``; ``None`` (the default) means what
+:func:`set_pyreft_base_default` last set (:func:`reft_kernels.as_pyreft` sets True, or False with
+``exact=False``), else leaves it to ``completion``.
 
 ``load_state_dict`` also takes pyreft 0.1.0's state dicts (LoReFT's slim ``{weight, bias,
 rotate_layer}`` and every class's ``nn.Module`` dict with ``embed_dim``, ``interchange_dim`` and
@@ -28,8 +31,8 @@ rotate_layer}`` and every class's ``nn.Module`` dict with ``embed_dim``, ``inter
 Differences from pyreft, all deliberate: ``train()``/``eval()`` switch dropout (pyreft's stay in
 training mode); weights of another dtype than the hidden states are accepted (the math runs in
 fp32); ``state_dict()`` is the ordinary one (pyreft's LoReFT override drops the prefix, so its
-weights vanish from the parent's state dict); R needs no d x d buffer (unless loaded from
-pyreft's full state or built with ``pyreft_base=True``, to keep pyreft's trajectory).
+weights vanish from the parent's state dict); with ``completion="compact"`` or ``"hartley"`` R
+needs no d x d buffer.
 """
 from __future__ import annotations
 
@@ -220,24 +223,33 @@ class ReftIntervention(nn.Module):
                 f"dropout={self.dropout_p}, act_fn={self.act_fn}")
 
 
-_PYREFT_BASE_DEFAULT = [False]   # see set_pyreft_base_default
+_PYREFT_BASE_DEFAULT = [None]   # see set_pyreft_base_default
 
 
-def set_pyreft_base_default(enabled: bool) -> bool:
+def set_pyreft_base_default(enabled: Optional[bool]) -> Optional[bool]:
     """What ``pyreft_base=None`` (the default) means for rotations built from now on: True makes
-    every Householder rotation keep pyreft's d x d base, so a seeded run follows pyreft's exact
-    path without passing ``pyreft_base=True`` to each intervention (what
-    :func:`reft_kernels.as_pyreft` turns on for unmodified pyreft scripts). Returns the old value."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled={enabled!r} must be True or False")
+    every Householder rotation without an explicit ``completion`` follow pyreft's whole path
+    (``pyreft_base=True``: its d x d base and, through the trainer, its data order), what
+    :func:`reft_kernels.as_pyreft` turns on for unmodified pyreft scripts; False gives the light
+    ``"compact"`` completion (``as_pyreft(exact=False)``); None, the initial value, leaves it to
+    ``completion`` (default ``"pyreft"``, the trainer keeping HF's loader). Returns the old value."""
+    if enabled not in (True, False, None):
+        raise TypeError(f"enabled={enabled!r} must be True, False or None")
     old, _PYREFT_BASE_DEFAULT[0] = _PYREFT_BASE_DEFAULT[0], enabled
     return old
 
 
-def _pyreft_base(pyreft_base, orthogonal_map) -> bool:
-    if pyreft_base is None:
-        return _PYREFT_BASE_DEFAULT[0] and orthogonal_map == "householder"
-    return bool(pyreft_base)
+def _pyreft_base(pyreft_base, orthogonal_map, completion) -> Optional[bool]:
+    """The rotation's ``pyreft_base``: the argument, else the global default where it applies
+    (Householder map; no explicit completion, or ``"pyreft"`` (a loaded checkpoint's) under True)."""
+    if pyreft_base is not None:
+        return bool(pyreft_base)
+    glob = _PYREFT_BASE_DEFAULT[0]
+    if orthogonal_map != "householder" or glob is None:
+        return None
+    if completion is None or (glob and completion == "pyreft"):
+        return glob
+    return None
 
 
 def _check_map(orthogonal_map) -> str:
@@ -255,10 +267,8 @@ class _Rotated(ReftIntervention):
                  act_fn=None, orthogonal_map: str = "householder", pyreft_base: Optional[bool] = None,
                  completion: Optional[str] = None, **ignored):
         super().__init__(embed_dim, low_rank_dimension, dtype, dropout, act_fn)
-        if completion is not None:   # an explicit completion overrides set_pyreft_base_default
-            pyreft_base = bool(pyreft_base)
         self.rotate_layer = OrthonormalRotation(embed_dim, low_rank_dimension, _check_map(orthogonal_map),
-                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map),
+                                                pyreft_base=_pyreft_base(pyreft_base, orthogonal_map, completion),
                                                 completion=completion)
 
     def config_kwargs(self) -> dict:

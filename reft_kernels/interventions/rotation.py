@@ -21,7 +21,11 @@ separately, so it is not invariant under a rotation of base's completion columns
 ``base[:, r:]``: two bases with the same ``base[:, :r]`` give different trajectories (checked in
 tests/test_interventions.py). Two cases:
 
-* an intervention we create ourselves keeps base as r Householder reflectors of R_init, the
+* an intervention we create ourselves keeps pyreft's own completion by default (the d x d
+  buffer ``base`` built from the same randn draw as pyreft's, ``completion="pyreft"``): pyreft's
+  exact path from the same seed, at pyreft's memory and checkpoint cost (d x d floats per
+  rotation). Opt-in (``completion="compact"``, or ``pyreft_base=False``) it keeps base as r
+  Householder reflectors of R_init, the
   buffer ``base_householder`` (d, r) in torch's non-trivialised form (strict lower triangle:
   reflector tails V; diagonal: signs t), i.e. ``base = H_1 ... H_r diag(t, 1, ..., 1)`` with
   ``H_j = I - tau_j v_j v_j^T``, ``v_j = e_j + V[:, j]``. It is applied to Q in the compact WY
@@ -31,10 +35,9 @@ tests/test_interventions.py). Two cases:
 
   so ``base @ Q = Y - V1 T^{-1}\\(V1^T Y)`` with Y = diag(t, 1) Q: O(d r^2), nothing d x d.
   ``base[:, :r] = R_init`` (to fp32 rounding); its completion is the deterministic one of the
-  reflectors, whereas pyreft's is random, so from the same seed the trajectory has pyreft's
-  statistics, not its exact path. ``pyreft_base=True`` instead keeps pyreft's own completion
-  (the d x d buffer ``base`` built from the same randn draw): pyreft's exact path from the
-  same seed, at pyreft's memory and checkpoint cost (d x d floats per rotation).
+  reflectors, whereas pyreft's is random, so from the same seed the trajectory is another one,
+  and it generalises worse (issue 20; :mod:`reft_kernels.completions` has the numbers and the
+  third, ``"hartley"``, completion). ``base_householder`` is kept with every completion.
 * loaded from pyreft's full state (``parametrizations.weight.original`` and ``...0.base``), the
   d x d ``base`` is kept as the buffer ``base`` and applied as pyreft does (``base @ Q``), so
   training continues exactly on pyreft's path (to float noise). :meth:`OrthonormalRotation.rebase`
@@ -121,8 +124,12 @@ class OrthonormalRotation(nn.Module):
     "cholesky_qr" (opt-in). Construction draws from the global RNG exactly as pyreft's does
     (``orthogonal_`` on a (d, r) matrix, then the (d, d - r) completion draw), so the initial R
     and every later init (``learned_source``) match pyreft's for the same seed.
-    ``pyreft_base=True`` (Householder map) keeps that draw's completion as pyreft does, so
-    training from the same seed follows pyreft's exact path (see the module doc).
+    ``completion`` (Householder map; :mod:`reft_kernels.completions`): None is the default,
+    ``"pyreft"``, which keeps that draw's completion as pyreft does, so training from the same
+    seed follows pyreft's exact path (see the module doc). ``pyreft_base``: True is
+    ``completion="pyreft"`` and also asks the trainer for pyreft's data order (the attribute
+    ``pyreft_base``; :func:`reft_kernels.trainer.follows_pyreft_base`); False is ``"compact"``;
+    None leaves it to ``completion``.
 
     ``load_state_dict`` accepts our state of either map, pyreft's ``parametrizations.weight.*``
     keys, or ``weight`` (an R in our (r, d) or pyreft's (d, r) layout) and converts to this
@@ -132,16 +139,18 @@ class OrthonormalRotation(nn.Module):
     base: Optional[torch.Tensor]
 
     def __init__(self, embed_dim: int, low_rank_dimension: int, orthogonal_map: str = HOUSEHOLDER,
-                 pyreft_base: bool = False, completion: Optional[str] = None):
+                 pyreft_base: Optional[bool] = None, completion: Optional[str] = None):
         super().__init__()
         if orthogonal_map not in ORTHOGONAL_MAPS:
             raise ValueError(f"orthogonal_map={orthogonal_map!r} is unknown; use one of {ORTHOGONAL_MAPS}")
         if orthogonal_map != HOUSEHOLDER and (pyreft_base or completion not in (None, COMPACT)):
             raise ValueError(f"pyreft_base=True / completion={completion!r} need orthogonal_map="
                              f"{HOUSEHOLDER!r} (the map with a base), not {orthogonal_map!r}")
-        completion = resolve_completion(completion, pyreft_base)
+        if orthogonal_map == HOUSEHOLDER:
+            completion = resolve_completion(completion, pyreft_base)
         d, r = int(embed_dim), int(low_rank_dimension)
         self.orthogonal_map = orthogonal_map
+        self.pyreft_base = bool(pyreft_base)   # pyreft's whole path asked for (not saved)
         init = torch.empty(d, r)
         nn.init.orthogonal_(init)
         fill = torch.randn(d, d - r) if _PARITY_DRAW.get() else None  # pyreft's completion draw
@@ -245,6 +254,7 @@ class OrthonormalRotation(nn.Module):
         self.signs.fill_(-1.0)
         self.base_householder.copy_(householder_form(matrix.mT))
         self.base = None
+        self.pyreft_base = False
 
     def rebase(self) -> None:
         """Re-anchor at the current R: frees a loaded d x d base; R kept to fp32 rounding.

@@ -10,7 +10,9 @@ What differs from pyreft, deliberately:
   permutation than HF's seeded sampler. ``pyreft_data_order=True`` uses pyreft's loader (so a
   seeded run sees pyreft's batches); ``False`` keeps HF's. The default (``None``) is True when
   every rotation of the model was built with ``pyreft_base=True`` (the "follow pyreft's path"
-  setting), else False. ``ReftTrainerForSequenceClassification`` keeps HF's loader, as pyreft;
+  setting, also :func:`reft_kernels.as_pyreft`'s) and still has pyreft's d x d base, else False:
+  the default ``completion="pyreft"`` alone keeps HF's loader (its workers, ``group_by_length``,
+  per-rank sharding). ``ReftTrainerForSequenceClassification`` keeps HF's loader, as pyreft;
 * ``compute_loss`` accepts ``num_items_in_batch`` and any future keywords, and returns the
   per-batch mean (the Trainer divides by the gradient-accumulation steps);
 * checkpoints (``checkpoint-N/intervenable_model``) hold the ReFT weights *and* config
@@ -97,10 +99,12 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, sampler
 
 
 def follows_pyreft_base(model: nn.Module) -> bool:
-    """True when ``model`` has rotations and every one keeps pyreft's d x d base
-    (``pyreft_base=True``): the setting that means "follow pyreft's exact path"."""
+    """True when ``model`` has rotations and every one was built with ``pyreft_base=True`` and
+    keeps pyreft's d x d base: the setting that means "follow pyreft's exact path" (the default
+    ``completion="pyreft"`` has the base too, but asks for nothing about the data order)."""
     rotations = [m for m in _unwrap(model).modules() if type(m).__name__ == "OrthonormalRotation"]
-    return bool(rotations) and all(getattr(m, "base", None) is not None for m in rotations)
+    return bool(rotations) and all(getattr(m, "base", None) is not None and getattr(m, "pyreft_base", False)
+                                   for m in rotations)
 
 
 def _install_gc_shims(model: nn.Module) -> None:

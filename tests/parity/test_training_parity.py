@@ -137,17 +137,19 @@ def test_loreft_model_training_follows_pyreft():
 
 @pytest.mark.parametrize("cls", ROTATED)
 def test_pyreft_base_follows_pyreft_from_the_same_seed(cls):
-    """No state copied: built from the same seed, ``pyreft_base=True`` has pyreft's exact d x d
-    base (same randn draw, same QR) and trains on pyreft's path; the default compact base has the
-    same R but another completion, so its path differs (same statistics)."""
+    """No state copied: built from the same seed, ``pyreft_base=True`` and the default
+    (``completion="pyreft"``) have pyreft's exact d x d base (same randn draw, same QR) and train
+    on pyreft's path; the compact base has the same R but another completion, so its path differs."""
     def build(lib, **kw):
         torch.manual_seed(5)
         return getattr(lib, cls)(embed_dim=D, low_rank_dimension=R, dtype=torch.float32, **kw)
-    theirs, exact, compact = build(pyreft), build(rk, pyreft_base=True), build(rk)
-    assert torch.equal(exact.rotate_layer.base, theirs.rotate_layer.parametrizations.weight[0].base)
-    ref, got, other = loss_curve(theirs), loss_curve(exact), loss_curve(compact)
+    theirs, exact, default = build(pyreft), build(rk, pyreft_base=True), build(rk)
+    compact = build(rk, completion="compact")
+    for ours in (exact, default):
+        assert torch.equal(ours.rotate_layer.base, theirs.rotate_layer.parametrizations.weight[0].base)
+    ref, got, dflt, other = loss_curve(theirs), loss_curve(exact), loss_curve(default), loss_curve(compact)
     assert abs(ref[0] - got[0]) < 1e-6 and abs(ref[0] - other[0]) < 1e-6    # same start
-    assert (got - ref).abs().max().item() <= TOL
+    assert (got - ref).abs().max().item() <= TOL and (dflt - ref).abs().max().item() <= TOL
     assert (other - ref).abs().max().item() > 1e-4
 
 
