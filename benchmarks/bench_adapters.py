@@ -51,7 +51,9 @@ def build_model(hidden, layers, vocab, seed=0):
 
 
 def loreft_config(hidden, rank, layer, dtype=torch.float32):
-    iv = reft_kernels.LoreftIntervention(embed_dim=hidden, low_rank_dimension=rank, dtype=dtype)
+    # compact: the kilobyte adapters measured in docs/api.md (the default completion, "pyreft",
+    # adds a d x d fp32 base per adapter: 1.3 MiB at d = 576)
+    iv = reft_kernels.LoreftIntervention(embed_dim=hidden, low_rank_dimension=rank, dtype=dtype, completion="compact")
     return reft_kernels.ReftConfig(representations=[{"layer": layer, "component": "block_output",
                                                      "low_rank_dimension": rank, "intervention": iv}])
 

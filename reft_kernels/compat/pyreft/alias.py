@@ -15,7 +15,7 @@ pyreft's numbers from the same seed: ``as_pyreft()`` (and so the runner) also ma
 keep pyreft's d x d base by default (:func:`reft_kernels.interventions.modules.set_pyreft_base_default`),
 which makes ``ReftTrainerForCausalLM`` use pyreft's data order too; with dropout 0 and weight
 decay 0 a seeded run then logs pyreft's losses. ``as_pyreft(exact=False)`` / the runner's
-``--no-exact`` keep our lighter rotation (no d x d buffer; same statistics, another path).
+``--no-exact`` give the light ``completion="compact"`` rotation (no d x d buffer; another path).
 
 ``pyreft`` becomes the very module object ``reft_kernels`` and ``pyreft.X`` the module
 ``reft_kernels.X`` (imported on first use; one object under both names, so classes compare
