@@ -33,8 +33,8 @@ import sys
 
 import pytest
 
-from reft_kernels.completions import DEFAULT_COMPLETION
-from reft_kernels.models import real
+from reft_kernels.interventions.completions import DEFAULT_COMPLETION
+from reft_kernels.base_models import real
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "bench_quickstart_generalisation.py")

@@ -36,7 +36,7 @@ tests/test_interventions.py). Two cases:
   so ``base @ Q = Y - V1 T^{-1}\\(V1^T Y)`` with Y = diag(t, 1) Q: O(d r^2), nothing d x d.
   ``base[:, :r] = R_init`` (to fp32 rounding); its completion is the deterministic one of the
   reflectors, whereas pyreft's is random, so from the same seed the trajectory is another one,
-  and it generalises worse (issue 20; :mod:`reft_kernels.completions` has the numbers and the
+  and it generalises worse (issue 20; :mod:`reft_kernels.interventions.completions` has the numbers and the
   third, ``"hartley"``, completion). ``base_householder`` is kept with every completion.
 * loaded from pyreft's full state (``parametrizations.weight.original`` and ``...0.base``), the
   d x d ``base`` is kept as the buffer ``base`` and applied as pyreft does (``base @ Q``), so
@@ -124,11 +124,11 @@ class OrthonormalRotation(nn.Module):
     "cholesky_qr" (opt-in). Construction draws from the global RNG exactly as pyreft's does
     (``orthogonal_`` on a (d, r) matrix, then the (d, d - r) completion draw), so the initial R
     and every later init (``learned_source``) match pyreft's for the same seed.
-    ``completion`` (Householder map; :mod:`reft_kernels.completions`): None is the default,
+    ``completion`` (Householder map; :mod:`reft_kernels.interventions.completions`): None is the default,
     ``"pyreft"``, which keeps that draw's completion as pyreft does, so training from the same
     seed follows pyreft's exact path (see the module doc). ``pyreft_base``: True is
     ``completion="pyreft"`` and also asks the trainer for pyreft's data order (the attribute
-    ``pyreft_base``; :func:`reft_kernels.trainer.follows_pyreft_base`); False is ``"compact"``;
+    ``pyreft_base``; :func:`reft_kernels.training.trainer.follows_pyreft_base`); False is ``"compact"``;
     None leaves it to ``completion``.
 
     ``load_state_dict`` accepts our state of either map, pyreft's ``parametrizations.weight.*``
