@@ -4,7 +4,7 @@ and stock vLLM, on the real model (SmolLM2-135M-Instruct, fp32, ``reft-kernels f
     <vllm venv>/bin/python benchmarks/bench_serving.py --engine vllm [--requests 16 64]
         [--adapters 1 4 16] [--new-tokens 16] [--repeats 2] [--out benchmarks/results/serving_vllm]
 
-Work: N chat-free prompts of 8..30 tokens (different lengths), request i for adapter ``i % A``
+Work: N chat-free prompts of 6..34 tokens (10 different lengths), request i for adapter ``i % A``
 (random LoReFT, rank 4, layer 15, position rule l1), greedy, exactly ``--new-tokens`` new tokens
 each (eos ignored), all N submitted at once. Engines, each in its own process, alive together:
 
