@@ -7,29 +7,17 @@ import shutil
 
 import pytest
 import torch
-import transformers
 
 import reft_kernels as rk
 from reft_kernels.interventions.completions import COMPLETIONS, hartley_factors, hartley_mix
 from reft_kernels.compat.pyreft.rotation import rotation_from_pyreft
 from reft_kernels.interventions.rotation import OrthonormalRotation
 
-D, R, T = 64, 4, 7
+from test_rotation_checkpoint import D, R, T, _torch_backend, tiny_llama  # noqa: F401 (autouse fixture)
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "loreft_compact_before_completion")
 KINDS_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "completions_saved_with_compact_default")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("REFT_KERNELS_BACKEND", "torch")
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(hidden_size=D, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=100)
-    torch.manual_seed(1)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def logits(rm, x):
