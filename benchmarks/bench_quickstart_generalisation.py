@@ -29,7 +29,7 @@ P*), the answer is non-empty and holds no letter or number of any script (catego
 Appends one JSON line per run to ``--out`` (default benchmarks/results/quickstart_generalisation.jsonl).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_quickstart_generalisation.py --config compact --seed 0
-    /tmp/reft-parity-venv/bin/python benchmarks/bench_quickstart_generalisation.py --config pyreft --seed 0
+    "$REFT_PARITY_VENV"/bin/python benchmarks/bench_quickstart_generalisation.py --config pyreft --seed 0
     python benchmarks/bench_quickstart_generalisation.py --summarise     # the tables
 """
 from __future__ import annotations

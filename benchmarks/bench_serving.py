@@ -44,7 +44,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # the parity venv of .ci/pyreft_parity.sh (same variable, same default)
-PYREFT_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", "/tmp/reft-parity-venv"), "bin", "python")
+PYREFT_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", os.path.join(tempfile.gettempdir(), "reft-parity-venv")), "bin", "python")
 
 
 def llama_config(a):

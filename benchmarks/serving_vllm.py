@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PYREFT_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", "/tmp/reft-parity-venv"), "bin", "python")
+PYREFT_PYTHON = os.path.join(os.environ.get("REFT_PARITY_VENV", os.path.join(tempfile.gettempdir(), "reft-parity-venv")), "bin", "python")
 ENGINES = ("plugin", "stock", "hf", "pyreft")
 WORDS = ("Explain briefly why the sky is blue and how light scatters in the air around us today please answer "
          "in a few words with an example from daily life and a short summary").split()

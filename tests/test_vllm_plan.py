@@ -53,7 +53,7 @@ def _edited(plan, starts):
 def test_chunked_steps_edit_what_one_step_edits():
     store = _Store(a=_Adapter("f3+l3", [(0, 0), (0, 1)]), b=_Adapter("l1", [(2, 0)]))
     lengths = {0: 13, 1: 9, 2: 20}
-    rows = {0: ("a", 13), 1: ("b", 9), 2: ("a", 20)}
+    rows = {0: ("a", 13, None), 1: ("b", 9, None), 2: ("a", 20, None)}   # no decode-time rule
 
     def step(spans):   # spans: request -> (first position, count) scheduled this step
         loc, pos, starts = [0], [], []

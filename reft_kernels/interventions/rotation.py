@@ -61,7 +61,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .completions import COMPACT, COMPLETIONS, HARTLEY, PYREFT, complete_columns, \
+from .completions import COMPACT, HARTLEY, PYREFT, complete_columns, \
     hartley_factors, resolve_completion, seed_from_draw
 from .householder import apply_householder_base, householder_columns, householder_form
 from ..compat.pyreft.rotation import pyreft_completion, rotation_from_pyreft, rotation_to_pyreft

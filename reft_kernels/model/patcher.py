@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn

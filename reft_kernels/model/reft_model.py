@@ -124,10 +124,6 @@ class ReftModel(nn.Module):
         adapters share the frozen base). Everything is validated before anything changes."""
         self.adapters.load(path, adapter_name, config=config, dtype=dtype, is_trainable=is_trainable)
 
-    def add_loaded(self, adapter_name: str, config: ReftConfig, modules: nn.ModuleDict) -> None:
-        """Register already-built interventions (keyed as ``config.keys``) as adapter ``adapter_name``."""
-        self.adapters.add(adapter_name, config, modules)
-
     def set_adapter(self, adapter_name) -> None:
         """Apply ``adapter_name`` (a name, or a list composed in order) to every row by default."""
         self.adapters.set_active(adapter_name)

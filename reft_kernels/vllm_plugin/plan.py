@@ -44,7 +44,7 @@ def edited_ranges(kind: str, prompt_len: int, first_n: int, last_n: int) -> List
     return out
 
 
-def build_step_plan(store, rows: Mapping[int, Tuple[str, int]], query_start_loc: torch.Tensor,
+def build_step_plan(store, rows: Mapping[int, Tuple[str, int, object]], query_start_loc: torch.Tensor,
                     positions: torch.Tensor) -> Dict[int, list]:
     """``{layer: [(group_key, rows, slots), ...]}`` for this step (empty when nothing is edited).
 
