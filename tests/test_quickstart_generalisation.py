@@ -18,10 +18,12 @@ Threshold (sum over the two seeds >= 5), from the measured per-seed table
 
 The bound is pyreft's own sum at these seeds (5). It is also pyreft's expected two-seed sum less
 one seed-SD of that sum: 2 x 3.4 - 1.7 x sqrt(2) = 4.4, i.e. >= 5 in whole answers. A default
-whose held-out behaviour falls more than the measured seed noise below pyreft's fails it; the
-compact completion, the default this test would have caught, gives 3 and fails (run once that way
-when the test was written). Hartley passes at these seeds: its deficit (-1.4 paired over 5 seeds)
-is inside this two-seed test's resolution.
+whose held-out behaviour falls more than the measured seed noise below pyreft's fails it. Run
+through this test's command on the code of the change (one thread per seed, fp32): the default
+gave 4 + 3 = 7 (losses 0.8705, 0.5602) and ``completion="compact"``, the default this test would
+have caught, gave 1 + 2 = 3 (losses 0.7230, 0.6144, equal to the table's) and fails. Hartley
+passes at these seeds: its deficit (-1.4 paired over 5 seeds) is inside this two-seed test's
+resolution.
 
 Cost: two processes of ~6 min each on one thread (in parallel on CI's two cores). Marked
 ``real_model`` (so ``slow``): CI runs it; the fast run leaves it out.
