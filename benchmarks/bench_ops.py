@@ -102,6 +102,20 @@ def copy_bandwidth(device):
 MODES = ("fwd", "fwd_bwd", "fwd_bwd_hgrad")
 
 
+def mode_fns(f, x, x0, pos, R, W, b, grad):
+    """The three timed calls of provider ``f`` (see ``bench``), by mode."""
+    def fwd():
+        with torch.no_grad():
+            f(x0.detach(), pos, R, W, b)
+
+    def fwd_bwd():
+        torch.autograd.backward(f(x0.detach(), pos, R, W, b), grad)
+
+    def fwd_bwd_hgrad():
+        torch.autograd.backward(f(x + 0, pos, R, W, b), grad)
+    return dict(fwd=fwd, fwd_bwd=fwd_bwd, fwd_bwd_hgrad=fwd_bwd_hgrad)
+
+
 def bench(shapes, dtype, device, min_run_time):
     """Three timings per provider and shape (see the module docstring):
 
@@ -120,17 +134,8 @@ def bench(shapes, dtype, device, min_run_time):
         grad = torch.randn_like(x)
         res = {}
         for name, f in provs.items():
-            def fwd():
-                with torch.no_grad():
-                    f(x0.detach(), pos, R, W, b)
-
-            def fwd_bwd():
-                torch.autograd.backward(f(x0.detach(), pos, R, W, b), grad)
-
-            def fwd_bwd_hgrad():
-                torch.autograd.backward(f(x + 0, pos, R, W, b), grad)
-
-            res[name] = [time_fn(fn, device, min_run_time) for fn in (fwd, fwd_bwd, fwd_bwd_hgrad)]
+            fns = mode_fns(f, x, x0, pos, R, W, b, grad)
+            res[name] = [time_fn(fns[mode], device, min_run_time) for mode in MODES]
         # the producer alone (x + 0 and its backward), to report the op's own share of hgrad
         producer = time_fn(lambda: torch.autograd.backward(x + 0, grad), device, min_run_time)
         moved = 2 * B * P * d * x.element_size()  # read + write of the edited rows

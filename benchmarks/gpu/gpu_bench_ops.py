@@ -29,7 +29,7 @@ import torch.utils.benchmark as tb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # benchmarks/
-from bench_ops import MODES, make_inputs, providers  # noqa: E402
+from bench_ops import MODES, make_inputs, mode_fns, providers  # noqa: E402
 
 RANK = 4
 SHAPES = {  # name: (B, T, P, d)
@@ -83,19 +83,6 @@ def copy_seconds(n_elements, dtype, device, min_run_time):
     src = torch.randn(n_elements, device=device).to(dtype)
     dst = torch.empty_like(src)
     return measure(lambda: dst.copy_(src), device, min_run_time)[1]
-
-
-def mode_fns(f, x, x0, pos, R, W, b, grad):
-    def fwd():
-        with torch.no_grad():
-            f(x0.detach(), pos, R, W, b)
-
-    def fwd_bwd():
-        torch.autograd.backward(f(x0.detach(), pos, R, W, b), grad)
-
-    def fwd_bwd_hgrad():
-        torch.autograd.backward(f(x + 0, pos, R, W, b), grad)
-    return dict(fwd=fwd, fwd_bwd=fwd_bwd, fwd_bwd_hgrad=fwd_bwd_hgrad)
 
 
 def bench_shape(name, shape, provs, dtype, device, min_run_time, deadline):
