@@ -158,7 +158,10 @@ def test_emoji_loreft_trains_on_the_real_model(real_model_dir, tmp_path, capsys)
     r = run_chat_demo(model_dir=real_model_dir, output_dir=str(tmp_path), max_steps=12, lr=2e-2,
                       backend="torch", max_new_tokens=6, log=lambda *a: None)
     torch.set_num_threads(threads)
-    assert r["steps"] == 12 and r["loss_last"] < 0.7 * r["loss_first"], r["losses"]
+    # 12 steps at lr 2e-2 from 2.99: the compact rotation reached < 0.7x; the default since issue 20
+    # (pyreft's random completion) rises at step 2 and reaches 0.708x in fp32. The bound asks for a
+    # clear fall (0.8x), not one rotation's speed; held-out behaviour is test_quickstart_generalisation's.
+    assert r["steps"] == 12 and r["loss_last"] < 0.8 * r["loss_first"], r["losses"]
     assert os.path.isfile(os.path.join(r["adapter"], "loss_curve.json"))
     assert sum(r["emoji_share_after"]) > sum(r["emoji_share_before"])
     capsys.readouterr()
