@@ -383,11 +383,9 @@ def main():
                           "transformers": transformers.__version__, "pyreft_transformers": "4.45.1",
                           "note": "shared 2-core machine with other jobs running: compare ratios, not absolutes"},
               "rows": rows}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, a.out + ".png")
-    print(f"wrote {a.out}.json and {a.out}.png")
+    sys.path.insert(0, HERE)
+    from serving_vllm import write_results   # stdlib-only at import; vLLM loads only in its children
+    write_results(result, a.out, plot)
 
 
 if __name__ == "__main__":

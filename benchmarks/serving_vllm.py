@@ -329,12 +329,17 @@ def main(argv):
               "loadavg_per_round": loads, "load_range": f"{min(one_min):.1f}-{max(one_min):.1f}",
               "machine": {"cpu_count": os.cpu_count(), "note": "shared 2-core machine with other jobs: read ratios"},
               "rows": rows}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, a.out + ".png")
-    print(f"wrote {a.out}.json and {a.out}.png")
+    write_results(result, a.out, plot)
 
+
+
+def write_results(result: dict, out: str, plot) -> None:
+    """``out``.json (the result) and ``out``.png (``plot(result, path)``); both serving benchmarks use it."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, out + ".png")
+    print(f"wrote {out}.json and {out}.png")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
