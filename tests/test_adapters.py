@@ -332,6 +332,25 @@ def test_mixed_generate_left_padded_equals_one_by_one(multi, kw):
         assert torch.equal(out[b * per:(b + 1) * per, -5:], alone[:, -5:])
 
 
+def test_mixed_generate_applies_no_dropout_in_training_mode():
+    """Generation never applies intervention dropout, also when the adapters are in training mode
+    (sampling mid-training) and a mixed batch stacks them into one per-row op call: the same tokens
+    as each adapter alone, on every run."""
+    a, b = make_iv(dropout=0.5), make_iv(rank=2, dropout=0.5)   # stackable: same variant, act, dropout
+    reft = pyreft.get_reft_model(tiny_llama(), config(0, a), backend="torch")
+    reft.add_adapter("b", config(0, b))
+    reft.train()
+    assert a.training and b.training
+    mixed = [gen(reft, IDS[:2], adapter_ids=["default", "b"]) for _ in range(3)]
+    alone = []
+    for row, name in enumerate(("default", "b")):
+        reft.set_adapter(name)
+        alone.append(gen(reft, IDS[row:row + 1]))
+    for out in mixed:
+        assert torch.equal(out, torch.cat(alone))
+    assert a.training and b.training   # modes restored after generate
+
+
 def test_save_by_name_writes_the_single_adapter_files_and_loads_back(multi, tmp_path):
     model, reft, ivs, layers = multi
     reft.save(tmp_path / "d", adapter_name="d")

@@ -84,15 +84,15 @@ class SingleEdit:
 @dataclass
 class StackedEdit:
     """One per-row op call: row b uses ``interventions[stack_ids[b]]`` (-1: none) at location
-    ``locations[b]``. The interventions share ``settings`` = ``(variant, act, dropout)`` and their
-    width (the plan groups them so); ``stack_ids`` are indices into ``interventions``, not
-    adapter names."""
+    ``locations[b]``. The interventions share their width and ``op_settings()`` =
+    ``(variant, act, dropout)`` (the plan groups them so); the settings are read from them when
+    the edit runs, so ``generate`` (interventions in eval mode) applies no dropout. ``stack_ids``
+    are indices into ``interventions``, not adapter names."""
 
     interventions: list
     stack_ids: torch.Tensor
     locations: torch.Tensor
     seed_key: tuple
-    settings: tuple
     single_location: Optional[int] = None
     _cache: Optional[tuple] = field(default=None, repr=False)
 
@@ -108,7 +108,11 @@ class StackedEdit:
         """``hidden`` with each row's edit at ``positions`` (B, P): one call of the per-row op,
         made inside every stacked intervention's ``__call__`` (nested, in stack order), so their
         module hooks run around it as on the single path (FSDP/ZeRO gather the parameters)."""
-        variant, act, dropout = self.settings
+        settings = {iv.op_settings() for iv in self.interventions}
+        if len(settings) != 1:   # modes changed between planning and the call; the plan groups by them
+            raise RuntimeError(f"stacked interventions now run with different (variant, act, dropout) "
+                               f"{sorted(settings, key=str)}; keep every adapter's train/eval mode during a call")
+        (variant, act, dropout), = settings
 
         def op(hidden):
             proj, weight, bias, proj_bias, ranks = self.weights()
@@ -162,13 +166,13 @@ def build_plan(chains: list, site_edits: dict, device) -> dict:
             for b, entry in enumerate(stage):
                 if entry is not None:
                     groups.setdefault(_signature(entry[2]), {}).setdefault((entry[0], entry[1]), []).append(b)
-            for signature, members in groups.items():
-                steps.append(_edit_for(members, stage, B, device, signature[:3]))
+            for members in groups.values():
+                steps.append(_edit_for(members, stage, B, device))
         plan[key] = steps
     return plan
 
 
-def _edit_for(members: dict, stage: list, B: int, device, settings: tuple):
+def _edit_for(members: dict, stage: list, B: int, device):
     """A SingleEdit (one intervention in the stage group) or a StackedEdit (several)."""
     if len(members) == 1:
         (name, i), rows = next(iter(members.items()))
@@ -190,7 +194,7 @@ def _edit_for(members: dict, stage: list, B: int, device, settings: tuple):
         ivs.append(stage[rows[0]][2])
     distinct = {slot[1] for slot in slots}
     single = distinct.pop() if len(distinct) == 1 else None
-    return StackedEdit(ivs, stack_ids.to(device), locations.to(device), slots[0], settings, single)
+    return StackedEdit(ivs, stack_ids.to(device), locations.to(device), slots[0], single)
 
 
 class CallPlan:
