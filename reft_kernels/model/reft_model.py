@@ -29,6 +29,7 @@ from .config import ReftConfig
 from .edit_state import EditState, GeneratedPositions
 from .locations import call_positions, input_shape
 from .labelled_logits import call_base
+from .length_groups import grouped_call
 from .patcher import ModelPatch
 
 __all__ = ["ReftModel", "get_reft_model", "count_parameters"]
@@ -56,6 +57,10 @@ class ReftModel(nn.Module):
     and :mod:`reft_kernels.model.registry` for named adapters (``add_adapter``, ``adapter_ids=``, ...),
     held by ``self.adapters`` (an :class:`~reft_kernels.model.registry.AdapterRegistry`).
     """
+
+    #: in training steps that read only the loss, run a padded batch in length groups without its
+    #: trailing padding (:mod:`reft_kernels.model.length_groups`); False: one call per batch
+    trim_padding = True
 
     def __init__(self, config: ReftConfig, model: nn.Module, backend: str = "auto", **pyvene_kwargs):
         super().__init__()
@@ -217,10 +222,20 @@ class ReftModel(nn.Module):
                 inputs[name] = value
         edits, seeds, positions, max_position = self._prepare_call(
             inputs, unit_locations, intervention_locations, adapter_ids)
+        if not output_original_output and adapter_ids is None:   # training: rows in length groups, no padding
+            grouped = grouped_call(self, inputs, positions, self._one_group)
+            if grouped is not None:
+                return (None, grouped) if pyvene_style else grouped
         original = self.model(**inputs) if output_original_output else None
         with self._patch.activate(CallPlan(edits, seeds, EditState(positions, max_position), self.backend)):
             outputs = call_base(self, inputs)   # in training: the LM head at labelled positions only
         return (original, outputs) if pyvene_style else outputs
+
+    def _one_group(self, inputs: dict, locations: torch.Tensor):
+        """One length group of a training call (:mod:`reft_kernels.model.length_groups`)."""
+        edits, seeds, positions, max_position = self._prepare_call(inputs, None, locations, None)
+        with self._patch.activate(CallPlan(edits, seeds, EditState(positions, max_position), self.backend)):
+            return call_base(self, inputs)
 
     def generate(self, base: Optional[Mapping] = None, sources=None, unit_locations=None,
                  source_representations=None, intervene_on_prompt: bool = True, subspaces=None,

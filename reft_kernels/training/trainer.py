@@ -24,6 +24,8 @@ What differs from pyreft, deliberately:
   ``prefix_cache_max_gb`` bounds it, default 1);
 * the training steps compute the LM head and the loss at labelled positions only
   (:mod:`reft_kernels.model.labelled_logits`; the same loss; ``labelled_logits=False`` turns it off);
+  with it, a padded batch runs in length groups without its trailing padding
+  (:mod:`reft_kernels.model.length_groups`; the same loss; ``trim_padding=False`` turns it off);
 * the rotation parameters are never weight-decayed (decay would pull a Householder R back
   towards its initial value and shrink a Cholesky-QR basis towards a badly conditioned one);
   ``learned_source`` is (pyreft's Trainer, by a name mismatch, decays no intervention parameter,
@@ -133,7 +135,8 @@ class ReftTrainer(Trainer):
     """
 
     def __init__(self, *args, pyreft_data_order: Optional[bool] = None, prefix_cache: bool = True,
-                 prefix_cache_max_gb: float = 1.0, labelled_logits: bool = True, **kwargs):
+                 prefix_cache_max_gb: float = 1.0, labelled_logits: bool = True, trim_padding: bool = True,
+                 **kwargs):
         if pyreft_data_order not in (None, True, False):
             raise ValueError(f"pyreft_data_order={pyreft_data_order!r}; pass True (pyreft's plain shuffled "
                              "loader), False (HF's loader) or None (True when pyreft_base=True)")
@@ -158,6 +161,9 @@ class ReftTrainer(Trainer):
         if labelled_logits:   # the LM head and the loss at labelled positions only
             from ..model.labelled_logits import LabelledLogitsCallback
             self.add_callback(LabelledLogitsCallback())
+        reft_model = _unwrap(self.model)
+        if hasattr(reft_model, "interventions"):   # length groups without padding (with labelled logits)
+            reft_model.trim_padding = bool(trim_padding)
         self.model_accepts_loss_kwargs = False   # compute_loss returns a per-batch mean
         if hasattr(self, "loss_is_scaled_for_ga"):
             self.loss_is_scaled_for_ga = False
