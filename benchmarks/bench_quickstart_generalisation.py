@@ -42,6 +42,7 @@ import re
 import time
 import unicodedata
 
+from reft_kernels.compat.kv_cache import cache_kwargs, output_cache
 from reft_kernels.jobs.prompts import PYREFT_QUICKSTART_EXAMPLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,7 +120,7 @@ def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, thr
         ids = torch.tensor(tok(prompt + a + tok.eos_token)["input_ids"])
         p = p_len - 1
         with torch.no_grad():
-            prefix = model(input_ids=ids[None, :p], use_cache=True).past_key_values
+            prefix = output_cache(model(input_ids=ids[None, :p], use_cache=True))
         examples.append((prefix, ids[p:]))
         n_labels += len(ids) - p_len
 
@@ -131,7 +132,7 @@ def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, thr
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for prefix, suffix in examples:
-            logits = model(input_ids=suffix[None], past_key_values=copy.deepcopy(prefix), use_cache=True).logits
+            logits = model(input_ids=suffix[None], **cache_kwargs(model, copy.deepcopy(prefix)), use_cache=True).logits
             loss = torch.nn.functional.cross_entropy(logits[0, :-1], suffix[1:], reduction="sum") / n_labels
             loss.backward()
             total += loss.item()
@@ -169,7 +170,7 @@ def run(config: str, seed: int, epochs: int, lr: float, max_new_tokens: int, thr
     t1 = time.perf_counter()
     with torch.no_grad():   # greedy reproduces answer + EOS iff every label token is the argmax
         edit["at"] = 0
-        exact = [bool((model(input_ids=suffix[None], past_key_values=copy.deepcopy(prefix), use_cache=True)
+        exact = [bool((model(input_ids=suffix[None], **cache_kwargs(model, copy.deepcopy(prefix)), use_cache=True)
                        .logits[0, :-1].argmax(-1) == suffix[1:]).all()) for prefix, suffix in examples]
     edit["at"] = None
     unseen_answers = generate(UNSEEN, max_new_tokens)
