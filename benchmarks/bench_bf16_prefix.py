@@ -6,10 +6,13 @@ load; ratios are medians of per-round ratios:
 * ``matmul``: 512x576 @ 576x1536 (a SmolLM2 MLP projection of a 512-token batch) in fp32 and bf16,
   and the kernel oneDNN runs for the bf16 one (``ONEDNN_VERBOSE=1`` in a child process);
 * ``step``: on SmolLM2-135M-Instruct and the emoji quick start's batch (10 examples, LoReFT r=4 at
-  layer 15, last prompt token): forward+backward of the frozen base (a zero trainable scalar added
-  at layer 15's output: the floor of any engine), of ours without and with the prefix cache, in
-  fp32 and bf16;
-* ``profile``: the self CPU time per operator of one bf16 cached forward+backward (torch.profiler).
+  layer 15, last prompt token), in fp32 and bf16: forward+backward of the frozen base (a zero
+  trainable scalar added at layer 15's output, one padded call, every position's logits: the floor
+  of an engine that does the base's work), and of ours with the training levers added one at a
+  time: the frozen-prefix cache, logits at labelled positions only, length groups without padding
+  (the last rung is what ``ReftTrainer*`` run);
+* ``profile``: the self CPU time per operator of one bf16 forward+backward with every lever on
+  (torch.profiler).
 
 Writes ``benchmarks/results/bf16_prefix.json`` and ``.png``.
 
@@ -66,6 +69,11 @@ def bench_matmul(rounds: int) -> dict:
             "bf16_over_fp32": _ratio(times, "bf16", "fp32"), "onednn_bf16_kernel": kernel}
 
 
+RUNGS = (   # name: (prefix cache, logits at labelled positions, length groups); each adds one lever
+    ("ours", False, False, False), ("ours+cache", True, False, False),
+    ("ours+cache+labelled", True, True, False), ("ours+cache+labelled+groups", True, True, True))
+
+
 def bench_step(model_dir: str, rounds: int) -> dict:
     import torch
     import transformers
@@ -77,7 +85,7 @@ def bench_step(model_dir: str, rounds: int) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q, _ in EXAMPLES]
-    fns, caches, profile_fn = {}, {}, None
+    fns, caches, profile_fn, shape = {}, {}, None, None
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(dtype).eval()
         layer = model.config.num_hidden_layers // 2
@@ -86,10 +94,12 @@ def bench_step(model_dir: str, rounds: int) -> dict:
             "layer": layer, "component": "block_output", "low_rank_dimension": 4,
             "intervention": rk.LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=4,
                                                   dtype=torch.float32)}]))
+        reft.train()   # as in a training step (the base stays in eval: no dropout)
         tok.padding_side = "right"
         data = rk.make_last_position_supervised_data_module(tok, model, prompts, [a for _, a in EXAMPLES])
         batch = data["data_collator"]([data["train_dataset"][i] for i in range(len(EXAMPLES))])
         batch = {k: v for k, v in batch.items() if k != "id"}
+        shape = {"batch": list(batch["input_ids"].shape), "real_tokens": int(batch["attention_mask"].sum())}
         cache = PrefixCache(reft, log=lambda m: None)
         cache.install()
         caches[name] = cache
@@ -107,33 +117,33 @@ def bench_step(model_dir: str, rounds: int) -> dict:
                 h.remove()
                 cache.paused = False
 
-        def ours(reft=reft, batch=batch, cache=cache, cached=False):
-            cache.paused = not cached
-            reft(**batch).loss.backward()
-            cache.paused = False
+        def ours(cached, labelled, groups, reft=reft, batch=batch, cache=cache):
+            cache.paused, reft.labelled_logits, reft.trim_padding = not cached, labelled, groups
+            try:
+                reft(**batch).loss.backward()
+            finally:
+                cache.paused = False
 
         fns[f"base_{name}"] = base
-        fns[f"ours_{name}"] = ours
-        fns[f"ours_{name}_cache"] = lambda ours=ours: ours(cached=True)
-        if name == "bf16":
-            profile_fn = fns["ours_bf16_cache"]
+        for rung, cached, labelled, groups in RUNGS:
+            fns[f"{rung}_{name}"] = (lambda ours=ours, c=cached, l=labelled, g=groups: ours(c, l, g))
+        profile_fn = fns[f"{RUNGS[-1][0]}_bf16"]
     times = _paired(fns, rounds)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         profile_fn()
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    return {"median_s": {k: statistics.median(v) for k, v in times.items()},
-            "ratios": {"base_bf16_over_base_fp32": _ratio(times, "base_bf16", "base_fp32"),
-                       "ours_bf16_over_ours_fp32": _ratio(times, "ours_bf16", "ours_fp32"),
-                       "ours_bf16_cache_over_ours_bf16": _ratio(times, "ours_bf16_cache", "ours_bf16"),
-                       "ours_fp32_over_base_fp32": _ratio(times, "ours_fp32", "base_fp32"),
-                       "ours_bf16_over_base_bf16": _ratio(times, "ours_bf16", "base_bf16"),
-                       "ours_bf16_cache_over_base_bf16": _ratio(times, "ours_bf16_cache", "base_bf16"),
-                       "ours_fp32_cache_over_base_fp32": _ratio(times, "ours_fp32_cache", "base_fp32")},
+    ratios = {"base_bf16_over_base_fp32": _ratio(times, "base_bf16", "base_fp32")}
+    for d in ("fp32", "bf16"):
+        for rung, *_ in RUNGS:
+            ratios[f"{rung}_{d}_over_base_{d}"] = _ratio(times, f"{rung}_{d}", f"base_{d}")
+    for rung, *_ in RUNGS:
+        ratios[f"{rung}_bf16_over_{rung}_fp32"] = _ratio(times, f"{rung}_bf16", f"{rung}_fp32")
+    return {"batch": shape, "median_s": {k: statistics.median(v) for k, v in times.items()}, "ratios": ratios,
             "cache_hits": {k: c.hits for k, c in caches.items()},
             "cache_mib": {k: c.bytes / 2**20 for k, c in caches.items()},
-            "profile_ours_bf16_cache_top_ops": [
+            "profile_ours_bf16_top_ops": [
                 {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
                  "calls": e.count} for e in ops]}
 
@@ -143,16 +153,19 @@ def _plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     med = result["step"]["median_s"]
-    names = ["base_fp32", "ours_fp32", "ours_fp32_cache", "base_bf16", "ours_bf16", "ours_bf16_cache"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    a.bar(range(len(names)), [med[n] for n in names], color=["#999", "#48c", "#8c4"] * 2)
-    a.set_xticks(range(len(names)))
-    a.set_xticklabels([n.replace("_", "\n") for n in names], fontsize=8)
+    names = ["base"] + [rung for rung, *_ in RUNGS]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    x = range(len(names))
+    for k, (d, color) in enumerate((("fp32", "#48c"), ("bf16", "#c84"))):
+        a.bar([i + 0.4 * k - 0.2 for i in x], [med[f"{n}_{d}"] for n in names], 0.4, label=d, color=color)
+    a.set_xticks(list(x))
+    a.set_xticklabels([n.replace("+", "\n+") for n in names], fontsize=7)
     a.set_ylabel("fwd+bwd seconds (median, 1 thread)")
     a.set_title("SmolLM2-135M, quick-start batch, LoReFT at layer 15")
-    top = result["step"]["profile_ours_bf16_cache_top_ops"][:8]
+    a.legend()
+    top = result["step"]["profile_ours_bf16_top_ops"][:8]
     b.barh([t["op"][:28] for t in top][::-1], [t["self_ms"] for t in top][::-1])
-    b.set_xlabel("self CPU ms in one bf16 cached fwd+bwd")
+    b.set_xlabel("self CPU ms in one bf16 fwd+bwd, every lever on")
     fig.tight_layout()
     fig.savefig(path)
 
