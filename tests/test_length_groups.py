@@ -164,6 +164,18 @@ def test_cases_it_leaves_alone(ragged):
     gpt2.config.attn_pdrop = 0.1
     gpt2 = transformers.GPT2LMHeadModel(gpt2.config)                                 # dropout in the base
     assert one_call(reft_on(gpt2), batch_of(ragged, reft_on(gpt2)))
+    reft.trim_padding, reft.labelled_logits = True, True
+    reft.model.model.layers[0].ds_id = None   # (a module attribute is not a parameter's: still groups)
+    assert not one_call(reft, batch)
+    next(reft.model.parameters()).ds_id = 0   # DeepSpeed ZeRO-3 marks its parameters so
+    assert one_call(reft, batch)
+    del next(reft.model.parameters()).ds_id
+    layer = reft.model.model.layers[0]
+    FSDPModule = type("FSDPModule", (), {})                  # fully_shard swaps in a subclass of this mixin
+    layer.__class__ = type("FSDPLayer", (FSDPModule, type(layer)), {})
+    assert one_call(reft, batch)
+    layer.__class__ = type(layer).__mro__[2]
+    assert not one_call(reft, batch)
     left = dict(batch)   # left padding: every row's last attended token is the last column
     shift = (batch["attention_mask"] == 0).sum(1)
     left = {k: torch.stack([torch.roll(v[b], int(shift[b])) for b in range(8)]) for k, v in batch.items()

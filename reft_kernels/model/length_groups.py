@@ -25,8 +25,9 @@ labelled positions (:func:`reft_kernels.model.labelled_logits.labelled_head`: tr
 gradients on, (B, T) labels, a causal LM whose family names its head), every intervention edits
 listed positions (not ``unit_locations=None``), no ``adapter_ids``, no dropout is active in the
 base or the interventions (their random streams would be drawn in another order), gradient
-checkpointing is off (its recomputation in the backward would see another group's edit plan), and
-every tensor input is a (B, T) tensor. Otherwise the whole batch runs as one call, with no message.
+checkpointing is off (its recomputation in the backward would see another group's edit plan), no
+FSDP or ZeRO-3 wraps the model (they gather parameters around each call; DDP is fine), and every
+tensor input is a (B, T) tensor. Otherwise the whole batch runs as one call, with no message.
 ``reft_model.trim_padding = False`` (``ReftTrainer(trim_padding=False)``) turns it off.
 Tests: losses and gradients <= 1e-6 relative to the one-call path in fp32 (Llama, Gemma, GPT-2,
 both trainers, the prefix cache, gradient accumulation, transformers 4.45.1 and 5.x).
@@ -106,7 +107,7 @@ def _qualifies(reft_model, inputs: dict, positions) -> bool:
     for k, v in inputs.items():
         if k not in _PER_CALL and isinstance(v, torch.Tensor) and tuple(v.shape) != shape:
             return False
-    if inputs.get("past_key_values") is not None or _checkpointing(reft_model.model):
+    if inputs.get("past_key_values") is not None or _checkpointing(reft_model.model) or _sharded(reft_model):
         return False
     return _dropout_active(reft_model) is None
 
@@ -118,6 +119,16 @@ def _checkpointing(base) -> bool:
     if getattr(base, "is_gradient_checkpointing", False):
         return True
     return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+
+
+def _sharded(module) -> bool:
+    """FSDP (1 or 2) or DeepSpeed ZeRO-3 manage parameters around each module call and expect one
+    forward per backward; grouped calls are not tried under them (DDP, which wraps only the outside,
+    is fine)."""
+    for m in module.modules():
+        if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__):
+            return True
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _dropout_active(module) -> Optional[str]:
