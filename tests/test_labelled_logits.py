@@ -144,3 +144,30 @@ def test_training_is_the_same(corpus, family, plain, cache, tmp_path):
     assert len(loss_full) == len(loss_part) == 24
     assert ((loss_part - loss_full).abs() <= 1e-6 * loss_full.abs()).all(), (loss_part - loss_full).abs().max()
     assert rel(w_part, w_full) <= 1e-6
+
+
+def test_a_train_that_raised_does_not_leave_it_on(corpus, tmp_path):
+    """A train() interrupted by an exception never reaches on_train_end; the next train() of the
+    same trainer still restores what the model had before the first (off), not the interrupted
+    run's setting (on)."""
+    prompts, outputs, tok = corpus
+    tok.padding_side = "right"
+    reft = reft_on(causal_lm("llama", len(tok)))
+    data = rk.make_multiple_position_supervised_data_module(tok, reft.model, prompts[:4], outputs[:4],
+                                                            positions="f2+l2", num_interventions=2)
+
+    class Interrupt(transformers.TrainerCallback):
+        fired = False
+
+        def on_step_begin(self, args, state, control, **kw):
+            if not Interrupt.fired:
+                Interrupt.fired = True
+                raise KeyboardInterrupt
+
+    trainer = transformers.Trainer(model=reft, args=targs(tmp_path, per_device_train_batch_size=2, num_train_epochs=1),
+                                   callbacks=[LabelledLogitsCallback(), Interrupt()], **data)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert reft.labelled_logits   # on_train_end never ran
+    trainer.train()
+    assert not getattr(reft, "labelled_logits", False)

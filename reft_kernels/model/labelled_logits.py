@@ -112,7 +112,8 @@ def call_base(reft_model, inputs: dict):
 
 
 class _Callback:
-    """Sets ``labelled_logits`` on the trained ReftModel for the length of ``train()``, then restores it."""
+    """Sets ``labelled_logits`` on the trained ReftModel for the length of ``train()``, then restores
+    it (a ``train()`` that raised is restored by the end of the next one: Trainer has no hook there)."""
 
     def __init__(self):
         self.model, self.before = None, None
@@ -120,7 +121,9 @@ class _Callback:
     def on_train_begin(self, args, state, control, model=None, **kw):
         model = getattr(model, "module", model)
         if model is not None and hasattr(model, "interventions"):
-            self.model, self.before = model, getattr(model, "labelled_logits", False)
+            if model is not self.model:   # the same model: a train() that raised never ended; keep its before
+                self.on_train_end(args, state, control)
+                self.model, self.before = model, getattr(model, "labelled_logits", False)
             model.labelled_logits = True
 
     def on_train_end(self, args, state, control, **kw):
