@@ -6,7 +6,9 @@
 * The adapter directory: :func:`resolve_adapter` takes what ``reft-kernels generate --adapter`` and
   ``reft-kernels serve --adapter NAME=PATH`` take -- a run directory (``reft_run.json`` + an
   ``adapter/`` folder) or an adapter directory itself (its ``reft_run.json``, if any, in the
-  parent) -- and says where the checkpoint is and how its edits are placed (:class:`AdapterSpec`).
+  parent) -- and says where the checkpoint is and how its edits are placed (:class:`AdapterSpec`);
+  :func:`locate_adapter` is its first half (where the checkpoint is), which the vLLM plugin's
+  adapter store shares.
 * The prompt template (:data:`TEMPLATES`): :func:`apply_template`.
 
 The generation inputs built from these (left padding, each row's edited positions) are
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 __all__ = ["RUN_INFO", "TEMPLATES", "AdapterError", "AdapterSpec", "read_run_info", "write_run_info",
-           "resolve_adapter", "read_adapter_spec", "resolve_template", "apply_template"]
+           "locate_adapter", "resolve_adapter", "read_adapter_spec", "resolve_template", "apply_template"]
 
 RUN_INFO = "reft_run.json"
 TEMPLATES = ("instruction", "chat", "none")   # "auto" (train / generate) resolves to one of these
@@ -66,19 +68,13 @@ class AdapterSpec:
     info: dict = field(default_factory=dict)    # the whole reft_run.json ({} without one)
 
 
-def resolve_adapter(path: str, name: Optional[str] = None, positions: Optional[str] = None,
-                    default_positions: Optional[str] = None, template: Optional[str] = None,
-                    positions_fix: str = "pass --positions (e.g. l1)") -> AdapterSpec:
-    """Resolve an adapter ``path``; raise :class:`AdapterError` naming ``--adapter`` (or the
-    adapter ``name``), the bad value and the fix.
-
-    The checkpoint is ``path/adapter`` when ``path`` is the run directory holding ``reft_run.json``
-    and that folder exists, else ``path`` itself. ``positions`` overrides the recorded rule
-    (``generate --positions``); ``default_positions`` serves only when none is recorded
-    (``serve --positions``); ``template`` overrides the recorded template.
-    """
-    from .data.positions import parse_positions
-    label = f"adapter {name!r}" if name is not None else "--adapter"
+def locate_adapter(path, label: str = "--adapter") -> Tuple[dict, str]:
+    """``(info, adapter_dir)`` of an adapter ``path`` (str or path-like): its ``reft_run.json``
+    (``{}`` without one) and the directory holding the checkpoint -- ``path/adapter`` when ``path``
+    is the run directory holding ``reft_run.json`` and that folder exists, else ``path`` itself.
+    :class:`AdapterError` naming ``label``, the bad value and the fix for anything unusable."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
     if not isinstance(path, str) or not os.path.isdir(path):
         raise AdapterError(f"{label}: {path!r} is not a directory; pass the --output of "
                            "'reft-kernels train' / 'demo' or an adapter directory")
@@ -93,7 +89,23 @@ def resolve_adapter(path: str, name: Optional[str] = None, positions: Optional[s
         raise AdapterError(f"{label}: {path!r} is an empty directory: no adapter was saved there; pass the "
                            "--output of 'reft-kernels train' / 'demo'")
     nested = os.path.join(run_dir, "adapter")
-    adapter_dir = nested if os.path.isdir(nested) and os.path.abspath(path) == os.path.abspath(run_dir) else path
+    return info, nested if os.path.isdir(nested) and os.path.abspath(path) == os.path.abspath(run_dir) else path
+
+
+def resolve_adapter(path, name: Optional[str] = None, positions: Optional[str] = None,
+                    default_positions: Optional[str] = None, template: Optional[str] = None,
+                    positions_fix: str = "pass --positions (e.g. l1)") -> AdapterSpec:
+    """Resolve an adapter ``path`` (where the checkpoint is: :func:`locate_adapter`); raise
+    :class:`AdapterError` naming ``--adapter`` (or the adapter ``name``), the bad value and the fix.
+
+    ``positions`` overrides the recorded rule (``generate --positions``); ``default_positions``
+    serves only when none is recorded (``serve --positions``); ``template`` overrides the recorded
+    template.
+    """
+    from .data.positions import parse_positions
+    label = f"adapter {name!r}" if name is not None else "--adapter"
+    info, adapter_dir = locate_adapter(path, label)
+    path = os.fspath(path)
     positions = positions or info.get("positions") or default_positions
     if positions is None:
         raise AdapterError(f"{label}: {path!r} has no {RUN_INFO} recording its training positions; "

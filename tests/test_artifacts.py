@@ -49,6 +49,7 @@ def test_both_callers_resolve_the_same_directory(run, sub, expected):
         assert spec.adapter_dir == str(run / expected)
         assert (spec.positions, spec.share_weights, spec.template, spec.base_model) == ("f2+l1", True, "chat", "base")
     assert server.name == "a" and cli.name is None
+    assert resolve_adapter(path).adapter_dir == str(run / expected)   # a pathlib.Path, as Python callers pass it
 
 
 def test_flags_override_or_default(run, tmp_path):
@@ -92,6 +93,38 @@ def test_bad_adapters_name_the_argument_and_the_fix(run, tmp_path):
         resolve_adapter(str(run), template="fancy")
     with pytest.raises(AdapterError, match="adapter name '' must be a non-empty string"):
         read_adapter_spec("", str(run))
+
+
+def test_the_vllm_store_locates_adapters_as_the_cli_does(run, tmp_path, monkeypatch):
+    """The vLLM plugin's adapter store reads reft_run.json through the same function: the same
+    checkpoint directory, and an unusable reft_run.json named as such (not an AttributeError)."""
+    from transformers import LlamaConfig
+
+    from reft_kernels.checkpoint import api
+    from reft_kernels.vllm_plugin.store import AdapterStore
+    read = []
+
+    class Read(Exception):
+        pass
+
+    def read_for_model(adapter_dir, model):
+        read.append(adapter_dir)
+        raise Read
+    monkeypatch.setattr(api, "read_for_model", read_for_model)
+    store = AdapterStore(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, vocab_size=10), torch.float32, "cpu", 2)
+    for path in (run, run / "adapter", run / "other"):
+        with pytest.raises(Read):
+            store.load("a", str(path))
+        assert read[-1] == _cli(path).adapter_dir
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / RUN_INFO).write_text("[1, 2]")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / RUN_INFO).write_text("{")
+    for name, message in (("listed", "holds a JSON list"), ("broken", "cannot be read")):
+        with pytest.raises(AdapterError, match=f"^adapter 'x': its {RUN_INFO} {message}"):
+            store.load("x", str(tmp_path / name), "l1")
+    assert not store.adapters
 
 
 def test_one_prompt_template():

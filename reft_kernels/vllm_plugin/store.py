@@ -25,6 +25,7 @@ and ``l = min(L // 2, last_n)``, token position ``p`` is edited when ``p < f`` (
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -135,17 +136,17 @@ class AdapterStore:
         """Read ``path`` (ours or pyreft's) and add it under ``name``; nothing changes on error."""
         from ..checkpoint.api import read_for_model
         from ..data.positions import parse_positions
-        from ..artifacts import read_run_info
+        from ..artifacts import locate_adapter
         if self.refusal:
             raise RuntimeError(self.refusal)
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name {name!r} must be a non-empty string")
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
-        info, run_dir = read_run_info(path)
-        import os
-        nested = os.path.join(run_dir, "adapter")
-        adapter_dir = nested if os.path.isdir(nested) and os.path.abspath(path) == os.path.abspath(run_dir) else path
+        if os.path.isdir(path):
+            info, adapter_dir = locate_adapter(path, f"adapter {name!r}")
+        else:   # a Hub repo id (read_for_model downloads it), or a missing path (read_for_model says so)
+            info, adapter_dir = {}, path
         positions = positions or info.get("positions")
         if positions is None:
             raise ValueError(f"adapter {name!r}: {path!r} has no reft_run.json recording its training positions; "
