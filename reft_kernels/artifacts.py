@@ -72,7 +72,9 @@ def locate_adapter(path, label: str = "--adapter") -> Tuple[dict, str]:
     """``(info, adapter_dir)`` of an adapter ``path`` (str or path-like): its ``reft_run.json``
     (``{}`` without one) and the directory holding the checkpoint -- ``path/adapter`` when ``path``
     is the run directory holding ``reft_run.json`` and that folder exists, else ``path`` itself.
-    :class:`AdapterError` naming ``label``, the bad value and the fix for anything unusable."""
+    :class:`AdapterError` naming ``label``, the bad value and the fix for anything unusable (no
+    such directory, an unreadable ``reft_run.json``, one that is not an object or whose
+    ``share_weights`` is not a boolean, an empty directory)."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str) or not os.path.isdir(path):
@@ -85,6 +87,10 @@ def locate_adapter(path, label: str = "--adapter") -> Tuple[dict, str]:
     if not isinstance(info, dict):
         raise AdapterError(f"{label}: its {RUN_INFO} holds a JSON {type(info).__name__}, not an object "
                            "like {\"positions\": \"l1\", ...}; rewrite it as 'reft-kernels train' does")
+    share = info.get("share_weights", False)
+    if not isinstance(share, bool):   # bool("false") is True: tied weights where untied were trained
+        raise AdapterError(f"{label}: its {RUN_INFO} records share_weights={share!r}; write true or false (JSON "
+                           "booleans), as 'reft-kernels train' does")
     if not info and not os.listdir(path):
         raise AdapterError(f"{label}: {path!r} is an empty directory: no adapter was saved there; pass the "
                            "--output of 'reft-kernels train' / 'demo'")
@@ -114,11 +120,12 @@ def resolve_adapter(path, name: Optional[str] = None, positions: Optional[str] =
         parse_positions(positions)
     except (ValueError, TypeError) as exc:
         raise AdapterError(f"{label}: {exc}") from None
+    source = "template" if template else f"the template its {RUN_INFO} records,"
     template = template or info.get("template") or "instruction"
     if template not in TEMPLATES + ("auto",):
-        raise AdapterError(f"{label}: template {template!r} is not one of {TEMPLATES}")
+        raise AdapterError(f"{label}: {source} {template!r} is not one of {TEMPLATES + ('auto',)}")
     return AdapterSpec(path=path, adapter_dir=adapter_dir, positions=positions,
-                       share_weights=bool(info.get("share_weights", False)), template=template,
+                       share_weights=info.get("share_weights", False), template=template,
                        base_model=info.get("model"), name=name, info=info)
 
 

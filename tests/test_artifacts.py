@@ -75,9 +75,13 @@ def test_bad_adapters_name_the_argument_and_the_fix(run, tmp_path):
     (tmp_path / "broken" / RUN_INFO).write_text("{")
     (tmp_path / "norule").mkdir()
     (tmp_path / "norule" / "w.safetensors").write_text("x")
+    write_run_info(str(tmp_path / "stringly"), positions="f1+l1", share_weights="false")   # bool("false") is True
+    write_run_info(str(tmp_path / "fancy"), positions="l1", template="fancy")
     cases = [(tmp_path / "missing", "is not a directory"), (tmp_path / "file", "is not a directory"),
              (tmp_path / "empty", "is an empty directory"), (tmp_path / "listed", "holds a JSON list"),
-             (tmp_path / "broken", "cannot be read"), (tmp_path / "norule", "recording its training positions")]
+             (tmp_path / "broken", "cannot be read"), (tmp_path / "norule", "recording its training positions"),
+             (tmp_path / "stringly", "records share_weights='false'; write true or false"),
+             (tmp_path / "fancy", f"the template its {RUN_INFO} records, 'fancy' is not one of")]
     for path, message in cases:
         with pytest.raises(CliError, match=f"^--adapter: .*{message}"):
             _cli(path)
