@@ -151,16 +151,15 @@ def apply_template(template: str, text: str, extra: str = "", tokenizer=None) ->
     """``text`` (and ``extra``, an input) in ``template``: ``instruction`` (pyreft's no-header
     Alpaca template), ``chat`` (one user turn in the tokenizer's chat template), ``none`` (as is)
     or ``auto``; ValueError for a chat template the tokenizer lacks or an unknown name."""
-    from .jobs.prompts import format_prompt
+    from .jobs.prompts import chat_prompt, format_prompt
     template = resolve_template(template, tokenizer)
     if template == "instruction":
         return format_prompt(text, extra)
     joined = text + ("\n\n" + extra if extra else "")
-    if template == "chat":
+    if template == "chat":   # the chat demo trains on chat_prompt: one home for the user turn
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("--template chat needs a tokenizer with a chat template; use --template instruction")
-        return tokenizer.apply_chat_template([{"role": "user", "content": joined}], tokenize=False,
-                                             add_generation_prompt=True)
+        return chat_prompt(tokenizer, joined)
     if template != "none":
         raise ValueError(f"template {template!r} is not one of {TEMPLATES + ('auto',)}")
     return joined
