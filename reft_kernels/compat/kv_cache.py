@@ -1,11 +1,12 @@
 """The KV-cache keyword and output field across transformers versions.
 
-transformers 5.x renamed a model call's ``past_key_values`` (argument and output field) to
-``cache``; the old keyword still works there with a ``FutureWarning`` ("``past_key_values`` is
-deprecated and will be removed in version 5.40.0 ... Use ``cache`` instead"), and once it is
-removed an unknown keyword may be swallowed by the models' ``**kwargs`` (a call without its
-prefix, no error). transformers 4.x knows only ``past_key_values``. The name is read from the
-model itself (its ``forward`` signature; the output's fields), never from a version string.
+Newer transformers (5.24 here) name a model call's KV cache ``cache`` (argument and output
+field); the old ``past_key_values`` keyword still works there with a ``FutureWarning``
+("``past_key_values`` is deprecated and will be removed in version 5.40.0 ... Use ``cache``
+instead"), and once it is removed the models' ``**kwargs`` would swallow it (5.24 already runs a
+call with an unknown keyword without error: the call would run without its prefix).
+transformers 4.x knows only ``past_key_values``. The name is read from the model itself (its
+``forward`` signature; the output's fields), never from a version string.
 """
 from __future__ import annotations
 
