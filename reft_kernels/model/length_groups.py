@@ -71,26 +71,26 @@ def plan_groups(lengths: List[int], penalty: float = GROUP_PENALTY, max_groups: 
     group after the first ``penalty`` times the batch's padded slots ``B * T`` (exact dynamic
     programme over contiguous runs, O(B^2 * max_groups)). One group means: run the batch as is.
     """
+    import numpy as np
     order = sorted(range(len(lengths)), key=lambda b: lengths[b])
-    n = [lengths[b] for b in order]
+    n = np.array([lengths[b] for b in order], dtype=np.float64)
     B = len(n)
-    charge = penalty * B * max(n)
-    INF = float("inf")
-    best = [[INF] * (B + 1) for _ in range(max_groups + 1)]   # best[k][j]: first j rows in k groups
-    cut = [[0] * (B + 1) for _ in range(max_groups + 1)]
-    best[0][0] = 0.0
+    charge = penalty * B * n[-1]
+    best = np.full((max_groups + 1, B + 1), np.inf)   # best[k, j]: the first j sorted rows in k groups
+    cut = np.zeros((max_groups + 1, B + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    i = np.arange(B)
     for k in range(1, max_groups + 1):
-        for j in range(1, B + 1):
-            for i in range(k - 1, j):
-                c = best[k - 1][i] + (j - i) * n[j - 1]
-                if c < best[k][j]:
-                    best[k][j], cut[k][j] = c, i
-    k = min(range(1, max_groups + 1), key=lambda k: best[k][B] + (k - 1) * charge)
+        for j in range(1, B + 1):   # the last group is rows i..j-1 (sorted), costing (j - i) * n[j-1]
+            c = best[k - 1, :j] + (j - i[:j]) * n[j - 1]
+            cut[k, j] = int(np.argmin(c))
+            best[k, j] = c[cut[k, j]]
+    k = min(range(1, max_groups + 1), key=lambda k: best[k, B] + (k - 1) * charge)
     groups, j = [], B
     while k:
-        i = cut[k][j]
-        groups.append(order[i:j])
-        j, k = i, k - 1
+        i0 = int(cut[k, j])
+        groups.append(order[i0:j])
+        j, k = i0, k - 1
     return groups[::-1]
 
 
