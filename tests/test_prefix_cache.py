@@ -199,3 +199,61 @@ def test_a_hit_returns_the_uncached_logits_for_real_tokens(corpus):
 def test_callback_budget_is_checked():
     with pytest.raises(ValueError, match="max_gb=0"):
         PrefixCacheCallback(max_gb=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generation_while_the_cache_is_installed(corpus, family):
+    """A generate() inside train() (sampling mid-training) runs every layer with its KV cache, whatever
+    the installed transformers calls the cache (``cache=`` on 5.x, ``past_key_values=`` on 4.x):
+    it neither stores its calls nor starts at a stored training row (the next decode step crashed)."""
+    prompts, outputs, tok = corpus
+    tok.padding_side = "right"
+    reft = reft_on(causal_lm(family, len(tok)))
+    data = rk.make_multiple_position_supervised_data_module(tok, reft.model, prompts[:4], outputs[:4],
+                                                            positions="f2+l2", num_interventions=2)
+    batch = data["data_collator"]([data["train_dataset"][i] for i in range(4)])
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "intervention_locations")}
+    row = batch["input_ids"][:1, :int(batch["attention_mask"][0].sum())]
+    kw = dict(intervention_locations=torch.tensor([[[0], [row.shape[1] - 1]]]), max_new_tokens=4, do_sample=False,
+              attention_mask=torch.ones_like(row), pad_token_id=0, eos_token_id=None)
+    reft.eval()
+    expected = reft.generate(input_ids=row, **kw)
+    cache = PrefixCache(reft, log=lambda m: None)
+    assert cache.install()
+    reft.train()
+    reft(**batch).loss.backward()       # epoch 1 stores every row, the prompt's row among them
+    stored = len(cache.rows)
+    reft.eval()
+    assert torch.equal(reft.generate(input_ids=row, **kw), expected)
+    assert len(cache.rows) == stored == 4
+    cache.remove()
+
+
+def test_an_interrupted_train_undoes_the_cache_and_the_labelled_logits(corpus, tmp_path):
+    """A train() that raises (Ctrl-C, out of memory) reaches no on_train_end: ReftTrainer undoes its
+    callbacks itself, and a cache callback started again removes the hooks of the one before."""
+    prompts, outputs, tok = corpus
+    tok.padding_side = "right"
+    reft = reft_on(causal_lm("llama", len(tok)))
+    data = rk.make_multiple_position_supervised_data_module(tok, reft.model, prompts, outputs, positions="f2+l2",
+                                                            num_interventions=2)
+    trainer = rk.ReftTrainerForCausalLM(model=reft, args=targs(tmp_path), **data)
+
+    class Interrupt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            raise KeyboardInterrupt
+
+    trainer.add_callback(Interrupt())
+    block = reft.model.model.layers[0]
+    hooks = len(reft.model._forward_pre_hooks)   # the ReftModel's own (the edit patch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not getattr(reft, "labelled_logits", False)
+    assert "forward" not in vars(block) and len(reft.model._forward_pre_hooks) == hooks   # none left behind
+    callback = PrefixCacheCallback(log=lambda m: None)
+    callback.on_train_begin(None, None, None, model=reft)
+    first = callback.cache
+    callback.on_train_begin(None, None, None, model=reft)   # begun again without an end
+    assert not first._handles and len(reft.model._forward_pre_hooks) == hooks + 1
+    callback.on_train_end(None, None, None)
+    assert "forward" not in vars(block) and len(reft.model._forward_pre_hooks) == hooks

@@ -39,6 +39,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .patcher import find_cache
+
 __all__ = ["row_lengths", "plan_groups", "grouped_call", "GROUP_PENALTY"]
 
 IGNORE = -100
@@ -107,7 +109,7 @@ def _qualifies(reft_model, inputs: dict, positions) -> bool:
     for k, v in inputs.items():
         if k not in _PER_CALL and isinstance(v, torch.Tensor) and tuple(v.shape) != shape:
             return False
-    if inputs.get("past_key_values") is not None or _checkpointing(reft_model.model) or _sharded(reft_model):
+    if find_cache((), inputs) is not None or _checkpointing(reft_model.model) or _sharded(reft_model):
         return False
     return _dropout_active(reft_model) is None
 

@@ -35,7 +35,7 @@ from torch import nn
 from .edit_state import EditState, GeneratedPositions
 from ..families import Site, hidden_size, resolve_site  # noqa: F401 (kept importable from here)
 
-__all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState", "GeneratedPositions"]
+__all__ = ["Site", "resolve_site", "hidden_size", "ModelPatch", "EditState", "GeneratedPositions", "find_cache"]
 
 
 # Caches whose ``get_seq_length()`` is not the number of tokens seen (transformers < 4.54 counts
@@ -56,7 +56,7 @@ def _is_legacy_cache(value) -> bool:
             and len(value[0]) > 0 and isinstance(value[0][0], torch.Tensor))
 
 
-def _find_cache(args, kwargs):
+def find_cache(args, kwargs):
     """The KV cache of a model call, wherever it sits: a transformers Cache object in any argument,
     or a legacy tuple cache under a known keyword. None when the call has no cache."""
     for value in (*kwargs.values(), *args):
@@ -85,7 +85,7 @@ def window_offset(args, kwargs, seq_len: int, model: nn.Module) -> int:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return _as_offset(cache_position)
-    cache = _find_cache(args, kwargs)
+    cache = find_cache(args, kwargs)
     if cache is None:
         return 0
     if _is_legacy_cache(cache):

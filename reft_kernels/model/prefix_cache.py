@@ -25,8 +25,9 @@ rows are stored, with one message; batches with a row not stored compute the pre
 
 Off, with a one-line reason, when: an intervention sits at layer 0 or outside the block list; a
 parameter below L requires grad; a prefix module has active dropout; or a call asks for
-``output_hidden_states``/``output_attentions``, passes ``inputs_embeds`` or a KV cache
-(generation always computes every layer).
+``output_hidden_states``/``output_attentions``, passes ``inputs_embeds`` or a KV cache, or asks for
+one (``use_cache=True``: generation always computes every layer, whatever the installed
+transformers calls its cache).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from torch import nn
 
 from ..families import family_of, get_submodule
 from .lazy_callback import lazy_callback
+from .patcher import find_cache
 
 __all__ = ["PrefixCache", "PrefixCacheCallback", "prefix_cache_plan", "DEFAULT_MAX_BYTES"]
 
@@ -166,7 +168,8 @@ class PrefixCache:
         if args:
             inputs.setdefault("input_ids", args[0])
         if (not isinstance(inputs.get("input_ids"), torch.Tensor) or inputs.get("inputs_embeds") is not None
-                or inputs.get("past_key_values") is not None or any(inputs.get(f) for f in _BYPASS_FLAGS)):
+                or find_cache(args, kwargs) is not None or inputs.get("use_cache") is True
+                or any(inputs.get(f) for f in _BYPASS_FLAGS)):
             return None     # generation, embeddings given, or per-layer outputs asked for: compute all
         if module.training or any(b.training for b in self.blocks[:self.layer]):
             why = _active_dropout(list(self.blocks[:self.layer]) + [module.get_input_embeddings()])
@@ -239,6 +242,8 @@ class _Callback:
         self.max_bytes, self.log, self.cache = max_bytes, log, None
 
     def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.cache is not None:   # a train() that raised never ended: its hooks go first
+            self.cache.remove()
         reft_model = getattr(model, "module", model)
         if reft_model is None or not hasattr(reft_model, "interventions"):
             self.log("prefix cache off: the trained model is not a ReftModel")

@@ -198,6 +198,20 @@ class ReftTrainer(Trainer):
                              "(B, n_interventions, P) (use reft_kernels.ReftDataCollator)")
         return inputs
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``. If it raises (an interrupt, out of memory), the prefix cache's hooks
+        and the labelled-logits switch are undone as at a normal end: the Trainer calls no callback
+        then, and a later ``generate`` or evaluation would still run through them."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            from ..model.labelled_logits import LabelledLogitsCallback
+            from ..model.prefix_cache import PrefixCacheCallback
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, (PrefixCacheCallback, LabelledLogitsCallback)):
+                    callback.on_train_end(self.args, self.state, self.control)
+            raise
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
         """Intervened forward; the loss is the model's (token-mean cross-entropy for causal LMs)."""
         outputs = model(**self._model_inputs(inputs))
