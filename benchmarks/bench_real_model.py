@@ -503,7 +503,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     load = {"start": loads[0], "end": loads[-1], "median": statistics.median(loads), "max": max(loads)}
     with open(args.out, "w") as f:
-        json.dump({"recipe": args.recipe, "model": args.model, "steps": args.steps, "seed": args.seed,
+        json.dump({"recipe": args.recipe, "model": os.path.basename(os.path.normpath(args.model)),
+                   "steps": args.steps, "seed": args.seed,
                    "interleaved": args.matrix, "machine": "shared 2-core CPU (other jobs running)",
                    "cpu_native_bf16_flags": list(_cpu_bf16_flags()),
                    "load_average_1min": load, "summary": summary(results), "targets": targets(results),
