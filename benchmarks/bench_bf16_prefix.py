@@ -85,7 +85,7 @@ def bench_step(model_dir: str, rounds: int) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q, _ in EXAMPLES]
-    fns, caches, profile_fn, shape = {}, {}, None, None
+    fns, caches, shape = {}, {}, None
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(dtype).eval()
         layer = model.config.num_hidden_layers // 2
@@ -127,7 +127,7 @@ def bench_step(model_dir: str, rounds: int) -> dict:
         fns[f"base_{name}"] = base
         for rung, cached, labelled, groups in RUNGS:
             fns[f"{rung}_{name}"] = (lambda ours=ours, c=cached, l=labelled, g=groups: ours(c, l, g))
-        profile_fn = fns[f"{RUNGS[-1][0]}_bf16"]
+    profile_fn = fns[f"{RUNGS[-1][0]}_bf16"]
     times = _paired(fns, rounds)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
