@@ -118,11 +118,8 @@ def _checkpointing(base) -> bool:
     """Gradient checkpointing recomputes each layer during the backward, after every group's forward,
     when the hooks hold the last group's plan: grouped calls would be edited at another group's
     positions, so checkpointed models run one call per batch."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):   # newest name first (5.x warns
-        if hasattr(type(base), name):                                            # on the old one)
-            if getattr(base, name):
-                return True
-            break
+    # what HF's is_gradient_checkpointing / is_activation_checkpointing compute, without the
+    # property (5.x warns on the old name; a PEFT wrapper forwards it)
     return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
 
 
