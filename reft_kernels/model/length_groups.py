@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .patcher import find_cache
+from .prefix_cache import active_dropout
 
 __all__ = ["row_lengths", "plan_groups", "grouped_call", "GROUP_PENALTY"]
 
@@ -50,16 +51,13 @@ _PER_CALL = ("num_items_in_batch", "use_cache", "return_dict")
 
 def row_lengths(inputs: dict, positions: List[torch.Tensor]) -> List[int]:
     """``n_b`` per row (module docstring): 1 + the last attended, edited or labelled position."""
-    ids = inputs["input_ids"]
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     B, T = ids.shape
-    idx = torch.arange(T, device=ids.device)
-    last = torch.full((B,), -1, dtype=torch.int64, device=ids.device)
-    mask = inputs.get("attention_mask")
     if mask is None:
         return [T] * B
-    last = torch.maximum(last, torch.where(mask != 0, idx, -1).amax(1))
-    labels = inputs["labels"]
-    last = torch.maximum(last, torch.where(labels != IGNORE, idx, -1).amax(1))
+    idx = torch.arange(T, device=ids.device)
+    last = torch.where(mask != 0, idx, -1).amax(1)
+    last = torch.maximum(last, torch.where(inputs["labels"] != IGNORE, idx, -1).amax(1))
     for p in positions:
         if p.numel():
             last = torch.maximum(last, p.amax(1).to(last.device))
@@ -111,7 +109,7 @@ def _qualifies(reft_model, inputs: dict, positions) -> bool:
             return False
     if find_cache((), inputs) is not None or _checkpointing(reft_model.model) or _sharded(reft_model):
         return False
-    return _dropout_active(reft_model) is None
+    return active_dropout([reft_model]) is None
 
 
 def _checkpointing(base) -> bool:
@@ -131,19 +129,6 @@ def _sharded(module) -> bool:
         if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__):
             return True
     return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def _dropout_active(module) -> Optional[str]:
-    """The first module in training mode with a dropout probability > 0 (``p``, ``dropout_p`` or
-    ``attention_dropout``), else None."""
-    for name, m in module.named_modules():
-        if not m.training:
-            continue
-        for attr in ("p", "dropout_p", "attention_dropout"):
-            p = getattr(m, attr, None)
-            if isinstance(p, float) and p > 0:
-                return f"{name or type(m).__name__} ({attr}={p})"
-    return None
 
 
 def grouped_call(reft_model, inputs: dict, positions: list, call) -> Optional[object]:

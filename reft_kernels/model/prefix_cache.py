@@ -42,7 +42,7 @@ from ..families import family_of, get_submodule
 from .lazy_callback import lazy_callback
 from .patcher import find_cache
 
-__all__ = ["PrefixCache", "PrefixCacheCallback", "prefix_cache_plan", "DEFAULT_MAX_BYTES"]
+__all__ = ["PrefixCache", "PrefixCacheCallback", "prefix_cache_plan", "active_dropout", "DEFAULT_MAX_BYTES"]
 
 DEFAULT_MAX_BYTES = 1 << 30
 _KEY_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -81,14 +81,19 @@ def prefix_cache_plan(reft_model):
     return blocks, lowest, None
 
 
-def _active_dropout(modules: List[nn.Module]) -> Optional[str]:
+def active_dropout(modules: List[nn.Module]) -> Optional[str]:
+    """The first module under ``modules`` in training mode with a dropout probability > 0 -- an
+    ``nn.Dropout``'s ``p``, an attention's ``attention_dropout`` or an intervention's ``dropout_p``
+    -- as ``"<class> with <attribute>=<p>"``; None when nothing drops out (so a call is a fixed
+    function of its inputs)."""
     for root in modules:
         for m in root.modules():
             if not m.training:
                 continue
-            p = m.p if isinstance(m, nn.Dropout) else getattr(m, "attention_dropout", 0.0)
-            if isinstance(p, float) and p > 0:
-                return f"{type(m).__name__} with p={p} is active below the first intervention"
+            for attr in ("p", "dropout_p", "attention_dropout"):
+                p = getattr(m, attr, None)
+                if isinstance(p, float) and p > 0:
+                    return f"{type(m).__name__} with {attr}={p}"
     return None
 
 
@@ -172,9 +177,9 @@ class PrefixCache:
                 or any(inputs.get(f) for f in _BYPASS_FLAGS)):
             return None     # generation, embeddings given, or per-layer outputs asked for: compute all
         if module.training or any(b.training for b in self.blocks[:self.layer]):
-            why = _active_dropout(list(self.blocks[:self.layer]) + [module.get_input_embeddings()])
+            why = active_dropout(list(self.blocks[:self.layer]) + [module.get_input_embeddings()])
             if why:
-                self.disable(why)
+                self.disable(f"{why} is active below the first intervention")
                 return None
         keys = self._row_keys(inputs)
         if all(k in self.rows for k, _ in keys):

@@ -227,15 +227,18 @@ class ReftModel(nn.Module):
             if grouped is not None:
                 return (None, grouped) if pyvene_style else grouped
         original = self.model(**inputs) if output_original_output else None
-        with self._patch.activate(CallPlan(edits, seeds, EditState(positions, max_position), self.backend)):
-            outputs = call_base(self, inputs)   # in training: the LM head at labelled positions only
+        outputs = self._planned_call(inputs, edits, seeds, positions, max_position)
         return (original, outputs) if pyvene_style else outputs
+
+    def _planned_call(self, inputs: dict, edits, seeds, positions, max_position):
+        """The base model on ``inputs`` with the hooks armed with this call's plan (in training: the
+        LM head at labelled positions only, :mod:`reft_kernels.model.labelled_logits`)."""
+        with self._patch.activate(CallPlan(edits, seeds, EditState(positions, max_position), self.backend)):
+            return call_base(self, inputs)
 
     def _one_group(self, inputs: dict, locations: torch.Tensor):
         """One length group of a training call (:mod:`reft_kernels.model.length_groups`)."""
-        edits, seeds, positions, max_position = self._prepare_call(inputs, None, locations, None)
-        with self._patch.activate(CallPlan(edits, seeds, EditState(positions, max_position), self.backend)):
-            return call_base(self, inputs)
+        return self._planned_call(inputs, *self._prepare_call(inputs, None, locations, None))
 
     def generate(self, base: Optional[Mapping] = None, sources=None, unit_locations=None,
                  source_representations=None, intervene_on_prompt: bool = True, subspaces=None,
